@@ -1,0 +1,22 @@
+"""clipdex indexer: models, image decoding, and the synthetic demo library."""
+
+from indexer.images import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, is_image_path, load_image
+from indexer.models import (
+    BUNDLED_MODELS,
+    DEFAULT_MODEL,
+    DEFAULT_PRETRAINED,
+    ClipModel,
+    ModelInfo,
+    list_models,
+    load_model,
+    resolve_pretrained,
+)
+from indexer.shapes import ShapeLabel, read_labels, write_library
+from store.errors import ClipdexError, ImageError, InputError, ModelLoadError
+
+__all__ = [
+    "BUNDLED_MODELS", "DEFAULT_MAX_PIXELS", "DEFAULT_MODEL", "DEFAULT_PRETRAINED", "IMAGE_EXTENSIONS",
+    "ClipModel", "ClipdexError", "ImageError", "InputError", "ModelInfo", "ModelLoadError", "ShapeLabel",
+    "is_image_path", "list_models", "load_image", "load_model", "read_labels", "resolve_pretrained",
+    "write_library",
+]

@@ -1,0 +1,74 @@
+"""Decode one image file into an upright RGB picture, or say precisely why it cannot be done."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from store.errors import ImageError
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
+DEFAULT_MAX_PIXELS = 100_000_000  # ~10k x 10k; above this a file is treated as a decompression bomb
+
+# clipdex enforces its own, configurable limit before decoding; PIL's would only warn or raise late.
+Image.MAX_IMAGE_PIXELS = None
+
+
+def is_image_path(path: str | os.PathLike) -> bool:
+    return Path(path).suffix.lower() in IMAGE_EXTENSIONS
+
+
+def load_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Open *path* as an RGB image with EXIF orientation applied.
+
+    Raises :class:`ImageError` with ``reason`` one of ``missing``, ``not a file``, ``unreadable``,
+    ``empty file``, ``not an image``, ``too large``, ``corrupt``.
+    """
+    name = str(path)
+    if not os.path.lexists(name):
+        raise ImageError(name, "missing", "no such file")
+    if not os.path.exists(name):
+        raise ImageError(name, "missing", "dangling symlink")
+    if not os.path.isfile(name):
+        raise ImageError(name, "not a file")
+    if os.path.getsize(name) == 0:
+        raise ImageError(name, "empty file")
+    try:
+        with open(name, "rb") as handle:
+            image = Image.open(handle)
+            if image.width * image.height > max_pixels:
+                raise ImageError(name, "too large",
+                                 f"{image.width}x{image.height} pixels, limit {max_pixels:,}")
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")  # PIL reports some truncations only as warnings
+                image.load()
+            return to_rgb(image)
+    except ImageError:
+        raise
+    except PermissionError as error:
+        raise ImageError(name, "unreadable", error.strerror or "permission denied") from error
+    except UnidentifiedImageError as error:
+        raise ImageError(name, "not an image", "unrecognised content") from error
+    except (OSError, SyntaxError, ValueError, Warning, Image.DecompressionBombError) as error:
+        raise ImageError(name, "corrupt", str(error).splitlines()[0][:200]) from error
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Upright 8-bit RGB: transparency composited on white, 16-bit scaled rather than clipped."""
+    image = ImageOps.exif_transpose(image)
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        values = np.asarray(image, dtype=np.float64)
+        if image.mode.startswith("I;16") or values.max(initial=0) > 255:
+            values = values / 257.0
+        image = Image.fromarray(np.clip(values, 0, 255).astype(np.uint8), "L")
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, rgba)
+    return image.convert("RGB")

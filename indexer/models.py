@@ -1,0 +1,236 @@
+"""Every way clipdex gets a CLIP model: open_clip registry names with hub tags, local checkpoint
+files, and the bundled ``clipdex-shapes`` demo model, all through ``open_clip.create_model_and_transforms``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Iterator, Sequence
+from urllib.parse import urlparse
+
+import numpy as np
+
+from store.errors import InputError, ModelLoadError
+
+if TYPE_CHECKING:
+    import torch
+    from PIL import Image
+
+LOG = logging.getLogger(__name__)
+MODEL_DATA = Path(__file__).resolve().parent / "model_data"
+DEFAULT_MODEL = "ViT-B-32"
+DEFAULT_PRETRAINED = "laion2b_s34b_b79k"
+BUNDLED_TAG = "bundled"
+CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
+
+
+@dataclass(frozen=True)
+class BundledModel:
+    config: Path
+    weights: Path
+    description: str
+
+
+# Registry as data: models whose config and weights ship inside the package.
+BUNDLED_MODELS: dict[str, BundledModel] = {
+    "clipdex-shapes": BundledModel(
+        config=MODEL_DATA / "clipdex-shapes.json",
+        weights=MODEL_DATA / "clipdex-shapes.pt",
+        description="demo CLIP trained by clipdex on generated coloured shapes (64x64, 64-d, offline)",
+    ),
+}
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    tags: tuple[str, ...]
+    bundled: bool = False
+    description: str = ""
+
+
+def _open_clip():
+    import open_clip
+
+    for name, bundled in BUNDLED_MODELS.items():
+        if name not in open_clip.list_models():
+            open_clip.add_model_config(bundled.config)
+    return open_clip
+
+
+def list_models() -> list[ModelInfo]:
+    """Bundled models first, then every open_clip architecture with its pretrained tags."""
+    open_clip = _open_clip()
+    infos = [ModelInfo(name, (BUNDLED_TAG,), True, b.description) for name, b in BUNDLED_MODELS.items()]
+    for name in open_clip.list_models():
+        if name not in BUNDLED_MODELS:
+            infos.append(ModelInfo(name, tuple(open_clip.list_pretrained_tags_by_model(name))))
+    return infos
+
+
+def resolve_pretrained(name: str, pretrained: str | None) -> str:
+    """The checkpoint file or hub tag to load for *name*, or a ModelLoadError saying what to pass."""
+    open_clip = _open_clip()
+    schema = name.startswith(("hf-hub:", "local-dir:"))
+    if not schema and name not in open_clip.list_models():
+        raise ModelLoadError(f"unknown model '{name}': run `clipdex models` to list the models clipdex knows")
+    if name in BUNDLED_MODELS and pretrained in (None, BUNDLED_TAG):
+        weights = BUNDLED_MODELS[name].weights
+        if not weights.is_file():
+            raise ModelLoadError(f"the bundled weights of '{name}' are missing ({weights}); reinstall clipdex")
+        return str(weights)
+    if schema:
+        return pretrained or ""
+    if pretrained is None:
+        tags = open_clip.list_pretrained_tags_by_model(name)
+        if name == DEFAULT_MODEL:
+            return DEFAULT_PRETRAINED
+        if not tags:
+            raise ModelLoadError(f"model '{name}' has no published weights: pass a checkpoint with --pretrained FILE")
+        return tags[0]
+    if os.path.isfile(pretrained):
+        return pretrained
+    looks_like_path = os.sep in pretrained or pretrained.endswith(CHECKPOINT_SUFFIXES)
+    if looks_like_path:
+        raise ModelLoadError(f"checkpoint file not found: {pretrained}")
+    if not open_clip.get_pretrained_cfg(name, pretrained):
+        tags = ", ".join(open_clip.list_pretrained_tags_by_model(name)) or "none"
+        raise ModelLoadError(
+            f"unknown pretrained tag '{pretrained}' for model '{name}' (known tags: {tags}); "
+            "or pass a local checkpoint file")
+    return pretrained
+
+
+def _weights_host(name: str, tag: str) -> str | None:
+    import huggingface_hub.constants as hub
+
+    cfg = _open_clip().get_pretrained_cfg(name, tag)
+    if cfg.get("hf_hub"):
+        return urlparse(hub.ENDPOINT).hostname
+    return urlparse(cfg.get("url", "")).hostname
+
+
+def _reachable(host: str, timeout: float = 3.0) -> bool:
+    try:
+        with socket.create_connection((host, 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def _hub_offline(offline: bool) -> Iterator[None]:
+    """Let cached weights load at once instead of waiting for a minute of hub retries."""
+    import huggingface_hub.constants as hub
+
+    saved = hub.HF_HUB_OFFLINE
+    hub.HF_HUB_OFFLINE = saved or offline
+    try:
+        yield
+    finally:
+        hub.HF_HUB_OFFLINE = saved
+
+
+@contextlib.contextmanager
+def _quiet_open_clip() -> Iterator[None]:
+    # open_clip logs on the root logger ("No pretrained weights loaded", download errors) things
+    # that ModelLoadError reports better; silence them for the duration of the load only.
+    logging.disable(logging.ERROR)
+    try:
+        yield
+    finally:
+        logging.disable(logging.NOTSET)
+
+
+def resolve_device(device: str = "auto") -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise InputError("--device cuda was asked for but no CUDA GPU is available; use --device cpu")
+    if device != "cpu" and not device.startswith("cuda"):
+        raise InputError(f"unknown device '{device}': use auto, cpu or cuda")
+    return device
+
+
+class ClipModel:
+    """A loaded open_clip model with its own preprocessing and tokenizer; embeddings come out
+    L2-normalised as float32 numpy arrays, so cosine similarity is a dot product."""
+
+    def __init__(self, name: str, pretrained: str, model: "torch.nn.Module",
+                 preprocess: Callable[["Image.Image"], "torch.Tensor"], tokenizer: Callable, device: str) -> None:
+        self.name, self.pretrained, self.device = name, pretrained, device
+        self.model, self.preprocess, self.tokenizer = model, preprocess, tokenizer
+        self.embed_dim = int(getattr(model.visual, "output_dim", 0)) or int(self.encode_texts(["x"]).shape[-1])
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        size = self.model.visual.image_size
+        return tuple(size) if isinstance(size, (tuple, list)) else (size, size)
+
+    def _autocast(self):
+        import torch
+
+        return torch.autocast("cuda", dtype=torch.float16, enabled=self.device.startswith("cuda"))
+
+    def encode_pixels(self, pixels: "torch.Tensor") -> np.ndarray:
+        """Embed a preprocessed batch ``[B, 3, H, W]``."""
+        import torch
+
+        with torch.inference_mode(), self._autocast():
+            features = self.model.encode_image(pixels.to(self.device, non_blocking=True))
+            return torch.nn.functional.normalize(features.float(), dim=-1).cpu().numpy()
+
+    def encode_images(self, images: Sequence["Image.Image"], batch_size: int = 64) -> np.ndarray:
+        import torch
+
+        batches = [self.encode_pixels(torch.stack([self.preprocess(im) for im in images[i:i + batch_size]]))
+                   for i in range(0, len(images), batch_size)]
+        return np.concatenate(batches) if batches else np.zeros((0, self.embed_dim), np.float32)
+
+    def encode_texts(self, texts: Sequence[str], batch_size: int = 256) -> np.ndarray:
+        import torch
+
+        out = []
+        with torch.inference_mode(), self._autocast():
+            for i in range(0, len(texts), batch_size):
+                features = self.model.encode_text(self.tokenizer(list(texts[i:i + batch_size])).to(self.device))
+                out.append(torch.nn.functional.normalize(features.float(), dim=-1).cpu().numpy())
+        return np.concatenate(out) if out else np.zeros((0, self.embed_dim), np.float32)
+
+
+def load_model(name: str = DEFAULT_MODEL, pretrained: str | None = None, device: str = "auto") -> ClipModel:
+    """Load *name* with *pretrained* (hub tag, checkpoint file, or None for the model's default).
+
+    Raises :class:`ModelLoadError` with an actionable message when the weights cannot be had.
+    """
+    device = resolve_device(device)
+    checkpoint = resolve_pretrained(name, pretrained)
+    open_clip = _open_clip()
+    is_tag = bool(checkpoint) and not os.path.isfile(checkpoint)
+    host = _weights_host(name, checkpoint) if is_tag else None
+    offline = bool(host) and not _reachable(host)
+    try:
+        with _hub_offline(offline), _quiet_open_clip():
+            model, _, preprocess = open_clip.create_model_and_transforms(
+                name, pretrained=checkpoint or None, device=device)
+            tokenizer = open_clip.get_tokenizer(name)
+    except Exception as error:  # open_clip raises bare RuntimeError/FileNotFoundError/pickle errors
+        if is_tag:
+            where = f"{host} is unreachable and they are not in the local cache" if offline else str(error)[:300]
+            raise ModelLoadError(
+                f"could not get pretrained weights '{checkpoint}' for '{name}': {where}. "
+                "Pass a local checkpoint with --pretrained /path/to/weights.pt, "
+                "or use the bundled demo model with --model clipdex-shapes") from error
+        raise ModelLoadError(f"could not load '{name}' from {checkpoint or 'its config'}: "
+                             f"{str(error).splitlines()[0][:300] if str(error) else type(error).__name__}") from error
+    model.eval()
+    tag = BUNDLED_TAG if name in BUNDLED_MODELS and checkpoint == str(BUNDLED_MODELS[name].weights) else checkpoint
+    LOG.info("loaded %s (%s) on %s", name, tag, device)
+    return ClipModel(name, tag, model, preprocess, tokenizer, device)

@@ -1,0 +1,64 @@
+"""The seed tutorial's model-only tools: image x text similarity and zero-shot classification."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Sequence
+
+import numpy as np
+
+from store.errors import InputError
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from indexer.models import ClipModel
+
+DEFAULT_TEMPLATE = "a photo of a {}"
+# CLIP's learned logit scale saturates at 100; the tutorial uses it as a fixed temperature.
+LOGIT_SCALE = 100.0
+
+
+@dataclass(frozen=True)
+class LabelScore:
+    label: str
+    prob: float
+
+
+def clean_labels(labels: Sequence[str]) -> list[str]:
+    """Strip, drop empties and duplicates (first one wins); an empty result is an error."""
+    seen: dict[str, None] = {}
+    for label in labels:
+        if label.strip():
+            seen.setdefault(label.strip(), None)
+    if not seen:
+        raise InputError("the label list is empty: give at least one label")
+    return list(seen)
+
+
+def check_template(template: str) -> str:
+    if "{}" not in template:
+        raise InputError(f"the template must contain '{{}}' where the label goes, e.g. \"{DEFAULT_TEMPLATE}\"; got \"{template}\"")
+    return template
+
+
+def similarity(model: "ClipModel", images: Sequence["Image.Image"], texts: Sequence[str]) -> np.ndarray:
+    """Cosine similarity ``[len(texts), len(images)]`` (rows texts, columns images)."""
+    if not texts:
+        raise InputError("give at least one text")
+    return model.encode_texts(texts) @ model.encode_images(images).T
+
+
+def classify(model: "ClipModel", images: Sequence["Image.Image"], labels: Sequence[str],
+             template: str = DEFAULT_TEMPLATE, k: int = 5) -> list[list[LabelScore]]:
+    """Top-*k* labels per image with probabilities softmax(100 * cosine)."""
+    labels = clean_labels(labels)
+    template = check_template(template)
+    if k < 1:
+        raise InputError(f"k must be at least 1, got {k}")
+    class_embeddings = model.encode_texts([template.replace("{}", label) for label in labels])
+    logits = LOGIT_SCALE * model.encode_images(images) @ class_embeddings.T
+    probs = np.exp(logits - logits.max(axis=1, keepdims=True))
+    probs /= probs.sum(axis=1, keepdims=True)
+    top = np.argsort(-probs, axis=1, kind="stable")[:, :min(k, len(labels))]
+    return [[LabelScore(labels[j], float(row[j])) for j in order] for row, order in zip(probs, top)]

@@ -1,0 +1,27 @@
+"""The one exception hierarchy of clipdex: every error a user can cause or fix is a ClipdexError.
+
+Subclasses also derive from the matching builtin, so ``except ValueError`` keeps working for
+callers who do not know clipdex. Messages say what went wrong and what to do about it.
+"""
+
+from __future__ import annotations
+
+
+class ClipdexError(Exception):
+    """Root of every error clipdex raises on purpose."""
+
+
+class InputError(ClipdexError, ValueError):
+    """Bad input from the caller: a missing file, an empty label list, a malformed option."""
+
+
+class ImageError(InputError):
+    """A file that cannot be used as an image; ``reason`` is a short machine-friendly cause."""
+
+    def __init__(self, path: str, reason: str, detail: str = "") -> None:
+        self.path, self.reason, self.detail = path, reason, detail
+        super().__init__(f"{path}: {reason}" + (f" ({detail})" if detail else ""))
+
+
+class ModelLoadError(ClipdexError, RuntimeError):
+    """A model or its weights could not be loaded."""
