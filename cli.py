@@ -14,28 +14,34 @@ from typing import Callable, Sequence
 
 import click
 
+from indexer.models import DEFAULT_MODEL
 from store.errors import ClipdexError, InputError
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
 
-def model_options(command: Callable) -> Callable:
+def model_options(command: Callable | None = None, *, default_model: str | None = DEFAULT_MODEL) -> Callable:
     """--model/--pretrained/--device, shared by every command that embeds."""
-    from indexer.models import DEFAULT_MODEL
+    model_help = ("open_clip model name (see `clipdex models`), or the bundled demo model 'clipdex-shapes'. "
+                  "Env: CLIPDEX_MODEL.")
+    if default_model is None:
+        model_help += " Default: the store's model, or ViT-B-32 for a new store."
 
-    options = [
-        click.option("--model", "model_name", default=DEFAULT_MODEL, envvar="CLIPDEX_MODEL", show_default=True,
-                     help="open_clip model name (see `clipdex models`), or the bundled demo model 'clipdex-shapes'. "
-                          "Env: CLIPDEX_MODEL."),
-        click.option("--pretrained", default=None, envvar="CLIPDEX_PRETRAINED",
-                     help="Pretrained tag (e.g. laion2b_s34b_b79k, downloaded once) or a local checkpoint file. "
-                          "Default: the model's default tag (laion2b_s34b_b79k for ViT-B-32); the bundled "
-                          "weights for clipdex-shapes. Env: CLIPDEX_PRETRAINED."),
-        click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda."),
-    ]
-    for option in reversed(options):
-        command = option(command)
-    return command
+    def decorate(command: Callable) -> Callable:
+        options = [
+            click.option("--model", "model_name", default=default_model, envvar="CLIPDEX_MODEL",
+                         show_default=default_model is not None, help=model_help),
+            click.option("--pretrained", default=None, envvar="CLIPDEX_PRETRAINED",
+                         help="Pretrained tag (e.g. laion2b_s34b_b79k, downloaded once) or a local checkpoint file. "
+                              "Default: the model's default tag (laion2b_s34b_b79k for ViT-B-32); the bundled "
+                              "weights for clipdex-shapes. Env: CLIPDEX_PRETRAINED."),
+            click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda."),
+        ]
+        for option in reversed(options):
+            command = option(command)
+        return command
+
+    return decorate(command) if command is not None else decorate
 
 
 def _load_images(paths: Sequence[str]):
@@ -86,7 +92,7 @@ def models_command(as_json: bool) -> None:
 @click.option("--text", "-t", "texts", multiple=True, required=True, help="A text to compare (repeatable).")
 @click.option("--json", "as_json", is_flag=True, help="Print {texts, images, similarity} as JSON.")
 @click.option("--plot", type=click.Path(dir_okay=False), help="Also draw the similarity heatmap into this PNG.")
-@model_options
+@model_options()
 def compare_command(images, texts, as_json, plot, model_name, pretrained, device) -> None:
     """Cosine similarity of every text with every image (rows texts, columns images).
 
@@ -129,7 +135,7 @@ def _print_matrix(sims, rows: Sequence[str], columns: Sequence[str]) -> None:
 @click.option("-k", "--top-k", "k", default=5, show_default=True, type=int, help="How many labels to show per image.")
 @click.option("--json", "as_json", is_flag=True, help='Print [{"path", "top": [{"label", "prob"}]}] as JSON.')
 @click.option("--plot", type=click.Path(dir_okay=False), help="Also draw each image beside its top-k bar chart.")
-@model_options
+@model_options()
 def classify_command(images, labels, labels_file, template, k, as_json, plot, model_name, pretrained, device) -> None:
     """Zero-shot classification: top-k labels per image, probabilities = softmax(100 * cosine).
 
@@ -206,6 +212,133 @@ def demo_command(directory: str, count: int) -> None:
 
     for line in demo_lines(Path(directory), count, _write_demo_library):
         click.echo(line)
+
+
+@cli.command("index", context_settings=CONTEXT)
+@click.argument("paths", nargs=-1, required=True, type=click.Path())
+@click.option("--store", "store_dir", required=True, type=click.Path(file_okay=False), help="Store folder (created if new).")
+@model_options(default_model=None)
+@click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1), help="Images per forward pass.")
+@click.option("--workers", type=click.IntRange(min=0), help="Decode processes (default: one per core, at most 8).")
+@click.option("--captions", multiple=True, type=click.Path(dir_okay=False),
+              help="CSV or Parquet with columns path, caption (repeatable). Sidecar photo.txt files are read too.")
+@click.option("--max-pixels", default=100_000_000, show_default=True, type=click.IntRange(min=1),
+              help="Refuse images above this many pixels (decompression bombs).")
+@click.option("--commit-every", default=1024, show_default=True, type=click.IntRange(min=1),
+              help="Rows per commit: an interrupted run loses at most this much work.")
+@click.option("--index-type", type=click.Choice(["auto", "flat", "autofaiss"]), default="auto", show_default=True,
+              help="auto: exact search up to --ann-threshold vectors, an autofaiss-tuned index above.")
+@click.option("--ann-threshold", default=200_000, show_default=True, type=click.IntRange(min=0))
+@click.option("--index-memory", default="4G", show_default=True, help="Memory budget of an autofaiss index.")
+@click.option("--max-query-ms", default=10.0, show_default=True, type=float, help="Query-time budget of an autofaiss index.")
+@click.option("--json", "as_json", is_flag=True,
+              help='Print {"scanned", "embedded", "reused", "removed", "failed", "seconds", ...} at the end.')
+def index_command(paths, store_dir, model_name, pretrained, device, batch_size, workers, captions, max_pixels,
+                  commit_every, index_type, ann_threshold, index_memory, max_query_ms, as_json) -> None:
+    """Embed the images under PATHS into the store, incrementally.
+
+    \b
+    Reruns embed only new or changed files, drop rows of deleted files, and recognise moved or
+    copied files by content hash without re-embedding them. Bad files are recorded in the store's
+    failures table and never stop the run. Safe to interrupt: rerun to finish.
+
+    \b
+    Example:
+      clipdex index ~/Pictures --store pictures.clipdex --model clipdex-shapes
+    """
+    from indexer.run import IndexConfig, index_paths
+    from store.faiss_io import AnnConfig
+
+    config = IndexConfig(model=model_name, pretrained=pretrained, device=device, batch_size=batch_size,
+                         workers=workers, captions=tuple(captions), max_pixels=max_pixels, commit_every=commit_every,
+                         ann=AnnConfig(kind=index_type, ann_threshold=ann_threshold, max_memory=index_memory,
+                                       max_query_ms=max_query_ms))
+    summary = index_paths(paths, store_dir, config)
+    if as_json:
+        click.echo(json.dumps(summary.to_dict()))
+    else:
+        recall = "" if summary.recall_at_10 is None else f", recall@10 {summary.recall_at_10:.3f}"
+        click.echo(f"{summary.scanned} images scanned in {summary.seconds:.1f}s: {summary.embedded} embedded, "
+                   f"{summary.reused} reused, {summary.unchanged} unchanged, {summary.removed} removed, "
+                   f"{summary.failed} failed. Store: {summary.count} images, {summary.index} index{recall}.")
+    if summary.indexed == 0 and summary.failed:
+        raise InputError(f"nothing could be indexed: all {summary.failed} files failed "
+                         f"(see `clipdex info --store {store_dir} --failures`)")
+
+
+@cli.command("info", context_settings=CONTEXT)
+@click.option("--store", "store_dir", required=True, type=click.Path(file_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
+@click.option("--failures", "show_failures", is_flag=True, help="Also list the files that could not be indexed.")
+def info_command(store_dir, as_json, show_failures) -> None:
+    """Show what a store holds: model, dimensions, counts, index type and its measured recall@10."""
+    from store.store import Store
+
+    store = Store.open(store_dir)
+    manifest = store.manifest.to_dict()
+    failures = store.tables.failures.search().to_arrow().to_pylist() if show_failures else []
+    if as_json:
+        payload = {"store": str(store.directory), **manifest}
+        if show_failures:
+            payload["failure_list"] = [{**f, "time": str(f["time"])} for f in failures]
+        click.echo(json.dumps(payload))
+        return
+    index = manifest["index"]
+    recall = "not measured" if index["recall_at_10"] is None else f"{index['recall_at_10']:.3f}"
+    click.echo(f"store:     {store.directory}\n"
+               f"model:     {manifest['model']} ({manifest['pretrained']}), {manifest['dim']}-d\n"
+               f"images:    {manifest['count']}\nfailures:  {manifest['failures']}\n"
+               f"index:     {index['type']} {index['key']} over {index['count']} vectors, recall@10 {recall} "
+               f"({index['recall_queries']} queries), built in {index['build_seconds']}s\n"
+               f"updated:   {manifest['updated']} (created {manifest['created']})")
+    for failure in failures:
+        click.echo(f"  {failure['reason']:<13} {failure['path']}" + (f"  ({failure['detail']})" if failure['detail'] else ""))
+
+
+@cli.command("search", context_settings=CONTEXT)
+@click.argument("query", required=False)
+@click.option("--store", "store_dir", required=True, type=click.Path(file_okay=False))
+@click.option("-k", "--top-k", "k", default=10, show_default=True, type=int, help="Number of results.")
+@click.option("--image", type=click.Path(dir_okay=False), help="Search by this image instead of (or besides) text.")
+@click.option("--add", "adds", multiple=True, metavar="[W:]TERM", help="Add a text or image term, e.g. --add 2:sunset.")
+@click.option("--subtract", "subtracts", multiple=True, metavar="[W:]TERM", help="Subtract a term, e.g. --subtract dog.")
+@click.option("--where", "where", help="SQL prefilter on metadata, e.g. \"width > 500 AND path LIKE '%2024%'\".")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda (for encoding the query).")
+@click.option("--json", "as_json", is_flag=True, help="Print [{id, path, score, width, height, caption}] as JSON.")
+def search_command(query, store_dir, k, image, adds, subtracts, where, device, as_json) -> None:
+    """Search a store by text (QUERY), by image (--image), or both, with query algebra.
+
+    \b
+    Examples:
+      clipdex search "a red circle" --store demo.clipdex -k 5
+      clipdex search --image photo.jpg --store demo.clipdex --where "width > 300"
+      clipdex search "a circle" --add 2:blue --subtract red --store demo.clipdex
+    """
+    from search.query import Query, Term
+    from store.store import Store
+
+    if query is None and image is None:
+        raise InputError("give a QUERY text, --image PATH, or both")
+    store = Store.open(store_dir)
+    terms = ([Term(1.0, text=query)] if query is not None else []) + ([Term(1.0, image=image)] if image else [])
+    if query is not None and not query.strip():
+        raise InputError("the search text is empty")
+    search = Query(store, terms=tuple(terms), device=device).limit(k)
+    for term in adds:
+        search = search.add(term)
+    for term in subtracts:
+        search = search.subtract(term)
+    if where:
+        search = search.where(where)
+    results = search.to_list()
+    if as_json:
+        keep = ("id", "path", "score", "width", "height", "caption")
+        click.echo(json.dumps([{key: row[key] for key in keep} for row in results]))
+        return
+    if not results:
+        click.echo("no results")
+    for rank, row in enumerate(results, 1):
+        click.echo(f"{rank:>3}  {row['score']:.3f}  {row['path']}")
 
 
 def main(argv: Sequence[str] | None = None) -> None:

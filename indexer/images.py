@@ -12,6 +12,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from store.errors import ImageError
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
+ORIENTATION_TAG = 0x0112
 DEFAULT_MAX_PIXELS = 100_000_000  # ~10k x 10k; above this a file is treated as a decompression bomb
 
 # clipdex enforces its own, configurable limit before decoding; PIL's would only warn or raise late.
@@ -28,6 +29,16 @@ def load_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) ->
     Raises :class:`ImageError` with ``reason`` one of ``missing``, ``not a file``, ``unreadable``,
     ``empty file``, ``not an image``, ``too large``, ``corrupt``.
     """
+    return decode_image(path, max_pixels)[0]
+
+
+def decode_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS,
+                 draft: tuple[int, int] | None = None) -> tuple[Image.Image, tuple[int, int]]:
+    """Like :func:`load_image`, also returning the upright (width, height) of the full image.
+
+    With *draft*, JPEGs are decoded at the smallest power-of-two reduction that is still at least
+    that size, several times faster when the model only needs a small input anyway.
+    """
     name = str(path)
     if not os.path.lexists(name):
         raise ImageError(name, "missing", "no such file")
@@ -40,13 +51,17 @@ def load_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) ->
     try:
         with open(name, "rb") as handle:
             image = Image.open(handle)
-            if image.width * image.height > max_pixels:
-                raise ImageError(name, "too large",
-                                 f"{image.width}x{image.height} pixels, limit {max_pixels:,}")
+            width, height = image.size
+            if width * height > max_pixels:
+                raise ImageError(name, "too large", f"{width}x{height} pixels, limit {max_pixels:,}")
+            if image.getexif().get(ORIENTATION_TAG, 1) in (5, 6, 7, 8):
+                width, height = height, width
+            if draft and image.format == "JPEG":
+                image.draft("RGB", draft)
             with warnings.catch_warnings():
                 warnings.simplefilter("error")  # PIL reports some truncations only as warnings
                 image.load()
-            return to_rgb(image)
+            return to_rgb(image), (width, height)
     except ImageError:
         raise
     except PermissionError as error:

@@ -106,6 +106,14 @@ def resolve_pretrained(name: str, pretrained: str | None) -> str:
     return pretrained
 
 
+def pretrained_label(name: str, pretrained: str | None) -> str:
+    """How a store records these weights: 'bundled', a hub tag, or a checkpoint's absolute path."""
+    checkpoint = resolve_pretrained(name, pretrained)
+    if name in BUNDLED_MODELS and checkpoint == str(BUNDLED_MODELS[name].weights):
+        return BUNDLED_TAG
+    return os.path.abspath(checkpoint) if checkpoint and os.path.isfile(checkpoint) else checkpoint
+
+
 def _weights_host(name: str, tag: str) -> str | None:
     import huggingface_hub.constants as hub
 
@@ -174,6 +182,11 @@ class ClipModel:
         size = self.model.visual.image_size
         return tuple(size) if isinstance(size, (tuple, list)) else (size, size)
 
+    @property
+    def preprocess_cfg(self) -> dict:
+        """Resize/crop/normalisation settings, recorded in the store manifest."""
+        return dict(getattr(self.model.visual, "preprocess_cfg", {}) or {})
+
     def _autocast(self):
         import torch
 
@@ -231,6 +244,6 @@ def load_model(name: str = DEFAULT_MODEL, pretrained: str | None = None, device:
         raise ModelLoadError(f"could not load '{name}' from {checkpoint or 'its config'}: "
                              f"{str(error).splitlines()[0][:300] if str(error) else type(error).__name__}") from error
     model.eval()
-    tag = BUNDLED_TAG if name in BUNDLED_MODELS and checkpoint == str(BUNDLED_MODELS[name].weights) else checkpoint
-    LOG.info("loaded %s (%s) on %s", name, tag, device)
-    return ClipModel(name, tag, model, preprocess, tokenizer, device)
+    label = pretrained_label(name, pretrained)
+    LOG.info("loaded %s (%s) on %s", name, label, device)
+    return ClipModel(name, label, model, preprocess, tokenizer, device)

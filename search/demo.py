@@ -7,49 +7,74 @@ from typing import Callable, Iterator
 
 DEMO_MODEL = "clipdex-shapes"
 DEMO_SEED = 7  # the bundled model was trained on seed 0: the demo library is unseen data
+TEXT_QUERIES = ("a red circle", "a blue star", "a green triangle")
 
 
 def demo_lines(directory: Path, count: int, write_library: Callable[[Path, int, int], Path]) -> Iterator[str]:
     """Run the demo step by step, yielding what to show the user."""
-    from indexer.models import load_model
+    from indexer.images import load_image
+    from indexer.run import IndexConfig, index_paths
     from indexer.shapes import SHAPES, read_labels
     from search.plots import plot_classification, plot_similarity
-    from search.quality import shapes_library_quality
+    from search.quality import store_quality
+    from search.query import encoder_for
     from search.zeroshot import classify, similarity
-    from indexer.images import load_image
+    from store.store import Store
 
-    labels_path = directory / "labels.csv"
+    library, store_dir = directory / "library", directory / "store"
+    labels_path = library / "labels.csv"
     if labels_path.is_file():
-        yield f"1. reusing the demo library in {directory}"
+        yield f"1. reusing the demo library in {library}"
     else:
-        write_library(directory, count, DEMO_SEED)
-        yield f"1. generated {count} images of coloured shapes in {directory} (labels in {labels_path})"
+        write_library(library, count, DEMO_SEED)
+        yield f"1. generated {count} images of coloured shapes in {library} (truth in {labels_path})"
     rows = read_labels(labels_path)
+    truth = {row["path"]: row for row in rows}
 
-    model = load_model(DEMO_MODEL)
-    yield f"2. loaded the bundled model {DEMO_MODEL}: {model.embed_dim}-d embeddings, {model.image_size[0]}px input"
+    summary = index_paths([library], store_dir, IndexConfig(model=DEMO_MODEL))
+    yield (f"2. clipdex index {library} --store {store_dir} --model {DEMO_MODEL}\n"
+           f"   {summary.embedded} embedded, {summary.unchanged} unchanged, {summary.failed} failed in "
+           f"{summary.seconds:.1f}s; {summary.index} index, recall@10 {summary.recall_at_10:.3f}")
 
+    store = Store.open(store_dir)
+    for text in TEXT_QUERIES:
+        hits = store.search(text).limit(3).to_list()
+        yield f'3. clipdex search "{text}" -k 3   (✓ = the picture really is a {text[2:]})'
+        for hit in hits:
+            row = truth.get(hit["path"], {})
+            mark = "✓" if f"a {row.get('colour')} {row.get('shape')}" == text else "✗"
+            yield f"   {mark} {hit['score']:.3f}  {Path(hit['path']).relative_to(library)}  ({row.get('caption', '?')})"
+
+    example = rows[0]
+    hits = store.search(image=example["path"]).limit(4).to_list()[1:]
+    yield f"4. clipdex search --image {Path(example['path']).relative_to(library)}  ({example['caption']}): nearest others"
+    for hit in hits:
+        yield f"   {hit['score']:.3f}  {truth.get(hit['path'], {}).get('caption', hit['path'])}"
+
+    hits = store.search("a yellow square").where("width > 500").limit(3).to_list()
+    yield '5. clipdex search "a yellow square" --where "width > 500"'
+    for hit in hits:
+        yield f"   {hit['score']:.3f}  {hit['width']}x{hit['height']}  {truth.get(hit['path'], {}).get('caption', '')}"
+
+    model = encoder_for(store)
     samples = [next(r for r in rows if r["shape"] == shape) for shape in SHAPES]
     pictures = [load_image(r["path"]) for r in samples]
-    texts = [f"a {r['colour']} {r['shape']}" for r in samples]
-    sims = similarity(model, pictures, texts)
     names = [Path(r["path"]).name for r in samples]
-    yield "3. clipdex compare: cosine similarity, texts x images (the diagonal should win each row)"
-    width = max(map(len, texts))
-    yield " " * width + "".join(f"  {n:>16}" for n in names)
-    for text, row in zip(texts, sims):
-        yield f"{text:<{width}}" + "".join(f"  {v:>16.3f}" for v in row)
-    plot_similarity(sims, pictures, texts, directory / "compare.png")
-
-    results = classify(model, pictures, list(SHAPES), k=2)
-    yield '4. clipdex classify: zero-shot "a photo of a {}" over the four shapes'
-    for name, sample, top in zip(names, samples, results):
-        guesses = ", ".join(f"{s.label} {s.prob:.0%}" for s in top)
-        yield f"   {name}: {guesses}   (truth: {sample['shape']})"
+    texts = [f"a {r['colour']} {r['shape']}" for r in samples]
+    plot_similarity(similarity(model, pictures, texts), pictures, texts, directory / "compare.png")
+    results = classify(model, pictures, list(SHAPES), k=1)
     plot_classification(pictures, results, names, directory / "classify.png")
-    yield f"   plots: {directory / 'compare.png'}, {directory / 'classify.png'}"
+    right = sum(top[0].label == r["shape"] for top, r in zip(results, samples))
+    yield (f"6. clipdex classify --labels {','.join(SHAPES)}: {right}/4 sample shapes right; "
+           f"plots in {directory / 'compare.png'} and {directory / 'classify.png'}")
 
-    quality = shapes_library_quality(model, rows)
-    yield (f"5. quality on all {quality['images']} images: text->image precision@5 "
-           f"{quality['precision_at_5']:.3f} over {quality['queries']} 'a {{colour}} {{shape}}' queries, "
-           f"zero-shot shape accuracy {quality['zero_shot_shape']:.3f}")
+    quality = store_quality(store, rows)
+    yield (f"7. quality on all {quality['images']} images: text->image precision@5 {quality['precision_at_5']:.3f} "
+           f"over {quality['queries']} 'a {{colour}} {{shape}}' queries, zero-shot shape accuracy "
+           f"{quality['zero_shot_shape']:.3f}")
+
+    info = store.manifest
+    yield (f"8. clipdex info --store {store_dir}\n   {info.model} ({info.pretrained}), {info.dim}-d, "
+           f"{info.count} images, {info.failures} failures, {info.index.type} index, "
+           f"recall@10 {info.index.recall_at_10:.3f}")
+    yield f'Try: clipdex search "a pink star" --store {store_dir}'

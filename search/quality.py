@@ -52,3 +52,29 @@ def shapes_library_quality(model, rows, min_count: int = 5, template: str = "a p
         "precision_at_5": precision_at_k(images, pairs, queries, combos, k=5),
         "zero_shot_shape": zero_shot_accuracy(images, [SHAPES.index(row["shape"]) for row in rows], shapes),
     }
+
+
+def store_quality(store, rows, min_count: int = 5, template: str = "a photo of a {}") -> dict[str, float]:
+    """Like :func:`shapes_library_quality`, measured through an indexed store: precision@5 of
+    ``store.search("a {colour} {shape}")`` and zero-shot accuracy on the stored embeddings."""
+    from collections import Counter
+
+    from indexer.shapes import SHAPES
+    from search.query import encoder_for
+    from store.tables import column_vectors
+
+    truth = {row["path"]: (row["colour"], row["shape"]) for row in rows}
+    combos = sorted(combo for combo, n in Counter(truth.values()).items() if n >= min_count)
+    hits = [[truth.get(hit["path"]) == combo for hit in store.search(f"a {combo[0]} {combo[1]}").limit(5).to_list()]
+            for combo in combos]
+    table = store.tables.images.search().select(["path", "embedding"]).to_arrow()
+    known = [i for i, path in enumerate(table.column("path").to_pylist()) if path in truth]
+    paths = table.column("path").to_pylist()
+    shapes = encoder_for(store).encode_texts([template.format(shape) for shape in SHAPES])
+    return {
+        "images": len(known),
+        "queries": len(combos),
+        "precision_at_5": float(np.mean([np.mean(h) if h else 0.0 for h in hits])) if hits else 0.0,
+        "zero_shot_shape": zero_shot_accuracy(column_vectors(table)[known],
+                                              [SHAPES.index(truth[paths[i]][1]) for i in known], shapes),
+    }

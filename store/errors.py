@@ -25,3 +25,11 @@ class ImageError(InputError):
 
 class ModelLoadError(ClipdexError, RuntimeError):
     """A model or its weights could not be loaded."""
+
+
+class StoreError(ClipdexError, RuntimeError):
+    """The store is missing, damaged, or cannot do what was asked."""
+
+
+class ModelMismatchError(StoreError):
+    """The store was built with another model (or embedding space) than the one asked for."""

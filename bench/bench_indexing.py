@@ -1,0 +1,156 @@
+"""Indexing throughput: clipdex vs LanceDB's open-clip function vs clip-retrieval, same files and weights.
+
+Every contender runs as a whole process (model load, decoding, embedding, writing) on the same
+JPEGs with the same weights file, one after another in the same run; img/s = files / wall time.
+The forward-only rate of each model (random pixels, no decoding) is measured too, as the ceiling.
+
+    python bench/bench_indexing.py --images 2000 --work /tmp/clipdex-bench \
+        --clip-retrieval /work/peers/cr/bin/python --out bench/results/indexing.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def make_jpegs(directory: Path, count: int, seed: int = 2024) -> list[str]:
+    """*count* JPEGs of mixed sizes (short side 300-1200 px), generated once and reused."""
+    from indexer.shapes import sample
+
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for index in range(count):
+        path = directory / f"img_{index:05d}.jpg"
+        if not path.exists():
+            image, _ = sample(seed, index, short_side=(300, 1200))
+            image.save(path, quality=90)
+        paths.append(str(path))
+    return paths
+
+
+def weights_for(model: str, work: Path) -> str:
+    """The bundled weights, or random-init open_clip weights saved to a file (speed needs no training)."""
+    import torch
+
+    from indexer.models import BUNDLED_MODELS, _open_clip
+
+    if model in BUNDLED_MODELS:
+        return str(BUNDLED_MODELS[model].weights)
+    path = work / f"{model}-random.pt"
+    if not path.exists():
+        torch.manual_seed(0)
+        torch.save(_open_clip().create_model(model).state_dict(), path)
+    return str(path)
+
+
+def forward_only(model: str, weights: str, batch: int = 64, seconds: float = 20.0) -> float:
+    import torch
+
+    from indexer.models import load_model
+
+    clip = load_model(model, weights, device="cpu")
+    pixels = torch.randn(batch, 3, *clip.image_size)
+    clip.encode_pixels(pixels)  # warm-up
+    done, started = 0, time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        clip.encode_pixels(pixels)
+        done += batch
+    return done / (time.perf_counter() - started)
+
+
+def timed(command: list[str], env: dict | None = None) -> tuple[float, str]:
+    started = time.perf_counter()
+    result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, **(env or {})})
+    seconds = time.perf_counter() - started
+    if result.returncode != 0:
+        raise RuntimeError(f"{command[0]} failed: {result.stderr[-2000:]}")
+    return seconds, result.stdout
+
+
+def run_clipdex(model: str, weights: str, images: Path, work: Path, batch: int) -> dict:
+    store = work / f"store-{model}"
+    shutil.rmtree(store, ignore_errors=True)
+    clipdex = str(Path(sys.executable).parent / "clipdex")
+    seconds, out = timed([clipdex, "index", str(images), "--store", str(store), "--model", model,
+                          "--pretrained", weights, "--device", "cpu", "--batch-size", str(batch), "--json"])
+    summary = json.loads(out)
+    return {"seconds": seconds, "embedded": summary["embedded"], "inner_seconds": summary["seconds"]}
+
+
+def run_lancedb(model: str, weights: str, paths: list[str], work: Path) -> dict:
+    listing = work / "paths.txt"
+    listing.write_text("\n".join(paths))
+    database = work / f"lancedb-{model}"
+    shutil.rmtree(database, ignore_errors=True)
+    seconds, out = timed([sys.executable, str(ROOT / "bench" / "peer_lancedb.py"), model, weights, str(listing),
+                          str(database)], env={"PYTHONPATH": str(ROOT)})
+    return {"seconds": seconds, "embedded": int(out.split()[-1])}
+
+
+def run_clip_retrieval(python: str, model: str, weights: str, images: Path, work: Path, batch: int) -> dict:
+    from indexer.models import BUNDLED_MODELS
+
+    output = work / f"clip-retrieval-{model}"
+    shutil.rmtree(output, ignore_errors=True)
+    config = str(BUNDLED_MODELS[model].config) if model in BUNDLED_MODELS else "-"
+    command = [python, str(ROOT / "bench" / "peer_clip_retrieval.py"), config, "--", "inference",
+               "--input_dataset", str(images), "--output_folder", str(output),
+               "--clip_model", f"open_clip:{model}/{weights}", "--batch_size", str(batch),
+               "--num_prepro_workers", str(os.cpu_count()), "--enable_text", "False", "--enable_metadata", "False"]
+    seconds, _ = timed(command)
+    embedded = sum(np.load(f).shape[0] for f in (output / "img_emb").glob("*.npy"))
+    return {"seconds": seconds, "embedded": embedded}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=2000)
+    parser.add_argument("--work", type=Path, default=Path("/tmp/clipdex-bench"))
+    parser.add_argument("--models", default="clipdex-shapes,ViT-B-32")
+    parser.add_argument("--clip-retrieval", help="python of a virtualenv with clip-retrieval installed")
+    parser.add_argument("--skip-lancedb", action="store_true")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "indexing.json")
+    args = parser.parse_args()
+
+    args.work.mkdir(parents=True, exist_ok=True)
+    images = args.work / f"jpegs-{args.images}"
+    paths = make_jpegs(images, args.images)
+    report = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.platform()}",
+              "images": len(paths), "command": " ".join(sys.argv), "models": {}}
+    for model in args.models.split(","):
+        weights = weights_for(model, args.work)
+        row = {"forward_only_img_s": forward_only(model, weights)}
+        row["clipdex"] = run_clipdex(model, weights, images, args.work, args.batch_size)
+        if not args.skip_lancedb:
+            row["lancedb"] = run_lancedb(model, weights, paths, args.work)
+        if args.clip_retrieval:
+            row["clip_retrieval"] = run_clip_retrieval(args.clip_retrieval, model, weights, images, args.work,
+                                                       args.batch_size)
+        for name in ("clipdex", "lancedb", "clip_retrieval"):
+            if name in row:
+                row[name]["img_s"] = row[name]["embedded"] / row[name]["seconds"]
+        for peer in ("lancedb", "clip_retrieval"):
+            if peer in row:
+                row[f"speedup_vs_{peer}"] = row["clipdex"]["img_s"] / row[peer]["img_s"]
+        row["clipdex_vs_forward_only"] = row["clipdex"]["img_s"] / row["forward_only_img_s"]
+        report["models"][model] = row
+        print(json.dumps({model: row}, indent=1), flush=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,138 @@
+"""Search latency of a real store at 10k / 100k / 1M rows: text encode + FAISS + Lance metadata join.
+
+Rows are synthetic (vectors from a mixture of Gaussian clusters on the sphere, so an ANN index
+faces realistic structure; metadata like a photo library's), written through the store's own
+tables and indexed by the store's own rebuild (exact up to 200k, autofaiss above). Queries are
+real text through the ViT-B-32 text tower (random-init weights: speed does not need training).
+
+    python bench/bench_search.py --sizes 10000,100000,1000000 --out bench/results/search.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.bench_indexing import weights_for  # noqa: E402
+
+WORDS = ["dog", "cat", "beach", "sunset", "car", "mountain", "city", "forest", "red", "blue", "child", "food"]
+
+
+def clustered(count: int, dim: int, clusters: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(clusters, dim)).astype(np.float32)
+    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    out = np.empty((count, dim), np.float32)
+    for start in range(0, count, 100_000):
+        n = min(100_000, count - start)
+        block = centres[rng.integers(0, clusters, n)] + rng.normal(scale=0.6 / np.sqrt(dim) * 4, size=(n, dim))
+        out[start:start + n] = block / np.linalg.norm(block, axis=1, keepdims=True)
+    return out
+
+
+def build_store(directory: Path, count: int, model: str, weights: str, dim: int):
+    from store.faiss_io import AnnConfig
+    from store.store import Store
+    from store.tables import image_schema, vectors
+
+    shutil.rmtree(directory, ignore_errors=True)
+    store = Store.create(directory, model, os.path.abspath(weights), dim)
+    data = clustered(count, dim, clusters=max(10, count // 1000), seed=count)
+    rng = np.random.default_rng(1)
+    started = time.perf_counter()
+    for start in range(0, count, 100_000):
+        n = min(100_000, count - start)
+        ids = np.arange(start + 1, start + n + 1)
+        store.tables.add(pa.table({
+            "id": pa.array(ids, pa.int64()), "hash": pa.array([f"{i:032x}" for i in ids]),
+            "path": pa.array([f"/photos/{2015 + i % 10}/img_{i:07d}.jpg" for i in ids]),
+            "bytes": pa.array(rng.integers(50_000, 5_000_000, n), pa.int64()),
+            "mtime": pa.array(np.full(n, 1.7e9)), "width": pa.array(rng.integers(300, 4000, n), pa.int32()),
+            "height": pa.array(rng.integers(300, 4000, n), pa.int32()), "caption": pa.nulls(n, pa.string()),
+            "embedding": vectors(data[start:start + n], dim),
+            "caption_embedding": pa.nulls(n, pa.list_(pa.float32(), dim)),
+        }, schema=image_schema(dim)))
+    write_seconds = time.perf_counter() - started
+    store.update_manifest(next_id=count + 1)
+    info = store.rebuild_index(AnnConfig())
+    return store, write_seconds, info
+
+
+def latency(store, queries: list[str], k: int, where: str | None = None) -> dict:
+    from search.query import encoder_for
+    from store.faiss_io import search
+
+    model = encoder_for(store, device="cpu")
+    index = store.faiss_index()
+    parts = {"total": [], "encode": [], "ann": [], "join": []}
+    for i, text in enumerate(queries):
+        started = time.perf_counter()
+        query = store.search(text).limit(k)
+        query = query.where(where) if where else query
+        rows = query.to_arrow()
+        parts["total"].append(time.perf_counter() - started)
+        assert rows.num_rows == k
+        if where is None:  # the same work, stage by stage
+            t0 = time.perf_counter()
+            vector = model.encode_texts([text])
+            t1 = time.perf_counter()
+            _, ids = search(index, vector, k)
+            t2 = time.perf_counter()
+            store.tables.rows_by_id(ids[0].tolist(), ["id", "path", "width", "height", "caption"])
+            t3 = time.perf_counter()
+            parts["encode"].append(t1 - t0), parts["ann"].append(t2 - t1), parts["join"].append(t3 - t2)
+    summary = {}
+    for name, values in parts.items():
+        if values:
+            ms = np.array(values[3:]) * 1000  # first queries warm caches
+            summary[name] = {"p50_ms": round(float(np.percentile(ms, 50)), 2),
+                             "p99_ms": round(float(np.percentile(ms, 99)), 2)}
+    return summary
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", default="10000,100000,1000000")
+    parser.add_argument("--model", default="ViT-B-32")
+    parser.add_argument("--queries", type=int, default=200)
+    parser.add_argument("--k", type=int, default=10)
+    parser.add_argument("--work", type=Path, default=Path("/tmp/clipdex-bench"))
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "search.json")
+    args = parser.parse_args()
+
+    args.work.mkdir(parents=True, exist_ok=True)
+    weights = weights_for(args.model, args.work)
+    from indexer.models import load_model
+
+    dim = load_model(args.model, weights, device="cpu").embed_dim
+    rng = np.random.default_rng(0)
+    queries = [f"a photo of a {' '.join(rng.choice(WORDS, 2))}" for _ in range(args.queries)]
+    report = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.platform()}",
+              "model": args.model, "dim": dim, "k": args.k, "queries": args.queries,
+              "command": " ".join(sys.argv), "sizes": {}}
+    for size in map(int, args.sizes.split(",")):
+        store, write_seconds, info = build_store(args.work / f"search-{size}", size, args.model, weights, dim)
+        row = {"write_seconds": round(write_seconds, 2), "index": info.type, "index_key": info.key,
+               "index_params": info.params, "build_seconds": info.build_seconds, "recall_at_10": info.recall_at_10,
+               "latency": latency(store, queries, args.k),
+               "latency_where_width_gt_2000": latency(store, queries[:50], args.k, where="width > 2000")}
+        report["sizes"][str(size)] = row
+        print(json.dumps({size: row}), flush=True)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

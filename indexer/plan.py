@@ -1,0 +1,170 @@
+"""Stage 2: compare what is on disk with what is in the store and decide the least work.
+
+A file whose size and mtime match its row is unchanged and never read. Any other file is hashed:
+the same content at a path that vanished is a move (its id and embedding move with it), the same
+content as a file still present is a copy (embedding reused, new id), anything else is embedded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+import pyarrow as pa
+
+from indexer.scanner import Failure, FoundFile, Scan
+
+HASH_CHUNK = 1 << 20
+
+
+def content_hash(path: str) -> str:
+    digest = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as handle:
+        while chunk := handle.read(HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class Job:
+    """One file to write a row for: ``source_id`` set means reuse that row's embedding."""
+
+    id: int
+    file: FoundFile
+    hash: str
+    caption: str | None = None
+    source_id: int | None = None
+
+
+@dataclass
+class Plan:
+    unchanged: int = 0
+    embed: list[Job] = field(default_factory=list)  # new or modified content
+    moves: list[Job] = field(default_factory=list)  # same id, new path/mtime (also touched files)
+    copies: list[Job] = field(default_factory=list)  # new id, embedding of source_id
+    recaption: list[Job] = field(default_factory=list)  # unchanged file whose caption changed
+    removed_ids: list[int] = field(default_factory=list)
+    failures: list[Failure] = field(default_factory=list)
+    next_id: int = 1
+
+    @property
+    def reused(self) -> int:
+        return len(self.copies) + sum(1 for job in self.moves if job.source_id is not None)
+
+
+def make_plan(scan: Scan, rows: pa.Table, next_id: int, captions: Callable[[str], str | None],
+              workers: int = 4, progress: Callable[[int], None] | None = None) -> Plan:
+    """Decide what to embed, move, copy and remove. *rows* has id, hash, path, bytes, mtime, caption."""
+    existing = {path: row for path, row in zip(rows.column("path").to_pylist(), rows.to_pylist())}
+    found = {f.path for f in scan.files}
+    next_id = max(next_id, max((r["id"] for r in existing.values()), default=0) + 1)
+    plan = Plan(next_id=next_id)
+
+    changed: list[FoundFile] = []
+    for file in scan.files:
+        row = existing.get(file.path)
+        if row is not None and row["bytes"] == file.bytes and row["mtime"] == file.mtime:
+            plan.unchanged += 1
+            caption = captions(file.path)
+            if caption != row["caption"]:
+                plan.recaption.append(Job(row["id"], file, row["hash"], caption))
+        else:
+            changed.append(file)
+
+    gone = {path: row for path, row in existing.items() if path not in found and scan.covers(path)}
+    gone_by_hash: dict[str, list[dict]] = {}
+    for row in gone.values():
+        gone_by_hash.setdefault(row["hash"], []).append(row)
+    present_by_hash = {row["hash"]: row["id"] for path, row in existing.items() if path in found}
+
+    for file, digest in _hash_all(changed, workers, plan.failures, progress):
+        caption = captions(file.path)
+        row = existing.get(file.path)
+        if row is not None and row["hash"] == digest:  # touched, not changed
+            plan.moves.append(Job(row["id"], file, digest, caption))
+        elif row is not None:  # modified in place: keeps its id
+            plan.embed.append(Job(row["id"], file, digest, caption))
+        elif gone_by_hash.get(digest):
+            moved = gone_by_hash[digest].pop()
+            del gone[moved["path"]]
+            plan.moves.append(Job(moved["id"], file, digest, caption, source_id=moved["id"]))
+        elif digest in present_by_hash:
+            plan.copies.append(Job(plan.next_id, file, digest, caption, source_id=present_by_hash[digest]))
+            plan.next_id += 1
+        else:
+            plan.embed.append(Job(plan.next_id, file, digest, caption))
+            present_by_hash[digest] = plan.next_id  # a second copy in this run is embedded once
+            plan.next_id += 1
+    plan.removed_ids = sorted(row["id"] for row in gone.values())
+    return _defer_copies_of_new_files(plan)
+
+
+def _defer_copies_of_new_files(plan: Plan) -> Plan:
+    """A copy whose source is embedded in this very run must wait for that row: re-plan as embed."""
+    pending = {job.id for job in plan.embed}
+    kept = []
+    for job in plan.copies:
+        (plan.embed.append(Job(job.id, job.file, job.hash, job.caption)) if job.source_id in pending
+         else kept.append(job))
+    plan.copies = kept
+    return plan
+
+
+def _hash_all(files: list[FoundFile], workers: int, failures: list[Failure],
+              progress: Callable[[int], None] | None) -> Iterable[tuple[FoundFile, str]]:
+    def one(file: FoundFile) -> tuple[FoundFile, str | None, Failure | None]:
+        try:
+            return file, content_hash(file.path), None
+        except FileNotFoundError:
+            return file, None, Failure(file.path, "missing", "vanished during the run")
+        except OSError as error:
+            return file, None, Failure(file.path, "unreadable", error.strerror or str(error))
+
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:  # hashlib releases the GIL
+        for file, digest, failure in pool.map(one, files):
+            if progress:
+                progress(1)
+            if failure:
+                failures.append(failure)
+            else:
+                yield file, digest
+
+
+def read_captions(sources: Iterable[str | os.PathLike]) -> dict[str, str]:
+    """path -> caption from CSV or Parquet files with ``path`` and ``caption`` columns.
+
+    Relative paths are taken relative to the captions file.
+    """
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+
+    from store.errors import InputError
+
+    mapping: dict[str, str] = {}
+    for source in sources:
+        source = os.fspath(source)
+        try:
+            table = pq.read_table(source) if source.lower().endswith(".parquet") else pacsv.read_csv(source)
+        except (OSError, pa.ArrowInvalid) as error:
+            raise InputError(f"cannot read captions file {source}: {str(error).splitlines()[0]}") from error
+        if not {"path", "caption"} <= set(table.column_names):
+            raise InputError(f"captions file {source} needs columns 'path' and 'caption' "
+                             f"(it has {', '.join(table.column_names)})")
+        base = os.path.dirname(os.path.abspath(source))
+        for path, caption in zip(table.column("path").to_pylist(), table.column("caption").to_pylist()):
+            if path and caption is not None:
+                mapping[os.path.normpath(os.path.join(base, str(path)))] = str(caption)
+    return mapping
+
+
+def sidecar_caption(path: str) -> str | None:
+    """The text of ``photo.txt`` beside ``photo.jpg``, if there is one."""
+    sidecar = os.path.splitext(path)[0] + ".txt"
+    try:
+        with open(sidecar, encoding="utf-8") as handle:
+            return handle.read().strip() or None
+    except (OSError, UnicodeDecodeError):
+        return None

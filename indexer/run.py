@@ -1,0 +1,238 @@
+"""`clipdex index`: wire scan -> plan -> decode/embed -> write -> FAISS, committing as it goes.
+
+Rows are committed in batches; every commit is atomic in Lance, and a file whose row is committed
+is skipped by the next run. So a run killed at any moment loses at most one uncommitted batch of
+work, and a rerun finishes the job with every image in the store exactly once.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute  # noqa: F401  (pa.compute)
+
+from indexer.decode import decoded_batches
+from indexer.images import DEFAULT_MAX_PIXELS
+from indexer.models import DEFAULT_MODEL, ClipModel, load_model, pretrained_label
+from indexer.plan import Job, Plan, make_plan, read_captions, sidecar_caption
+from indexer.scanner import Failure, scan
+from store.errors import InputError
+from store.faiss_io import AnnConfig
+from store.manifest import read_manifest
+from store.store import Store
+from store.tables import FAILURE_SCHEMA, column_vectors, image_schema, vectors
+
+LOG = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class IndexConfig:
+    model: str | None = None  # None: the store's model, or ViT-B-32 for a new store
+    pretrained: str | None = None
+    device: str = "auto"
+    batch_size: int = 64
+    workers: int | None = None  # None: one decode process per core, at most 8
+    captions: tuple[str, ...] = ()
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    commit_every: int = 1024
+    ann: AnnConfig = field(default_factory=AnnConfig)
+    progress: bool = True
+
+
+@dataclass(frozen=True)
+class IndexSummary:
+    scanned: int
+    embedded: int
+    reused: int
+    removed: int
+    failed: int
+    unchanged: int
+    seconds: float
+    count: int
+    index: str
+    recall_at_10: float | None
+
+    @property
+    def indexed(self) -> int:
+        """Files of this run that are in the store now."""
+        return self.scanned - self.failed
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def choose_model(store_dir: str | Path, config: IndexConfig) -> tuple[str, str | None]:
+    if config.model:
+        return config.model, config.pretrained
+    if Store.exists(store_dir):
+        manifest = read_manifest(store_dir)
+        return manifest.model, config.pretrained or manifest.pretrained
+    return DEFAULT_MODEL, config.pretrained
+
+
+def index_paths(paths: Sequence[str | os.PathLike], store_dir: str | Path,
+                config: IndexConfig = IndexConfig()) -> IndexSummary:
+    started = time.perf_counter()
+    found = scan(paths)
+    if not found.files and not found.failures and not Store.exists(store_dir):
+        raise InputError(f"no image files found under {', '.join(map(str, paths))}")
+    name, pretrained = choose_model(store_dir, config)
+    if Store.exists(store_dir):  # refuse a mismatch before spending time on loading a model
+        Store.open(store_dir).check_model(name, pretrained_label(name, pretrained))
+    model = load_model(name, pretrained, device=config.device)
+    store = Store.create(store_dir, model.name, model.pretrained, model.embed_dim, preprocess=model.preprocess_cfg)
+    captions = _caption_lookup(config.captions)
+    workers = config.workers if config.workers is not None else min(8, os.cpu_count() or 1)
+    first_new_id = store.manifest.next_id
+
+    with _bar(config, len(found.files), "checking") as bar:
+        plan = make_plan(found, store.tables.file_rows(), first_new_id, captions, max(4, workers), bar.update)
+    store.update_manifest(next_id=plan.next_id)  # reserve the ids before any row uses them
+
+    _write_moves(store, model, plan)
+    _write_copies(store, model, plan)
+    embedded, decode_failures = _embed(store, model, plan.embed, config, workers, first_new_id)
+    failed_modified = [plan.embed[pos].id for pos, _ in decode_failures if plan.embed[pos].id < first_new_id]
+    store.tables.delete_ids(plan.removed_ids + failed_modified)
+
+    failures = list(found.failures) + plan.failures + [Failure(e.path, e.reason, e.detail) for _, e in decode_failures]
+    stale = [p for p in store.tables.failures.search().select(["path"]).to_arrow().column("path").to_pylist()
+             if found.covers(p)]
+    store.tables.replace_failures(_failure_rows(failures), stale)
+
+    changed = embedded or plan.moves or plan.copies or plan.recaption or plan.removed_ids or failed_modified
+    if changed:
+        store.tables.images.optimize()
+    info = store.manifest.index
+    if changed or not info.file or info.table_version != store.tables.version():
+        info = store.rebuild_index(config.ann)
+    else:
+        store.update_manifest(count=store.tables.count(), failures=store.tables.failure_count())
+    return IndexSummary(
+        scanned=len(found.files) + len(found.failures), embedded=embedded, reused=plan.reused,
+        removed=len(plan.removed_ids) + len(failed_modified), failed=len(failures), unchanged=plan.unchanged,
+        seconds=round(time.perf_counter() - started, 3), count=store.manifest.count, index=info.type,
+        recall_at_10=info.recall_at_10)
+
+
+def _caption_lookup(sources: Sequence[str]):
+    mapping = read_captions(sources) if sources else {}
+
+    def caption(path: str) -> str | None:
+        return mapping.get(path) or sidecar_caption(path)
+
+    return caption
+
+
+def _bar(config: IndexConfig, total: int, desc: str):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="img", file=sys.stderr, disable=not config.progress or None,
+                dynamic_ncols=True, leave=False)
+
+
+def _caption_vectors(model: ClipModel, jobs: Sequence[Job]) -> pa.Array:
+    """caption_embedding column: the text embedding where a caption exists, else null."""
+    dim = model.embed_dim
+    kind = pa.list_(pa.float32(), dim)
+    captioned = [i for i, job in enumerate(jobs) if job.caption]
+    if not captioned:
+        return pa.nulls(len(jobs), kind)
+    encoded = model.encode_texts([jobs[i].caption for i in captioned])
+    values = np.zeros((len(jobs), dim), np.float32)
+    values[captioned] = encoded
+    mask = np.ones(len(jobs), bool)
+    mask[captioned] = False
+    return pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), dim, mask=pa.array(mask))
+
+
+def _file_columns(jobs: Sequence[Job]) -> dict[str, pa.Array]:
+    return {
+        "id": pa.array([j.id for j in jobs], pa.int64()),
+        "hash": pa.array([j.hash for j in jobs]),
+        "path": pa.array([j.file.path for j in jobs]),
+        "bytes": pa.array([j.file.bytes for j in jobs], pa.int64()),
+        "mtime": pa.array([j.file.mtime for j in jobs], pa.float64()),
+        "caption": pa.array([j.caption for j in jobs], pa.string()),
+    }
+
+
+def _write_moves(store: Store, model: ClipModel, plan: Plan) -> None:
+    """Moved, touched and re-captioned files: new metadata under the same id, no re-embedding."""
+    jobs = plan.moves + plan.recaption
+    if jobs:
+        store.tables.update_files(pa.table({**_file_columns(jobs), "caption_embedding": _caption_vectors(model, jobs)}))
+
+
+def _write_copies(store: Store, model: ClipModel, plan: Plan) -> None:
+    if not plan.copies:
+        return
+    sources = store.tables.rows_by_id(sorted({j.source_id for j in plan.copies}), ["id", "width", "height", "embedding"])
+    by_id = {row_id: i for i, row_id in enumerate(sources.column("id").to_pylist())}
+    jobs = [job for job in plan.copies if job.source_id in by_id]  # a source deleted meanwhile: next run embeds
+    take = pa.array([by_id[job.source_id] for job in jobs])
+    store.tables.add(pa.table({
+        **_file_columns(jobs),
+        "width": sources.column("width").take(take), "height": sources.column("height").take(take),
+        "embedding": vectors(column_vectors(sources)[take.to_numpy()], model.embed_dim),
+        "caption_embedding": _caption_vectors(model, jobs),
+    }, schema=image_schema(model.embed_dim)))
+
+
+def _embed(store: Store, model: ClipModel, jobs: list[Job], config: IndexConfig, workers: int, first_new_id: int):
+    """Decode in worker processes, embed full batches, commit every ``commit_every`` rows.
+
+    New ids are appended; rows of modified files (older ids) are upserted, which costs a join.
+    """
+    schema = image_schema(model.embed_dim)
+    pending: list[pa.Table] = []
+    pending_rows, embedded, failures = 0, 0, []
+
+    def commit() -> None:
+        nonlocal pending, pending_rows, embedded
+        if pending:
+            rows = pa.concat_tables(pending)
+            is_new = pa.compute.greater_equal(rows.column("id"), first_new_id)
+            store.tables.add(rows.filter(is_new))
+            store.tables.upsert(rows.filter(pa.compute.invert(is_new)))
+            embedded += pending_rows
+            pending, pending_rows = [], 0
+
+    batches = decoded_batches([job.file.path for job in jobs], model.preprocess, model.image_size,
+                              config.batch_size, workers, config.max_pixels,
+                              pin_memory=model.device.startswith("cuda"))
+    with _bar(config, len(jobs), "embedding") as bar:
+        for batch in batches:
+            failures += batch.failures
+            if batch.positions:
+                batch_jobs = [jobs[p] for p in batch.positions]
+                pending.append(pa.table({
+                    **_file_columns(batch_jobs),
+                    "width": pa.array([w for w, _ in batch.sizes], pa.int32()),
+                    "height": pa.array([h for _, h in batch.sizes], pa.int32()),
+                    "embedding": vectors(model.encode_pixels(batch.pixels), model.embed_dim),
+                    "caption_embedding": _caption_vectors(model, batch_jobs),
+                }, schema=schema))
+                pending_rows += len(batch_jobs)
+            if pending_rows >= config.commit_every:
+                commit()
+            bar.update(len(batch.positions) + len(batch.failures))
+    commit()
+    return embedded, failures
+
+
+def _failure_rows(failures: Sequence[Failure]) -> pa.Table:
+    when = datetime.now(timezone.utc).replace(microsecond=0)
+    return pa.table({
+        "path": [f.path for f in failures], "reason": [f.reason for f in failures],
+        "detail": [f.detail for f in failures], "time": pa.array([when] * len(failures), FAILURE_SCHEMA.field("time").type),
+    }, schema=FAILURE_SCHEMA)

@@ -1,0 +1,104 @@
+"""The store manifest: what model made the vectors, which index serves them, and how good it is.
+
+Stored as ``manifest.json``, written atomically (temp file + rename), versioned with step-by-step
+migrations so an old store opens in a new clipdex.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field, replace
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable
+
+from store.errors import StoreError
+
+MANIFEST_NAME = "manifest.json"
+MANIFEST_VERSION = 2
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+@dataclass(frozen=True)
+class IndexInfo:
+    type: str = "none"  # "flat", "autofaiss" or "none" (nothing built yet)
+    key: str = ""  # faiss index_factory string
+    params: str = ""  # search-time parameters (nprobe, efSearch)
+    file: str = ""  # relative to the store
+    count: int = 0
+    table_version: int = 0  # Lance version of the rows the index was built from
+    recall_at_10: float | None = None
+    recall_queries: int = 0
+    build_seconds: float = 0.0
+    built: str = ""
+
+
+@dataclass(frozen=True)
+class Manifest:
+    model: str
+    pretrained: str
+    dim: int
+    space: str  # embedding space: the model for stores clipdex embedded, or what an import names
+    has_text_encoder: bool = True
+    preprocess: dict[str, Any] = field(default_factory=dict)
+    count: int = 0
+    failures: int = 0
+    next_id: int = 1
+    index: IndexInfo = field(default_factory=IndexInfo)
+    created: str = field(default_factory=now)
+    updated: str = field(default_factory=now)
+    version: int = MANIFEST_VERSION
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def evolve(self, **changes: Any) -> "Manifest":
+        return replace(self, updated=now(), **changes)
+
+
+def _v1_to_v2(data: dict[str, Any]) -> dict[str, Any]:
+    # v1 named the embedding space implicitly by the model; v2 records it (imports need it).
+    data.setdefault("space", data.get("model", "unknown"))
+    data.setdefault("has_text_encoder", True)
+    return data
+
+
+MIGRATIONS: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {1: _v1_to_v2}
+
+
+def migrate(data: dict[str, Any]) -> dict[str, Any]:
+    version = int(data.get("version", 1))
+    if version > MANIFEST_VERSION:
+        raise StoreError(f"this store was written by a newer clipdex (manifest v{version}); upgrade clipdex")
+    while version < MANIFEST_VERSION:
+        data = MIGRATIONS[version](dict(data))
+        version += 1
+        data["version"] = version
+    return data
+
+
+def read_manifest(directory: str | Path) -> Manifest:
+    path = Path(directory) / MANIFEST_NAME
+    try:
+        data = migrate(json.loads(path.read_text()))
+        index = IndexInfo(**data.pop("index", {}))
+        return Manifest(index=index, **data)
+    except FileNotFoundError as error:
+        raise StoreError(f"{directory} is not a clipdex store (no {MANIFEST_NAME}); create one with `clipdex index`") from error
+    except (json.JSONDecodeError, TypeError) as error:
+        raise StoreError(f"{path} is damaged ({error}); re-create the store with `clipdex index`") from error
+
+
+def write_manifest(directory: str | Path, manifest: Manifest) -> None:
+    directory = Path(directory)
+    handle, temporary = tempfile.mkstemp(dir=directory, prefix=".manifest-", suffix=".json")
+    with os.fdopen(handle, "w") as out:
+        json.dump(manifest.to_dict(), out, indent=2)
+        out.flush()
+        os.fsync(out.fileno())
+    os.replace(temporary, directory / MANIFEST_NAME)

@@ -1,0 +1,129 @@
+"""A clipdex store: a folder holding the manifest, the LanceDB tables and the FAISS index."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from store.errors import ModelMismatchError, StoreError
+from store.faiss_io import AnnConfig, build_index, load_index, save_index
+from store.manifest import MANIFEST_NAME, IndexInfo, Manifest, now, read_manifest, write_manifest
+from store.tables import Tables, column_vectors
+
+if TYPE_CHECKING:
+    from search.query import Query
+
+LOG = logging.getLogger(__name__)
+INDEX_DIR = "faiss"
+
+
+class Store:
+    """Open with :meth:`open` (existing store) or :meth:`create` (new or matching store)."""
+
+    def __init__(self, directory: Path, manifest: Manifest) -> None:
+        self.directory = directory
+        self._manifest = manifest
+        self.tables = Tables.open(directory, manifest.dim)
+        self._index = None
+        self._index_file = ""
+
+    @classmethod
+    def open(cls, directory: str | Path) -> "Store":
+        directory = Path(directory)
+        if not directory.is_dir():
+            raise StoreError(f"no store at {directory}: create one with `clipdex index PATH --store {directory}`")
+        return cls(directory, read_manifest(directory))
+
+    @classmethod
+    def exists(cls, directory: str | Path) -> bool:
+        return (Path(directory) / MANIFEST_NAME).is_file()
+
+    @classmethod
+    def create(cls, directory: str | Path, model: str, pretrained: str, dim: int,
+               preprocess: dict[str, Any] | None = None, space: str | None = None,
+               has_text_encoder: bool = True) -> "Store":
+        """Open the store at *directory*, creating it if needed; refuse one made with another model."""
+        directory = Path(directory)
+        if cls.exists(directory):
+            store = cls.open(directory)
+            store.check_model(model, pretrained, dim)
+            return store
+        if directory.exists() and not directory.is_dir():
+            raise StoreError(f"{directory} is a file, not a store folder")
+        directory.mkdir(parents=True, exist_ok=True)
+        manifest = Manifest(model=model, pretrained=pretrained, dim=dim, space=space or model,
+                            has_text_encoder=has_text_encoder, preprocess=_jsonable(preprocess or {}))
+        write_manifest(directory, manifest)
+        return cls(directory, manifest)
+
+    def check_model(self, model: str, pretrained: str, dim: int | None = None) -> None:
+        m = self._manifest
+        if (m.model, m.pretrained) != (model, pretrained) or (dim is not None and m.dim != dim):
+            raise ModelMismatchError(
+                f"the store {self.directory} holds {m.dim}-d embeddings of {m.model} ({m.pretrained}); "
+                f"it cannot take {model} ({pretrained}). Use --model {m.model} --pretrained {m.pretrained}, "
+                "or another --store")
+
+    @property
+    def manifest(self) -> Manifest:
+        return self._manifest
+
+    def refresh(self) -> Manifest:
+        """Re-read the manifest, e.g. after another process indexed into this store."""
+        self._manifest = read_manifest(self.directory)
+        self.tables.refresh()
+        return self._manifest
+
+    def update_manifest(self, **changes: Any) -> Manifest:
+        self._manifest = self._manifest.evolve(**changes)
+        write_manifest(self.directory, self._manifest)
+        return self._manifest
+
+    def rebuild_index(self, config: AnnConfig = AnnConfig()) -> IndexInfo:
+        """Build the FAISS index from the rows now in the table and record it in the manifest."""
+        table_version = self.tables.version()
+        rows = self.tables.images.search().select(["id", "embedding"]).to_arrow()
+        ids = rows.column("id").to_numpy()
+        built = build_index(ids, column_vectors(rows) if rows.num_rows else np.zeros((0, self.manifest.dim), np.float32),
+                            config)
+        relative = f"{INDEX_DIR}/index-v{table_version}.faiss"
+        save_index(built.index, self.directory / relative)
+        old = self._manifest.index.file
+        info = IndexInfo(type=built.kind, key=built.key, params=built.params, file=relative, count=len(ids),
+                         table_version=table_version, recall_at_10=built.recall_at_10,
+                         recall_queries=built.recall_queries, build_seconds=round(built.seconds, 3), built=now())
+        self.update_manifest(index=info, count=self.tables.count(), failures=self.tables.failure_count())
+        if old and old != relative:
+            (self.directory / old).unlink(missing_ok=True)
+        self._index, self._index_file = built.index, relative
+        return info
+
+    def faiss_index(self):
+        """The FAISS index named by the manifest (loaded once per index file)."""
+        info = self._manifest.index
+        if not info.file:
+            raise StoreError(f"the store {self.directory} has no index yet: run `clipdex index` on it")
+        if self._index is None or self._index_file != info.file:
+            path = self.directory / info.file
+            if not path.is_file():
+                raise StoreError(f"the index file {path} is missing: run `clipdex index` again to rebuild it")
+            self._index, self._index_file = load_index(path, info.params), info.file
+        return self._index
+
+    def search(self, text: str | None = None, *, image: str | None = None,
+               vector: np.ndarray | None = None) -> "Query":
+        """Start a query: ``store.search("a red circle").where("width > 100").limit(5).to_arrow()``."""
+        from search.query import Query
+
+        return Query.create(self, text=text, image=image, vector=vector)
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value if isinstance(value, (str, int, float, bool, type(None))) else str(value)

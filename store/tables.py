@@ -1,0 +1,148 @@
+"""The store's LanceDB tables: ``images`` (one row per indexed file, keyed by a stable int64 id)
+and ``failures`` (files that could not be indexed, and why)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterable, Sequence
+
+import numpy as np
+import pyarrow as pa
+
+if TYPE_CHECKING:
+    import lancedb
+
+IMAGES = "images"
+FAILURES = "failures"
+TABLE_DIR = "lance"
+# Null caption embeddings are legitimate (no caption); LanceDB would call them bad vectors.
+# Columns the indexer needs to decide what changed; never the vectors.
+FILE_COLUMNS = ["id", "hash", "path", "bytes", "mtime", "caption"]
+METADATA_COLUMNS = ["id", "path", "hash", "bytes", "mtime", "width", "height", "caption"]
+
+
+def image_schema(dim: int) -> pa.Schema:
+    vector = pa.list_(pa.float32(), dim)
+    return pa.schema([
+        pa.field("id", pa.int64(), nullable=False),
+        pa.field("hash", pa.string(), nullable=False),
+        pa.field("path", pa.string(), nullable=False),
+        pa.field("bytes", pa.int64()),
+        pa.field("mtime", pa.float64()),
+        pa.field("width", pa.int32()),
+        pa.field("height", pa.int32()),
+        pa.field("caption", pa.string()),
+        pa.field("embedding", vector, nullable=False),
+        pa.field("caption_embedding", vector),
+    ])
+
+
+FAILURE_SCHEMA = pa.schema([
+    pa.field("path", pa.string(), nullable=False),
+    pa.field("reason", pa.string(), nullable=False),
+    pa.field("detail", pa.string()),
+    pa.field("time", pa.timestamp("s", tz="UTC")),
+])
+
+
+def vectors(values: np.ndarray, dim: int) -> pa.FixedSizeListArray:
+    flat = pa.array(np.ascontiguousarray(values, dtype=np.float32).reshape(-1))
+    return pa.FixedSizeListArray.from_arrays(flat, dim)
+
+
+def column_vectors(table: pa.Table, column: str = "embedding") -> np.ndarray:
+    """A fixed-size-list column as a ``[rows, dim]`` float32 array (zero-copy where possible)."""
+    chunks = table.column(column).combine_chunks()
+    dim = chunks.type.list_size
+    return chunks.values.to_numpy(zero_copy_only=False).reshape(-1, dim)
+
+
+class Tables:
+    """Open handles on the store's tables, created on first use and kept for the process."""
+
+    def __init__(self, db: "lancedb.DBConnection", dim: int) -> None:
+        self.db, self.dim = db, dim
+        self._handles: dict[str, object] = {}
+
+    @classmethod
+    def open(cls, directory: str | Path, dim: int) -> "Tables":
+        import lancedb
+
+        return cls(lancedb.connect(str(Path(directory) / TABLE_DIR)), dim)
+
+    def _table(self, name: str, schema: pa.Schema):
+        if name not in self._handles:
+            if name in self.db.table_names():
+                self._handles[name] = self.db.open_table(name)
+            else:
+                table = self.db.create_table(name, schema=schema, exist_ok=True)
+                if name == IMAGES:
+                    table.create_scalar_index("id")
+                self._handles[name] = table
+        return self._handles[name]
+
+    @property
+    def images(self):
+        return self._table(IMAGES, image_schema(self.dim))
+
+    @property
+    def failures(self):
+        return self._table(FAILURES, FAILURE_SCHEMA)
+
+    def refresh(self) -> None:
+        """See commits made by other processes since the tables were opened."""
+        for table in self._handles.values():
+            table.checkout_latest()
+
+    def file_rows(self) -> pa.Table:
+        return self.images.search().select(FILE_COLUMNS).to_arrow()
+
+    def rows_by_id(self, ids: Sequence[int], columns: Sequence[str]) -> pa.Table:
+        if not len(ids):
+            return pa.table({c: [] for c in columns})
+        listed = ",".join(str(int(i)) for i in ids)
+        return self.images.search().where(f"id IN ({listed})").select(list(columns)).limit(len(ids)).to_arrow()
+
+    def add(self, rows: pa.Table) -> None:
+        if rows.num_rows:
+            self.images.add(rows, on_bad_vectors="null")
+
+    def upsert(self, rows: pa.Table) -> None:
+        """Insert new ids and replace the rows of existing ones, in one atomic commit."""
+        if rows.num_rows:
+            (self.images.merge_insert("id").when_matched_update_all().when_not_matched_insert_all()
+             .execute(rows, on_bad_vectors="null"))
+
+    def update_files(self, rows: pa.Table) -> None:
+        """Rewrite path/hash/bytes/mtime of existing ids (moves and touched files) in one commit."""
+        if rows.num_rows:
+            self.images.merge_insert("id").when_matched_update_all().execute(rows, on_bad_vectors="null")
+
+    def delete_ids(self, ids: Iterable[int]) -> None:
+        ids = [str(int(i)) for i in ids]
+        for start in range(0, len(ids), 10_000):
+            self.images.delete(f"id IN ({','.join(ids[start:start + 10_000])})")
+
+    def replace_failures(self, rows: pa.Table, cleared_paths: Iterable[str]) -> None:
+        """Record this run's failures and forget those of paths that now index or are gone."""
+        paths = set(cleared_paths) | set(rows.column("path").to_pylist())
+        table = self.failures
+        listed = list(paths)
+        for start in range(0, len(listed), 2_000):
+            quoted = ",".join(_quote(p) for p in listed[start:start + 2_000])
+            table.delete(f"path IN ({quoted})")
+        if rows.num_rows:
+            table.add(rows)
+
+    def count(self) -> int:
+        return self.images.count_rows()
+
+    def failure_count(self) -> int:
+        return self.failures.count_rows()
+
+    def version(self) -> int:
+        return self.images.version
+
+
+def _quote(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
