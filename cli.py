@@ -219,7 +219,10 @@ def demo_command(directory: str, count: int) -> None:
 @click.option("--store", "store_dir", required=True, type=click.Path(file_okay=False), help="Store folder (created if new).")
 @model_options(default_model=None)
 @click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1), help="Images per forward pass.")
-@click.option("--workers", type=click.IntRange(min=0), help="Decode processes (default: one per core, at most 8).")
+@click.option("--workers", type=click.IntRange(min=0), help="Parallel decoders (default: one per core, at most 8).")
+@click.option("--decoder", type=click.Choice(["auto", "threads", "processes"]), default="auto", show_default=True,
+              help="Decode in threads (no start-up cost) or worker processes (more throughput for a GPU); "
+                   "auto: processes on CUDA, threads on CPU.")
 @click.option("--captions", multiple=True, type=click.Path(dir_okay=False),
               help="CSV or Parquet with columns path, caption (repeatable). Sidecar photo.txt files are read too.")
 @click.option("--max-pixels", default=100_000_000, show_default=True, type=click.IntRange(min=1),
@@ -233,7 +236,7 @@ def demo_command(directory: str, count: int) -> None:
 @click.option("--max-query-ms", default=10.0, show_default=True, type=float, help="Query-time budget of an autofaiss index.")
 @click.option("--json", "as_json", is_flag=True,
               help='Print {"scanned", "embedded", "reused", "removed", "failed", "seconds", ...} at the end.')
-def index_command(paths, store_dir, model_name, pretrained, device, batch_size, workers, captions, max_pixels,
+def index_command(paths, store_dir, model_name, pretrained, device, batch_size, workers, decoder, captions, max_pixels,
                   commit_every, index_type, ann_threshold, index_memory, max_query_ms, as_json) -> None:
     """Embed the images under PATHS into the store, incrementally.
 
@@ -250,7 +253,7 @@ def index_command(paths, store_dir, model_name, pretrained, device, batch_size, 
     from store.faiss_io import AnnConfig
 
     config = IndexConfig(model=model_name, pretrained=pretrained, device=device, batch_size=batch_size,
-                         workers=workers, captions=tuple(captions), max_pixels=max_pixels, commit_every=commit_every,
+                         workers=workers, decoder=decoder, captions=tuple(captions), max_pixels=max_pixels, commit_every=commit_every,
                          ann=AnnConfig(kind=index_type, ann_threshold=ann_threshold, max_memory=index_memory,
                                        max_query_ms=max_query_ms))
     summary = index_paths(paths, store_dir, config)

@@ -1,11 +1,16 @@
-"""Stage 3: decode and preprocess images in parallel worker processes, into full model batches.
+"""Stage 3: decode and preprocess images in parallel, into full model batches, in path order.
 
-Workers receive paths and return tensors, sizes and failures as data (never exceptions), so one
-bad file costs one row in the failures table and nothing else.
+Two executors with one signature: threads (Pillow and torch release the GIL while decoding,
+resizing and normalising; nothing to start, nothing re-imported) serve CPU runs, where the
+model needs the cores anyway; worker processes serve GPU runs, which need more decoding than
+one interpreter can drive. Workers receive paths and return tensors, sizes and failures as data
+(never exceptions), so one bad file costs one row in the failures table and nothing else.
 """
 
 from __future__ import annotations
 
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
@@ -56,23 +61,42 @@ def _collate(items) -> DecodedBatch:
 
 
 def decoded_batches(paths: Sequence[str], preprocess: Callable, image_size: tuple[int, int], batch_size: int,
-                    workers: int, max_pixels: int, pin_memory: bool = False) -> Iterator[DecodedBatch]:
-    """Yield batches in path order; decoding runs *workers* processes ahead of the consumer."""
+                    workers: int, max_pixels: int, executor: str = "threads",
+                    pin_memory: bool = False) -> Iterator[DecodedBatch]:
+    """Yield batches in path order, decoded by *workers* threads or processes running ahead."""
+    if not paths:
+        return
+    dataset = _Files(paths, preprocess, image_size, max_pixels)
+    if len(paths) <= batch_size or workers == 0:
+        for start in range(0, len(paths), batch_size):
+            yield _collate([dataset[i] for i in range(start, min(start + batch_size, len(paths)))])
+    elif executor == "threads":
+        yield from _threaded(dataset, batch_size, workers)
+    else:
+        yield from _processes(dataset, batch_size, workers, pin_memory)
+
+
+def _threaded(dataset: _Files, batch_size: int, workers: int) -> Iterator[DecodedBatch]:
+    def batch(start: int) -> DecodedBatch:
+        return _collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
+
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="clipdex-decode") as pool:
+        ahead: deque = deque()
+        for start in range(0, len(dataset), batch_size):
+            ahead.append(pool.submit(batch, start))
+            if len(ahead) > 2 * workers:
+                yield ahead.popleft().result()
+        while ahead:
+            yield ahead.popleft().result()
+
+
+def _processes(dataset: _Files, batch_size: int, workers: int, pin_memory: bool) -> Iterator[DecodedBatch]:
     import multiprocessing
 
     from torch.utils.data import DataLoader
 
-    if not paths:
-        return
-    if len(paths) <= batch_size:
-        workers = 0  # starting worker processes costs more than decoding one batch
-    context = None
-    if workers:
-        # Not fork: the parent holds LanceDB's async runtime, which a forked child may deadlock on.
-        context = multiprocessing.get_context("forkserver")
-        context.set_forkserver_preload(["torch", "PIL.Image", "indexer.decode"])
-    dataset = _Files(paths, preprocess, image_size, max_pixels)
-    loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=_collate,
-                        pin_memory=pin_memory, prefetch_factor=4 if workers else None,
-                        multiprocessing_context=context)
-    yield from loader
+    # Not fork: the parent holds LanceDB's async runtime, which a forked child may deadlock on.
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["torch", "PIL.Image", "indexer.decode"])
+    yield from DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=_collate,
+                          pin_memory=pin_memory, prefetch_factor=4, multiprocessing_context=context)

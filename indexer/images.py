@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -58,9 +57,7 @@ def decode_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS,
                 width, height = height, width
             if draft and image.format == "JPEG":
                 image.draft("RGB", draft)
-            with warnings.catch_warnings():
-                warnings.simplefilter("error")  # PIL reports some truncations only as warnings
-                image.load()
+            image.load()  # truncated data raises OSError (ImageFile.LOAD_TRUNCATED_IMAGES stays False)
             return to_rgb(image), (width, height)
     except ImageError:
         raise

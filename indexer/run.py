@@ -40,7 +40,8 @@ class IndexConfig:
     pretrained: str | None = None
     device: str = "auto"
     batch_size: int = 64
-    workers: int | None = None  # None: one decode process per core, at most 8
+    workers: int | None = None  # None: one decoder per core, at most 8
+    decoder: str = "auto"  # threads | processes | auto (processes on CUDA, threads on CPU)
     captions: tuple[str, ...] = ()
     max_pixels: int = DEFAULT_MAX_PIXELS
     commit_every: int = 1024
@@ -83,12 +84,14 @@ def index_paths(paths: Sequence[str | os.PathLike], store_dir: str | Path,
                 config: IndexConfig = IndexConfig()) -> IndexSummary:
     started = time.perf_counter()
     found = scan(paths)
+    LOG.info("scanned %d files in %.2fs", len(found.files), time.perf_counter() - started)
     if not found.files and not found.failures and not Store.exists(store_dir):
         raise InputError(f"no image files found under {', '.join(map(str, paths))}")
     name, pretrained = choose_model(store_dir, config)
     if Store.exists(store_dir):  # refuse a mismatch before spending time on loading a model
         Store.open(store_dir).check_model(name, pretrained_label(name, pretrained))
     model = load_model(name, pretrained, device=config.device)
+    LOG.info("model loaded at %.2fs", time.perf_counter() - started)
     store = Store.create(store_dir, model.name, model.pretrained, model.embed_dim, preprocess=model.preprocess_cfg)
     captions = _caption_lookup(config.captions)
     workers = config.workers if config.workers is not None else min(8, os.cpu_count() or 1)
@@ -97,10 +100,13 @@ def index_paths(paths: Sequence[str | os.PathLike], store_dir: str | Path,
     with _bar(config, len(found.files), "checking") as bar:
         plan = make_plan(found, store.tables.file_rows(), first_new_id, captions, max(4, workers), bar.update)
     store.update_manifest(next_id=plan.next_id)  # reserve the ids before any row uses them
+    LOG.info("planned at %.2fs: %d to embed, %d moves, %d copies, %d removed", time.perf_counter() - started,
+             len(plan.embed), len(plan.moves), len(plan.copies), len(plan.removed_ids))
 
     _write_moves(store, model, plan)
     _write_copies(store, model, plan)
     embedded, decode_failures = _embed(store, model, plan.embed, config, workers, first_new_id)
+    LOG.info("embedded %d at %.2fs", embedded, time.perf_counter() - started)
     failed_modified = [plan.embed[pos].id for pos, _ in decode_failures if plan.embed[pos].id < first_new_id]
     store.tables.delete_ids(plan.removed_ids + failed_modified)
 
@@ -112,6 +118,7 @@ def index_paths(paths: Sequence[str | os.PathLike], store_dir: str | Path,
     changed = embedded or plan.moves or plan.copies or plan.recaption or plan.removed_ids or failed_modified
     if changed:
         store.tables.images.optimize()
+        LOG.info("compacted at %.2fs", time.perf_counter() - started)
     info = store.manifest.index
     if changed or not info.file or info.table_version != store.tables.version():
         info = store.rebuild_index(config.ann)
@@ -207,9 +214,10 @@ def _embed(store: Store, model: ClipModel, jobs: list[Job], config: IndexConfig,
             embedded += pending_rows
             pending, pending_rows = [], 0
 
+    on_gpu = model.device.startswith("cuda")
+    executor = config.decoder if config.decoder != "auto" else "processes" if on_gpu else "threads"
     batches = decoded_batches([job.file.path for job in jobs], model.preprocess, model.image_size,
-                              config.batch_size, workers, config.max_pixels,
-                              pin_memory=model.device.startswith("cuda"))
+                              config.batch_size, workers, config.max_pixels, executor, pin_memory=on_gpu)
     with _bar(config, len(jobs), "embedding") as bar:
         for batch in batches:
             failures += batch.failures

@@ -72,7 +72,7 @@ class Tables:
 
     def _table(self, name: str, schema: pa.Schema):
         if name not in self._handles:
-            if name in self.db.table_names():
+            if name in self.db.list_tables().tables:
                 self._handles[name] = self.db.open_table(name)
             else:
                 table = self.db.create_table(name, schema=schema, exist_ok=True)
