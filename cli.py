@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import warnings
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -44,6 +45,10 @@ def model_options(command: Callable | None = None, *, default_model: str | None 
     return decorate(command) if command is not None else decorate
 
 
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    click.echo(f"warning: {message}", err=True)
+
+
 def _load_images(paths: Sequence[str]):
     from indexer.images import load_image
 
@@ -68,6 +73,7 @@ def cli(verbose: int) -> None:
     """
     level = logging.WARNING - 10 * min(verbose, 2)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    warnings.showwarning = _one_line_warning
 
 
 @cli.command("models", context_settings=CONTEXT)
@@ -218,7 +224,7 @@ def demo_command(directory: str, count: int) -> None:
 @click.argument("paths", nargs=-1, required=True, type=click.Path())
 @click.option("--store", "store_dir", required=True, type=click.Path(file_okay=False), help="Store folder (created if new).")
 @model_options(default_model=None)
-@click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1), help="Images per forward pass.")
+@click.option("--batch-size", type=click.IntRange(min=1), help="Images per forward pass (default: 64 on CPU, 256 on CUDA).")
 @click.option("--workers", type=click.IntRange(min=0), help="Parallel decoders (default: one per core, at most 8).")
 @click.option("--decoder", type=click.Choice(["auto", "threads", "processes"]), default="auto", show_default=True,
               help="Decode in threads (no start-up cost) or worker processes (more throughput for a GPU); "

@@ -11,12 +11,13 @@ from indexer.models import (
     load_model,
     resolve_pretrained,
 )
+from indexer.run import IndexConfig, IndexSummary, index_paths
 from indexer.shapes import ShapeLabel, read_labels, write_library
 from store.errors import ClipdexError, ImageError, InputError, ModelLoadError
 
 __all__ = [
     "BUNDLED_MODELS", "DEFAULT_MAX_PIXELS", "DEFAULT_MODEL", "DEFAULT_PRETRAINED", "IMAGE_EXTENSIONS",
-    "ClipModel", "ClipdexError", "ImageError", "InputError", "ModelInfo", "ModelLoadError", "ShapeLabel",
-    "is_image_path", "list_models", "load_image", "load_model", "read_labels", "resolve_pretrained",
+    "ClipModel", "ClipdexError", "ImageError", "IndexConfig", "IndexSummary", "InputError", "ModelInfo", "ModelLoadError", "ShapeLabel",
+    "index_paths", "is_image_path", "list_models", "load_image", "load_model", "read_labels", "resolve_pretrained",
     "write_library",
 ]

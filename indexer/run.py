@@ -39,7 +39,7 @@ class IndexConfig:
     model: str | None = None  # None: the store's model, or ViT-B-32 for a new store
     pretrained: str | None = None
     device: str = "auto"
-    batch_size: int = 64
+    batch_size: int | None = None  # None: 64 on CPU, 256 on CUDA
     workers: int | None = None  # None: one decoder per core, at most 8
     decoder: str = "auto"  # threads | processes | auto (processes on CUDA, threads on CPU)
     captions: tuple[str, ...] = ()
@@ -216,8 +216,9 @@ def _embed(store: Store, model: ClipModel, jobs: list[Job], config: IndexConfig,
 
     on_gpu = model.device.startswith("cuda")
     executor = config.decoder if config.decoder != "auto" else "processes" if on_gpu else "threads"
+    batch_size = config.batch_size or (256 if on_gpu else 64)
     batches = decoded_batches([job.file.path for job in jobs], model.preprocess, model.image_size,
-                              config.batch_size, workers, config.max_pixels, executor, pin_memory=on_gpu)
+                              batch_size, workers, config.max_pixels, executor, pin_memory=on_gpu)
     with _bar(config, len(jobs), "embedding") as bar:
         for batch in batches:
             failures += batch.failures

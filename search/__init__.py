@@ -1,12 +1,14 @@
 """clipdex search: zero-shot tools over a model, and retrieval-quality measures."""
 
 from search.labelsets import LABEL_SETS, get_label_set
-from search.quality import precision_at_k, shapes_library_quality, zero_shot_accuracy
+from search.quality import precision_at_k, shapes_library_quality, store_quality, zero_shot_accuracy
+from search.query import Query, Term, parse_term
 from search.zeroshot import DEFAULT_TEMPLATE, LabelScore, check_template, classify, clean_labels, similarity
 from store.errors import ClipdexError, InputError
 
 __all__ = [
-    "DEFAULT_TEMPLATE", "LABEL_SETS", "ClipdexError", "InputError", "LabelScore", "check_template", "classify",
-    "clean_labels", "get_label_set", "precision_at_k", "shapes_library_quality", "similarity",
+    "DEFAULT_TEMPLATE", "LABEL_SETS", "ClipdexError", "InputError", "LabelScore", "Query", "Term", "check_template", "classify",
+    "clean_labels", "get_label_set", "parse_term", "precision_at_k", "shapes_library_quality", "similarity",
+    "store_quality",
     "zero_shot_accuracy",
 ]
