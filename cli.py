@@ -350,6 +350,84 @@ def search_command(query, store_dir, k, image, adds, subtracts, where, device, a
         click.echo(f"{rank:>3}  {row['score']:.3f}  {row['path']}")
 
 
+@cli.command("import", context_settings=CONTEXT)
+@click.argument("features", nargs=-1, required=True, type=click.Path())
+@click.option("--store", "store_dir", required=True, type=click.Path(file_okay=False), help="Store folder (created if new).")
+@click.option("--metadata", type=click.Path(dir_okay=False),
+              help="Row-aligned CSV/Parquet for a .npy file (columns like path/url, caption).")
+@click.option("--model-name", default="imported", show_default=True,
+              help="The embedding space, e.g. imagebind_huge. An open_clip name (with --pretrained) keeps text "
+                   "search working on the store.")
+@click.option("--pretrained", default="imported", show_default=True, help="The weights the features came from.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+def import_command(features, store_dir, metadata, model_name, pretrained, as_json) -> None:
+    """Create or extend a store from features computed elsewhere.
+
+    \b
+    FEATURES: a .npy file [N, C]; a folder of .npy shards with matching metadata (clip-retrieval's
+    img_emb/img_emb_N.npy + metadata/metadata_N.parquet); a Parquet file with an embedding column;
+    or a Lance table. Features are L2-normalised on import. Rows already in the store (same path or
+    row key) are skipped, so importing twice changes nothing.
+
+    \b
+    Example:
+      clipdex import cc3m_imagebind/ --store cc3m.clipdex --model-name imagebind_huge
+    """
+    from store.importer import import_features
+
+    summary = import_features(features, store_dir, metadata, model_name, pretrained)
+    if as_json:
+        click.echo(json.dumps(summary))
+    else:
+        click.echo(f"imported {summary['imported']} of {summary['read']} features ({summary['skipped']} already "
+                   f"there) in {summary['seconds']:.1f}s. Store: {summary['count']} x {summary['dim']}-d "
+                   f"'{summary['space']}', {summary['index']} index.")
+
+
+@cli.group("cache", context_settings=CONTEXT)
+def cache_group() -> None:
+    """Top-k cache retrieval with residual feature blending (ImageBind-LLM's cache model)."""
+
+
+@cache_group.command("query", context_settings=CONTEXT)
+@click.option("--store", "store_dir", required=True, type=click.Path(file_okay=False))
+@click.option("--queries", "queries_path", required=True, type=click.Path(dir_okay=False),
+              help=".npy file of query features [B, C] (or [C]).")
+@click.option("-k", "k", default=10, show_default=True, type=int, help="Neighbours per query.")
+@click.option("--alpha", default=0.5, show_default=True, type=float, help="Weight of the cache aggregate, in [0, 1].")
+@click.option("--weighting", type=click.Choice(["paper", "reference"]), default="paper", show_default=True,
+              help="paper: eq. 3-4 as printed; reference: the authors' code (softmax, renormalised).")
+@click.option("--temperature", default=20.0, show_default=True, type=float, help="Softmax temperature (reference).")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
+@click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False), help="Where to write the blended .npy.")
+@click.option("--neighbours-out", type=click.Path(dir_okay=False), help="Also write ids and scores as Parquet.")
+def cache_query_command(store_dir, queries_path, k, alpha, weighting, temperature, device, out_path,
+                        neighbours_out) -> None:
+    """Blend each query feature with its k nearest cache features; write the result as .npy."""
+    import numpy as np
+
+    from search.cache import CacheRetriever
+
+    try:
+        queries = np.load(queries_path)
+    except (OSError, ValueError) as error:
+        raise InputError(f"cannot read {queries_path} as a .npy array: {error}") from error
+    retriever = CacheRetriever.open(store_dir, device=device)
+    result = retriever.blend(queries, k=k, alpha=alpha, weighting=weighting, temperature=temperature,
+                             return_neighbours=True)
+    np.save(out_path, result.features)
+    if neighbours_out:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        ids, scores = np.atleast_2d(result.ids), np.atleast_2d(result.scores)
+        pq.write_table(pa.table({"query": np.repeat(np.arange(len(ids)), ids.shape[1]),
+                                 "rank": np.tile(np.arange(1, ids.shape[1] + 1), len(ids)),
+                                 "id": ids.reshape(-1), "score": scores.reshape(-1)}), neighbours_out)
+    click.echo(f"blended {np.atleast_2d(queries).shape[0]} queries with k={min(k, retriever.size)} "
+               f"({weighting}, alpha {alpha}) -> {out_path}")
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Console entry point: one line per error, exit codes 0 ok, 1 failed, 2 usage, 130 interrupted."""
     try:

@@ -1,0 +1,147 @@
+"""Cache retrieval latency: clipdex `blend` vs the ImageBind-LLM reference pattern, same indexes.
+
+The reference pattern, as in the authors' released code: FAISS search on the CPU, then a Python
+loop calling ``index.reconstruct(id)`` for every neighbour of every query, then torch for the
+softmax blend. clipdex: the same search, then one vectorised gather from a contiguous float16
+matrix and the blend in torch. Both run on the same FAISS index: exact IndexFlatIP and the
+autofaiss-tuned index that clipdex builds by default for a cache this size; the outputs are
+checked equal before timing.
+
+    python bench/bench_cache.py --rows 1000000 --dim 1024 --out bench/results/cache.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import store  # noqa: E402,F401  (first: sets clipdex's OpenMP wait policy, for both contenders alike)
+
+
+def clustered(rows: int, dim: int, clusters: int, seed: int = 0) -> np.ndarray:
+    """L2-normalised draws from a mixture of Gaussian clusters on the sphere."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(clusters, dim)).astype(np.float32)
+    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    out = np.empty((rows, dim), np.float32)
+    for start in range(0, rows, 50_000):
+        n = min(50_000, rows - start)
+        # noise of norm ~0.6 around a unit centre: cosine to the centre ~0.86
+        block = centres[rng.integers(0, clusters, n)] + rng.normal(scale=0.6 / np.sqrt(dim), size=(n, dim)).astype(np.float32)
+        out[start:start + n] = block / np.linalg.norm(block, axis=1, keepdims=True)
+    return out
+
+
+def reference_blend(index, queries: np.ndarray, k: int, alpha: float = 0.5, temperature: float = 20.0):
+    """The authors' pattern: search, reconstruct neighbour by neighbour, blend in torch."""
+    import torch
+
+    scores, ids = index.search(queries, k)
+    neighbours = []
+    for row in ids:
+        neighbours.append([index.reconstruct(int(i)) for i in row])
+    values = torch.tensor(np.array(neighbours))
+    q = torch.from_numpy(queries)
+    norm = q.norm(dim=-1, keepdim=True)
+    q = q / norm
+    weights = torch.softmax(temperature * torch.from_numpy(scores), dim=-1)
+    aggregate = torch.nn.functional.normalize((weights.unsqueeze(-1) * values).sum(1), dim=-1)
+    return (torch.nn.functional.normalize(alpha * aggregate + (1 - alpha) * q, dim=-1) * norm).numpy()
+
+
+def percentiles(seconds: list[float]) -> dict:
+    ms = np.array(seconds) * 1000
+    return {"p50_ms": round(float(np.percentile(ms, 50)), 3), "p99_ms": round(float(np.percentile(ms, 99)), 3)}
+
+
+def timed(function, batches: list[np.ndarray]) -> dict:
+    function(batches[0])  # warm-up
+    seconds = []
+    for batch in batches:
+        started = time.perf_counter()
+        function(batch)
+        seconds.append(time.perf_counter() - started)
+    return percentiles(seconds)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", type=int, default=1_000_000)
+    parser.add_argument("--dim", type=int, default=1024)
+    parser.add_argument("--clusters", type=int, default=1000)
+    parser.add_argument("--batches", default="1,8,64")
+    parser.add_argument("--repeats", type=int, default=20, help="timed calls per batch size")
+    parser.add_argument("--k", type=int, default=10)
+    parser.add_argument("--index-memory", default="4G")
+    parser.add_argument("--max-query-ms", type=float, default=10.0)
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "cache.json")
+    args = parser.parse_args()
+
+    import faiss
+    import torch
+
+    from search.cache import CacheRetriever
+    from store.faiss_io import AnnConfig, build_index
+
+    started = time.perf_counter()
+    data = clustered(args.rows, args.dim, args.clusters)
+    ids = np.arange(args.rows, dtype=np.int64) + 1
+    print(f"data {time.perf_counter() - started:.0f}s", flush=True)
+    report = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.platform()}",
+              "torch_threads": torch.get_num_threads(), "faiss_threads": faiss.omp_get_max_threads(),
+              "rows": args.rows, "dim": args.dim, "clusters": args.clusters, "k": args.k, "storage": "float16",
+              "command": " ".join(sys.argv), "indexes": {}}
+
+    values = torch.from_numpy(data).half()  # the cache's float16 storage
+    rng = np.random.default_rng(1)
+    batches = {b: [data[rng.integers(0, args.rows, b)] + 0.02 * rng.normal(size=(b, args.dim)).astype(np.float32)
+                   for _ in range(args.repeats)] for b in map(int, args.batches.split(","))}
+    tuned = None
+    for name in ("exact", "autofaiss"):  # one index in memory at a time: 4 GB each at 1M x 1024
+        if name == "exact":
+            built = build_index(ids, data, AnnConfig(kind="flat", recall_queries=64))
+        else:
+            built = tuned = build_index(ids, data, AnnConfig(kind="autofaiss", max_memory=args.index_memory,
+                                                             max_query_ms=args.max_query_ms, recall_queries=256))
+            ivf = faiss.try_extract_index_ivf(faiss.downcast_index(built.index.index))
+            if ivf is not None:
+                ivf.make_direct_map()  # the reference pattern needs reconstruct() on this index too
+        print(f"{name} index {built.key} {built.params} built in {built.seconds:.0f}s, recall@10 "
+              f"{built.recall_at_10:.3f}", flush=True)
+        cache = CacheRetriever(ids, values, built.index, "cpu")
+        row = {"key": built.key, "params": built.params, "recall_at_10": built.recall_at_10,
+               "build_seconds": round(built.seconds, 1), "batches": {}}
+        for batch, queries in batches.items():
+            ours = cache.blend(queries[0], k=args.k, weighting="reference")
+            theirs = reference_blend(built.index, queries[0], args.k)
+            error = float(np.abs(ours - theirs).max())  # float16 storage vs float32 reconstruct
+            clipdex = timed(lambda q: cache.blend(q, k=args.k, weighting="reference"), queries)
+            reference = timed(lambda q: reference_blend(built.index, q, args.k), queries[: max(3, args.repeats // 4)])
+            row["batches"][str(batch)] = {"clipdex": clipdex, "reference": reference, "max_abs_difference": error,
+                                          "speedup_p50": round(reference["p50_ms"] / clipdex["p50_ms"], 2)}
+            print(json.dumps({name: {batch: row["batches"][str(batch)]}}), flush=True)
+        report["indexes"][name] = row
+        del cache, built
+    exact_ref = report["indexes"]["exact"]["batches"]
+    report["default_vs_reference_on_exact"] = {
+        b: round(exact_ref[b]["reference"]["p50_ms"] / report["indexes"]["autofaiss"]["batches"][b]["clipdex"]["p50_ms"], 1)
+        for b in exact_ref}
+    report["default_recall_at_10"] = tuned.recall_at_10
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps({"default_vs_reference_on_exact": report["default_vs_reference_on_exact"],
+                      "recall_at_10": tuned.recall_at_10}), flush=True)
+
+
+if __name__ == "__main__":
+    main()

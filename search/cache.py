@@ -1,0 +1,196 @@
+"""The LLM pipeline's cache: batched top-k neighbours of a store plus residual feature blending.
+
+Keys = values = the store's L2-normalised features, held once as a contiguous matrix sorted by id
+(float16 by default). Search runs where the queries are: on CUDA an exact matmul + top-k over
+GPU-resident keys (chunked), on the CPU the store's FAISS index. Values are gathered with one
+vectorised indexing op, and S_topk is recomputed exactly as q . key for the gathered keys, so an
+approximate index changes which neighbours are found, never their weights.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+import numpy as np
+
+from search.blend import WEIGHTINGS, Weighting, blend
+from store.errors import InputError, StoreError
+
+if TYPE_CHECKING:
+    import torch
+
+    from store.store import Store
+
+LOG = logging.getLogger(__name__)
+GPU_CHUNK_ROWS = 1 << 20  # keys scored per matmul on CUDA, bounding the [B, chunk] score buffer
+
+
+class Blended(NamedTuple):
+    """Result of ``blend(..., return_neighbours=True)``: ids and scores are ``[B, k]`` (``[k]`` for one query)."""
+
+    features: Any
+    ids: Any
+    scores: Any
+
+
+class CacheRetriever:
+    """Top-k cache retrieval with residual blending over one store (or raw arrays)."""
+
+    def __init__(self, ids: np.ndarray, values: "torch.Tensor", index: Any = None, device: str = "cpu") -> None:
+        self.ids = ids  # sorted int64, row i of values belongs to ids[i]
+        self.values = values
+        self.index = index  # FAISS index over the same vectors with ids as FAISS ids (CPU search)
+        self.device = device
+
+    @property
+    def size(self) -> int:
+        return int(self.values.shape[0])
+
+    @property
+    def dim(self) -> int:
+        return int(self.values.shape[1])
+
+    @classmethod
+    def open(cls, store: "Store | str | Path", device: str = "auto", dtype: str = "float16") -> "CacheRetriever":
+        from store.store import Store
+        from store.tables import column_vectors
+
+        store = store if isinstance(store, Store) else Store.open(store)
+        rows = store.tables.images.search().select(["id", "embedding"]).to_arrow()
+        if rows.num_rows == 0:
+            raise StoreError(f"the store {store.directory} is empty: nothing to retrieve from")
+        vectors = column_vectors(rows) if rows.num_rows else np.zeros((0, store.manifest.dim), np.float32)
+        device = _device(device)
+        index = None if device.startswith("cuda") else store.faiss_index()
+        return cls.from_arrays(rows.column("id").to_numpy(), vectors, device=device, dtype=dtype, index=index)
+
+    @classmethod
+    def from_arrays(cls, ids: np.ndarray, features: np.ndarray, device: str = "auto", dtype: str = "float16",
+                    index: Any = None) -> "CacheRetriever":
+        """A cache over *features* ``[N, C]`` (L2-normalised) under *ids*; builds an exact index if none."""
+        import torch
+
+        ids = np.asarray(ids, np.int64)
+        order = np.argsort(ids, kind="stable")
+        features = np.ascontiguousarray(np.asarray(features, np.float32)[order])
+        device = _device(device)
+        if index is None and not device.startswith("cuda"):
+            import faiss
+
+            index = faiss.IndexIDMap2(faiss.IndexFlatIP(features.shape[1]))
+            index.add_with_ids(features, ids[order])
+        values = torch.from_numpy(features).to(device=device, dtype=getattr(torch, dtype))
+        return cls(ids[order], values.contiguous(), index, device)
+
+    def _search(self, queries: "torch.Tensor", k: int) -> "torch.Tensor":
+        """Row positions ``[B, k]`` of the top-k keys for unit *queries* (on this cache's device)."""
+        import torch
+
+        if self.device.startswith("cuda"):
+            best_scores, best_rows = None, None
+            for start in range(0, self.size, GPU_CHUNK_ROWS):
+                chunk = self.values[start:start + GPU_CHUNK_ROWS]
+                scores = queries.to(chunk.dtype) @ chunk.T
+                top = torch.topk(scores.float(), min(k, chunk.shape[0]), dim=1)
+                rows = top.indices + start
+                if best_scores is not None:
+                    merged = torch.topk(torch.cat([best_scores, top.values], 1), k, dim=1)
+                    best_rows = torch.gather(torch.cat([best_rows, rows], 1), 1, merged.indices)
+                    best_scores = merged.values
+                else:
+                    best_scores, best_rows = top.values, rows
+            return best_rows
+        from store.faiss_io import search
+
+        _, found = search(self.index, queries.numpy(), k)
+        short = (found < 0).any(axis=1)  # an ANN index found fewer than k candidates: exact for those rows
+        if short.any():
+            found[short] = self.ids[self._exact_rows(queries[torch.from_numpy(short)], k)]
+        positions = np.minimum(np.searchsorted(self.ids, found), self.size - 1)
+        if not np.array_equal(self.ids[positions], found):
+            raise StoreError("the FAISS index and the cache's features disagree: rebuild it with `clipdex index`")
+        return torch.from_numpy(positions)
+
+    def _exact_rows(self, queries: "torch.Tensor", k: int) -> np.ndarray:
+        import torch
+
+        scores = torch.cat([queries @ self.values[i:i + 65536].float().T for i in range(0, self.size, 65536)], 1)
+        return torch.topk(scores, k, dim=1).indices.numpy()
+
+    def blend(self, queries: Any, k: int = 10, alpha: float = 0.5, weighting: Weighting = "paper",
+              temperature: float = 20.0, return_neighbours: bool = False) -> Any:
+        """Blend each query with its *k* nearest cache values (see :mod:`search.blend` for the formulas).
+
+        *queries*: torch tensor or numpy array ``[B, C]`` or ``[C]``, any float dtype and device. The
+        output has the same type, dtype, device and shape. With ``return_neighbours`` a
+        :class:`Blended` (features, ids, scores) is returned, ids and scores as ``[B, k]``.
+        """
+        import torch
+
+        k = self._check(queries, k, alpha, weighting, temperature)
+        is_numpy = isinstance(queries, np.ndarray)
+        original = torch.from_numpy(queries) if is_numpy else queries
+        single = original.dim() == 1
+        work = original.reshape(1, -1) if single else original
+        work = work.detach().to(device=self.device, dtype=torch.float32)
+        unit = torch.nn.functional.normalize(work, dim=-1)
+        positions = self._search(unit, k).to(self.values.device)
+        values = self.values[positions].float()  # [B, k, C]: one gather, no per-neighbour loop
+        scores = torch.einsum("bc,bkc->bk", unit, values)
+        out = blend(work, scores, values, alpha, weighting, temperature)
+        features = _like(out[0] if single else out, original, is_numpy)
+        if not return_neighbours:
+            return features
+        ids = torch.from_numpy(self.ids)[positions.cpu()]
+        ids, scores = (ids[0], scores[0]) if single else (ids, scores)
+        if is_numpy:
+            return Blended(features, ids.numpy(), scores.cpu().numpy())
+        return Blended(features, ids.to(original.device), scores.to(original.device))
+
+    def _check(self, queries: Any, k: int, alpha: float, weighting: str, temperature: float) -> int:
+        import torch
+
+        if not isinstance(queries, (np.ndarray, torch.Tensor)):
+            raise InputError(f"queries must be a torch tensor or a numpy array, not {type(queries).__name__}")
+        is_float = queries.dtype.is_floating_point if isinstance(queries, torch.Tensor) \
+            else np.issubdtype(queries.dtype, np.floating)
+        if not is_float:
+            raise InputError(f"queries must have a float dtype, not {queries.dtype}")
+        if queries.ndim not in (1, 2) or queries.shape[-1] != self.dim:
+            raise InputError(f"queries must be [B, {self.dim}] or [{self.dim}]; got shape {tuple(queries.shape)}")
+        if queries.ndim == 2 and queries.shape[0] == 0:
+            raise InputError("the batch of queries is empty")
+        finite = torch.isfinite(queries).all().item() if isinstance(queries, torch.Tensor) \
+            else bool(np.isfinite(queries).all())
+        if not finite:
+            raise InputError("queries contain NaN or infinite values")
+        norms = queries.float().norm(dim=-1) if isinstance(queries, torch.Tensor) \
+            else np.linalg.norm(queries.astype(np.float64), axis=-1)
+        if bool((norms == 0).any()):
+            raise InputError("a query is all zeros: it has no direction to search in")
+        if weighting not in WEIGHTINGS:
+            raise InputError(f"unknown weighting '{weighting}': use {' or '.join(WEIGHTINGS)}")
+        if not 0.0 <= float(alpha) <= 1.0:
+            raise InputError(f"alpha must be within [0, 1], got {alpha}")
+        if not np.isfinite(temperature) or temperature <= 0:
+            raise InputError(f"temperature must be a positive number, got {temperature}")
+        if int(k) < 1:
+            raise InputError(f"k must be at least 1, got {k}")
+        if int(k) > self.size:
+            warnings.warn(f"k={k} is larger than the cache ({self.size} features): using k={self.size}", stacklevel=3)
+            return self.size
+        return int(k)
+
+
+def _like(result: "torch.Tensor", original: "torch.Tensor", is_numpy: bool) -> Any:
+    out = result.to(device=original.device, dtype=original.dtype)
+    return out.numpy() if is_numpy else out
+
+
+def _device(device: str) -> str:
+    from indexer.models import resolve_device
+
+    return resolve_device(device)

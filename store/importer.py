@@ -1,0 +1,194 @@
+"""`clipdex import`: build or extend a store from features computed elsewhere.
+
+Accepted layouts, each yielding (features [n, C], metadata rows):
+
+- a ``.npy`` file ``[N, C]`` (metadata from ``--metadata`` CSV/Parquet, row-aligned, if given);
+- a folder of ``.npy`` shards with matching metadata Parquet: clip-retrieval's
+  ``img_emb/img_emb_N.npy`` + ``metadata/metadata_N.parquet``;
+- a Parquet file with an embedding column (a list of floats) and any metadata columns;
+- a Lance table (a ``.lance`` folder) with an embedding column.
+
+A row's key is its ``path`` (or ``url``/``image_path``) column, else ``<source>#<row>``; a row whose
+key is already in the store is skipped, so importing the same source twice changes nothing and
+every id stays what it was.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import pyarrow as pa
+
+from store.errors import InputError
+
+EMBEDDING_COLUMNS = ("embedding", "embeddings", "emb", "vector", "image_embedding", "img_emb")
+PATH_COLUMNS = ("path", "image_path", "url", "filepath")
+CAPTION_COLUMNS = ("caption", "text")
+
+
+def _shard_number(path: Path) -> int:
+    digits = re.findall(r"\d+", path.stem)
+    return int(digits[-1]) if digits else -1
+
+
+def _read_table(path: Path) -> pa.Table:
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+
+    try:
+        if path.suffix.lower() == ".parquet":
+            return pq.read_table(path)
+        if path.suffix.lower() == ".csv":
+            return pacsv.read_csv(path)
+        if path.suffix.lower() == ".lance" or (path / "_versions").is_dir():
+            import lancedb
+
+            db = lancedb.connect(str(path.parent))
+            return db.open_table(path.stem).to_arrow()
+    except (OSError, pa.ArrowInvalid, ValueError) as error:
+        raise InputError(f"cannot read {path}: {str(error).splitlines()[0]}") from error
+    raise InputError(f"{path}: unsupported metadata format (use .parquet, .csv or a .lance table)")
+
+
+def _load_npy(path: Path) -> np.ndarray:
+    try:
+        array = np.load(path, mmap_mode="r")
+    except (OSError, ValueError) as error:
+        raise InputError(f"cannot read {path} as a .npy array: {error}") from error
+    if array.ndim != 2:
+        raise InputError(f"{path} holds an array of shape {array.shape}; features must be [rows, dim]")
+    return array
+
+
+def _split_embedding(table: pa.Table, source: Path) -> tuple[np.ndarray, pa.Table]:
+    column = next((c for c in EMBEDDING_COLUMNS if c in table.column_names), None)
+    if column is None:
+        raise InputError(f"{source} has no embedding column (looked for {', '.join(EMBEDDING_COLUMNS)})")
+    values = table.column(column).combine_chunks()
+    if values.null_count:
+        raise InputError(f"{source}: column '{column}' has {values.null_count} empty rows")
+    if pa.types.is_fixed_size_list(values.type):
+        features = values.values.to_numpy(zero_copy_only=False).reshape(len(values), values.type.list_size)
+    else:
+        lengths = set(pa.compute.list_value_length(values).to_pylist())
+        if len(lengths) != 1:
+            raise InputError(f"{source}: embeddings in '{column}' have different lengths {sorted(lengths)[:5]}")
+        features = values.flatten().to_numpy(zero_copy_only=False).reshape(len(values), lengths.pop())
+    return features, table.drop_columns([column])
+
+
+def read_sources(sources: Sequence[str | os.PathLike], metadata: str | None = None) -> Iterator[tuple[str, np.ndarray, pa.Table | None]]:
+    """Yield (source name, features, metadata or None) per file/shard, in a stable order."""
+    if metadata and len(sources) != 1:
+        raise InputError("--metadata goes with exactly one features file")
+    for given in sources:
+        path = Path(given)
+        if not path.exists():
+            raise InputError(f"no such features file or folder: {given}")
+        if path.is_dir() and (path / "img_emb").is_dir():  # clip-retrieval output folder
+            shards = sorted((path / "img_emb").glob("*.npy"), key=_shard_number)
+            if not shards:
+                raise InputError(f"{path}/img_emb holds no .npy shards")
+            for shard in shards:
+                meta = path / "metadata" / f"metadata_{_shard_number(shard)}.parquet"
+                yield str(shard), _load_npy(shard), _read_table(meta) if meta.exists() else None
+        elif path.is_dir() and path.suffix.lower() != ".lance" and not (path / "_versions").is_dir():
+            shards = sorted(path.glob("*.npy"), key=_shard_number)
+            if not shards:
+                raise InputError(f"{path} holds no .npy shards, img_emb/ folder or Lance table")
+            for shard in shards:
+                meta = next((shard.with_suffix(s) for s in (".parquet", ".csv") if shard.with_suffix(s).exists()), None)
+                yield str(shard), _load_npy(shard), _read_table(meta) if meta else None
+        elif path.suffix.lower() == ".npy":
+            yield str(path), _load_npy(path), _read_table(Path(metadata)) if metadata else None
+        else:
+            features, meta = _split_embedding(_read_table(path), path)
+            yield str(path), features, meta
+
+
+def rows_for(source: str, features: np.ndarray, meta: pa.Table | None) -> tuple[np.ndarray, list[str], list[str | None]]:
+    """Normalised features plus each row's key (path) and caption."""
+    features = np.asarray(features, np.float32)
+    if meta is not None and meta.num_rows != len(features):
+        raise InputError(f"{source}: {len(features)} features but {meta.num_rows} metadata rows")
+    if not np.isfinite(features).all():
+        raise InputError(f"{source}: features contain NaN or infinite values")
+    norms = np.linalg.norm(features, axis=1, keepdims=True)
+    if (norms == 0).any():
+        raise InputError(f"{source}: {int((norms == 0).sum())} features are all zeros")
+    names = meta.column_names if meta is not None else []
+    path_column = next((c for c in PATH_COLUMNS if c in names), None)
+    caption_column = next((c for c in CAPTION_COLUMNS if c in names), None)
+    keys = ([str(p) for p in meta.column(path_column).to_pylist()] if path_column
+            else [f"{os.path.abspath(source)}#{i}" for i in range(len(features))])
+    captions = meta.column(caption_column).to_pylist() if caption_column else [None] * len(features)
+    return features / norms, keys, captions
+
+
+def feature_hash(vector: np.ndarray) -> str:
+    return hashlib.blake2b(np.ascontiguousarray(vector, np.float32).tobytes(), digest_size=16).hexdigest()
+
+
+def _has_text_encoder(model: str, pretrained: str) -> bool:
+    """True when clipdex can load *model* with *pretrained*, so text and image queries work."""
+    from indexer.models import resolve_pretrained
+    from store.errors import ModelLoadError
+
+    try:
+        resolve_pretrained(model, pretrained)
+        return True
+    except ModelLoadError:
+        return False
+
+
+def import_features(sources: Sequence[str | os.PathLike], store_dir: str | os.PathLike, metadata: str | None = None,
+                    model_name: str = "imported", pretrained: str = "imported", ann=None) -> dict:
+    """Add the features of *sources* to the store at *store_dir* (created if new); returns a summary."""
+    import time
+
+    from store.faiss_io import AnnConfig
+    from store.store import Store
+    from store.tables import image_schema, vectors
+
+    started = time.perf_counter()
+    store, known, next_id = None, set(), 1
+    read = imported = 0
+    for source, raw, meta in read_sources(sources, metadata):
+        features, keys, captions = rows_for(source, raw, meta)
+        if store is None:
+            store = Store.create(store_dir, model_name, pretrained, features.shape[1], space=model_name,
+                                 has_text_encoder=_has_text_encoder(model_name, pretrained))
+            rows = store.tables.file_rows()
+            known = set(rows.column("path").to_pylist())
+            next_id = max([store.manifest.next_id] + [i + 1 for i in rows.column("id").to_pylist()])
+        if features.shape[1] != store.manifest.dim:
+            raise InputError(f"{source} has {features.shape[1]}-d features; the store holds {store.manifest.dim}-d")
+        read += len(features)
+        fresh = [i for i, key in enumerate(keys) if key not in known]
+        known.update(keys[i] for i in fresh)
+        for start in range(0, len(fresh), 100_000):
+            chunk = np.asarray(fresh[start:start + 100_000], np.int64)
+            ids = np.arange(next_id, next_id + len(chunk), dtype=np.int64)
+            store.update_manifest(next_id=int(next_id + len(chunk)))  # reserve before writing
+            n = len(chunk)
+            store.tables.add(pa.table({
+                "id": pa.array(ids), "hash": pa.array([feature_hash(features[i]) for i in chunk]),
+                "path": pa.array([keys[i] for i in chunk]), "bytes": pa.nulls(n, pa.int64()),
+                "mtime": pa.nulls(n, pa.float64()), "width": pa.nulls(n, pa.int32()),
+                "height": pa.nulls(n, pa.int32()), "caption": pa.array([captions[i] for i in chunk], pa.string()),
+                "embedding": vectors(features[chunk], store.manifest.dim),
+                "caption_embedding": pa.nulls(n, pa.list_(pa.float32(), store.manifest.dim)),
+            }, schema=image_schema(store.manifest.dim)))
+            next_id += n
+            imported += n
+    if store is None:
+        raise InputError("no features to import")
+    info = store.rebuild_index(ann or AnnConfig()) if imported or not store.manifest.index.file else store.manifest.index
+    return {"read": read, "imported": imported, "skipped": read - imported, "count": store.manifest.count,
+            "dim": store.manifest.dim, "space": store.manifest.space, "index": info.type,
+            "recall_at_10": info.recall_at_10, "seconds": round(time.perf_counter() - started, 3)}

@@ -1,0 +1,158 @@
+"""Cache retrieval + residual blending against a plain float64 reference written from the formulas.
+
+Tolerances: float32 keys agree with the float64 reference to 1e-5; float16 keys (the default
+storage) to 3e-3, the rounding of 10 half-precision values summed.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from search.cache import CacheRetriever
+from store.errors import InputError
+
+DIM, SIZE = 32, 400
+
+
+def features(count: int = SIZE, dim: int = DIM, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(20, dim))
+    data = centres[rng.integers(0, 20, count)] + 0.3 * rng.normal(size=(count, dim))
+    return (data / np.linalg.norm(data, axis=1, keepdims=True)).astype(np.float32)
+
+
+def reference(queries: np.ndarray, keys: np.ndarray, k: int, alpha: float, weighting: str, t: float = 20.0):
+    """float64, one query at a time, straight from eq. 3-4 and the authors' code."""
+    keys = keys.astype(np.float64)
+    out = []
+    for q in np.atleast_2d(queries).astype(np.float64):
+        norm = np.linalg.norm(q)
+        unit = q / norm
+        sims = keys @ unit
+        top = np.argsort(-sims, kind="stable")[:k]
+        s, v = sims[top], keys[top]
+        if weighting == "paper":
+            out.append(alpha * (s[:, None] * v).sum(0) + (1 - alpha) * unit)
+        else:
+            w = np.exp(t * s - np.max(t * s))
+            w /= w.sum()
+            aggregate = (w[:, None] * v).sum(0)
+            aggregate /= np.linalg.norm(aggregate)
+            mixed = alpha * aggregate + (1 - alpha) * unit
+            out.append(mixed / np.linalg.norm(mixed) * norm)
+    return np.array(out)
+
+
+@pytest.fixture(scope="module")
+def keys():
+    return features()
+
+
+@pytest.fixture(scope="module")
+def queries():
+    rng = np.random.default_rng(1)
+    return (features(7, seed=2) * rng.uniform(0.5, 3.0, size=(7, 1))).astype(np.float32)  # unnormalised
+
+
+@pytest.mark.parametrize("weighting", ["paper", "reference"])
+@pytest.mark.parametrize("dtype, atol", [("float32", 1e-5), ("float16", 3e-3)])
+def test_blend_equals_float64_reference(keys, queries, weighting, dtype, atol):
+    cache = CacheRetriever.from_arrays(np.arange(SIZE) * 10 + 5, keys, device="cpu", dtype=dtype)
+    out = cache.blend(queries, k=10, alpha=0.5, weighting=weighting)
+    np.testing.assert_allclose(out, reference(queries, keys, 10, 0.5, weighting), atol=atol)
+
+
+@pytest.mark.parametrize("weighting", ["paper", "reference"])
+def test_k1_alpha_extremes_and_temperature(keys, queries, weighting):
+    cache = CacheRetriever.from_arrays(np.arange(SIZE), keys, device="cpu", dtype="float32")
+    for k, alpha, t in [(1, 0.5, 20.0), (10, 0.0, 20.0), (10, 1.0, 20.0), (5, 0.3, 3.0)]:
+        out = cache.blend(queries, k=k, alpha=alpha, weighting=weighting, temperature=t)
+        np.testing.assert_allclose(out, reference(queries, keys, k, alpha, weighting, t), atol=1e-5)
+    unit = queries / np.linalg.norm(queries, axis=1, keepdims=True)
+    alpha0 = cache.blend(queries, k=10, alpha=0.0, weighting=weighting)
+    np.testing.assert_allclose(alpha0, unit if weighting == "paper" else queries, atol=1e-5)
+
+
+def test_k_beyond_cache_is_clamped_with_a_warning(queries):
+    small = features(6)
+    cache = CacheRetriever.from_arrays(np.arange(6), small, device="cpu", dtype="float32")
+    with pytest.warns(UserWarning, match="larger than the cache"):
+        out = cache.blend(queries, k=50, weighting="reference", return_neighbours=True)
+    assert out.ids.shape == (7, 6)
+    np.testing.assert_allclose(out.features, reference(queries, small, 6, 0.5, "reference"), atol=1e-5)
+
+
+def test_batch_equals_row_by_row_and_neighbours(keys, queries):
+    ids = np.arange(SIZE, dtype=np.int64)[::-1] * 3 + 100  # stable ids, unsorted on purpose
+    cache = CacheRetriever.from_arrays(ids, keys, device="cpu")
+    batch = cache.blend(queries, k=8, return_neighbours=True)
+    for i, query in enumerate(queries):
+        single = cache.blend(query, k=8, return_neighbours=True)
+        np.testing.assert_allclose(single.features, batch.features[i], atol=1e-6)
+        np.testing.assert_array_equal(single.ids, batch.ids[i])
+    assert batch.ids.shape == batch.scores.shape == (7, 8) and batch.ids.dtype == np.int64
+    row_of = {int(i): r for r, i in enumerate(ids)}
+    unit = queries[0] / np.linalg.norm(queries[0])
+    expected = keys @ unit
+    np.testing.assert_allclose(batch.scores[0], [expected[row_of[int(i)]] for i in batch.ids[0]], atol=2e-3)
+    assert list(batch.scores[0]) == sorted(batch.scores[0], reverse=True)
+
+
+@pytest.mark.parametrize("make", [
+    lambda q: q.astype(np.float64), lambda q: q.astype(np.float16), lambda q: q[0],
+    lambda q: torch.from_numpy(q), lambda q: torch.from_numpy(q).to(torch.bfloat16),
+    lambda q: torch.from_numpy(q).half()[2], lambda q: torch.from_numpy(q).double(),
+])
+def test_type_dtype_device_and_shape_are_preserved(keys, queries, make):
+    cache = CacheRetriever.from_arrays(np.arange(SIZE), keys, device="cpu")
+    given = make(queries)
+    out = cache.blend(given, k=4, weighting="reference")
+    assert type(out) is type(given) and out.dtype == given.dtype and tuple(out.shape) == tuple(given.shape)
+    if isinstance(given, torch.Tensor):
+        assert out.device == given.device
+
+
+@pytest.mark.parametrize("bad, kwargs, message", [
+    (np.zeros((2, DIM + 1), np.float32), {}, "must be"),
+    (np.full((1, DIM), np.nan, np.float32), {}, "NaN"),
+    (np.full((1, DIM), np.inf, np.float32), {}, "NaN or infinite"),
+    (np.zeros((0, DIM), np.float32), {}, "empty"),
+    (np.zeros((1, DIM), np.float32), {}, "all zeros"),
+    (np.ones((1, DIM), np.int64), {}, "float dtype"),
+    ([[0.1] * DIM], {}, "torch tensor or a numpy array"),
+    (np.ones((1, DIM), np.float32), {"k": 0}, "k must be at least 1"),
+    (np.ones((1, DIM), np.float32), {"alpha": 1.5}, "alpha"),
+    (np.ones((1, DIM), np.float32), {"alpha": -0.1}, "alpha"),
+    (np.ones((1, DIM), np.float32), {"weighting": "mean"}, "unknown weighting"),
+    (np.ones((1, DIM), np.float32), {"temperature": 0}, "temperature"),
+])
+def test_bad_input_raises_input_error(keys, bad, kwargs, message):
+    cache = CacheRetriever.from_arrays(np.arange(SIZE), keys, device="cpu")
+    with pytest.raises(InputError, match=message):
+        cache.blend(bad, **kwargs)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_queries_stay_on_the_gpu(keys, queries):
+    cache = CacheRetriever.from_arrays(np.arange(SIZE), keys, device="cuda", dtype="float32")
+    out = cache.blend(torch.from_numpy(queries).cuda(), k=10, weighting="reference")
+    assert out.is_cuda
+    np.testing.assert_allclose(out.cpu().numpy(), reference(queries, keys, 10, 0.5, "reference"), atol=1e-4)
+
+
+def test_ann_index_short_of_k_falls_back_to_exact(keys, queries):
+    import faiss
+
+    ivf = faiss.index_factory(DIM, "IVF20,Flat", faiss.METRIC_INNER_PRODUCT)
+    ivf.train(keys)
+    ivf.nprobe = 1  # some lists hold fewer than k vectors: FAISS pads with -1
+    index = faiss.IndexIDMap2(ivf)
+    index.add_with_ids(keys, np.arange(SIZE, dtype=np.int64))
+    cache = CacheRetriever.from_arrays(np.arange(SIZE), keys, device="cpu", dtype="float32", index=index)
+    k = 60
+    assert (index.search(queries, k)[1] < 0).any(), "the setup must produce short results"
+    out = cache.blend(queries, k=k, weighting="reference")
+    short = (index.search(queries, k)[1] < 0).any(axis=1)
+    np.testing.assert_allclose(out[short], reference(queries[short], keys, k, 0.5, "reference"), atol=1e-5)
