@@ -26,20 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import store  # noqa: E402,F401  (first: sets clipdex's OpenMP wait policy, for both contenders alike)
-
-
-def clustered(rows: int, dim: int, clusters: int, seed: int = 0) -> np.ndarray:
-    """L2-normalised draws from a mixture of Gaussian clusters on the sphere."""
-    rng = np.random.default_rng(seed)
-    centres = rng.normal(size=(clusters, dim)).astype(np.float32)
-    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
-    out = np.empty((rows, dim), np.float32)
-    for start in range(0, rows, 50_000):
-        n = min(50_000, rows - start)
-        # noise of norm ~0.6 around a unit centre: cosine to the centre ~0.86
-        block = centres[rng.integers(0, clusters, n)] + rng.normal(scale=0.6 / np.sqrt(dim), size=(n, dim)).astype(np.float32)
-        out[start:start + n] = block / np.linalg.norm(block, axis=1, keepdims=True)
-    return out
+from bench.synthetic import clustered  # noqa: E402
 
 
 def reference_blend(index, queries: np.ndarray, k: int, alpha: float = 0.5, temperature: float = 20.0):
@@ -94,7 +81,7 @@ def main() -> None:
     from store.faiss_io import AnnConfig, build_index
 
     started = time.perf_counter()
-    data = clustered(args.rows, args.dim, args.clusters)
+    data = clustered(args.rows, args.dim, args.clusters, spread=0.6)
     ids = np.arange(args.rows, dtype=np.int64) + 1
     print(f"data {time.perf_counter() - started:.0f}s", flush=True)
     report = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.platform()}",

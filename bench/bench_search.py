@@ -26,20 +26,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.bench_indexing import weights_for  # noqa: E402
+from bench.synthetic import clustered  # noqa: E402
 
 WORDS = ["dog", "cat", "beach", "sunset", "car", "mountain", "city", "forest", "red", "blue", "child", "food"]
-
-
-def clustered(count: int, dim: int, clusters: int, seed: int) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    centres = rng.normal(size=(clusters, dim)).astype(np.float32)
-    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
-    out = np.empty((count, dim), np.float32)
-    for start in range(0, count, 100_000):
-        n = min(100_000, count - start)
-        block = centres[rng.integers(0, clusters, n)] + rng.normal(scale=0.6 / np.sqrt(dim) * 4, size=(n, dim))
-        out[start:start + n] = block / np.linalg.norm(block, axis=1, keepdims=True)
-    return out
 
 
 def build_store(directory: Path, count: int, model: str, weights: str, dim: int):
@@ -49,7 +38,7 @@ def build_store(directory: Path, count: int, model: str, weights: str, dim: int)
 
     shutil.rmtree(directory, ignore_errors=True)
     store = Store.create(directory, model, os.path.abspath(weights), dim)
-    data = clustered(count, dim, clusters=max(10, count // 1000), seed=count)
+    data = clustered(count, dim, clusters=max(10, count // 1000), spread=2.4, seed=count)
     rng = np.random.default_rng(1)
     started = time.perf_counter()
     for start in range(0, count, 100_000):

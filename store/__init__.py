@@ -10,10 +10,11 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from store.errors import ClipdexError, ImageError, InputError, ModelLoadError, ModelMismatchError, StoreError
 from store.faiss_io import AnnConfig
+from store.importer import import_features
 from store.manifest import MANIFEST_VERSION, IndexInfo, Manifest
 from store.store import Store
 
 __all__ = [
     "MANIFEST_VERSION", "AnnConfig", "ClipdexError", "ImageError", "IndexInfo", "InputError", "Manifest",
-    "ModelLoadError", "ModelMismatchError", "Store", "StoreError",
+    "ModelLoadError", "ModelMismatchError", "Store", "StoreError", "import_features",
 ]
