@@ -44,6 +44,8 @@ class CacheRetriever:
         self.values = values
         self.index = index  # FAISS index over the same vectors with ids as FAISS ids (CPU search)
         self.device = device
+        # Measured recall@10 of the search: exact (1.0) unless opened on a store's ANN index.
+        self.recall_at_10: float | None = 1.0
 
     @property
     def size(self) -> int:
@@ -65,7 +67,12 @@ class CacheRetriever:
         vectors = column_vectors(rows) if rows.num_rows else np.zeros((0, store.manifest.dim), np.float32)
         device = _device(device)
         index = None if device.startswith("cuda") else store.faiss_index()
-        return cls.from_arrays(rows.column("id").to_numpy(), vectors, device=device, dtype=dtype, index=index)
+        cache = cls.from_arrays(rows.column("id").to_numpy(), vectors, device=device, dtype=dtype, index=index)
+        if index is not None:
+            cache.recall_at_10 = store.manifest.index.recall_at_10
+            LOG.info("cache of %d x %d on %s, %s index, recall@10 %s", cache.size, cache.dim, device,
+                     store.manifest.index.type, cache.recall_at_10)
+        return cache
 
     @classmethod
     def from_arrays(cls, ids: np.ndarray, features: np.ndarray, device: str = "auto", dtype: str = "float16",

@@ -62,8 +62,9 @@ def test_every_layout_gives_identical_results(tmp_path, raw, paths):
         store = Store.open(tmp_path / f"store-{name}")
         rows = store.tables.images.search().select(["id", "path", "caption"]).to_arrow().sort_by("id").to_pylist()
         assert [r["path"] for r in rows] == paths and rows[3]["caption"] == "caption 3"
-        results[name] = CacheRetriever.open(store, device="cpu").blend(queries, k=7, weighting="reference",
-                                                                        return_neighbours=True)
+        cache = CacheRetriever.open(store, device="cpu")
+        assert cache.recall_at_10 == store.manifest.index.recall_at_10 == 1.0
+        results[name] = cache.blend(queries, k=7, weighting="reference", return_neighbours=True)
     first = results["npy"]
     for name, result in results.items():
         np.testing.assert_array_equal(result.ids, first.ids, err_msg=name)
