@@ -235,15 +235,18 @@ def demo_command(directory: str, count: int) -> None:
               help="Refuse images above this many pixels (decompression bombs).")
 @click.option("--commit-every", default=1024, show_default=True, type=click.IntRange(min=1),
               help="Rows per commit: an interrupted run loses at most this much work.")
-@click.option("--index-type", type=click.Choice(["auto", "flat", "autofaiss"]), default="auto", show_default=True,
-              help="auto: exact search up to --ann-threshold vectors, an autofaiss-tuned index above.")
+@click.option("--index-type", type=click.Choice(["auto", "flat", "ivf", "autofaiss"]), default="auto", show_default=True,
+              help="auto: exact search up to --ann-threshold vectors; above, IVF-Flat tuned to --target-recall while "
+                   "the vectors fit --index-memory, else an autofaiss-tuned compressed index.")
 @click.option("--ann-threshold", default=200_000, show_default=True, type=click.IntRange(min=0))
-@click.option("--index-memory", default="4G", show_default=True, help="Memory budget of an autofaiss index.")
+@click.option("--index-memory", default="16G", show_default=True, help="Memory budget of the index (e.g. 4G, 512M).")
+@click.option("--target-recall", default=0.98, show_default=True, type=click.FloatRange(0, 1, min_open=True),
+              help="IVF-Flat: the smallest nprobe whose measured recall@10 reaches this.")
 @click.option("--max-query-ms", default=10.0, show_default=True, type=float, help="Query-time budget of an autofaiss index.")
 @click.option("--json", "as_json", is_flag=True,
               help='Print {"scanned", "embedded", "reused", "removed", "failed", "seconds", ...} at the end.')
 def index_command(paths, store_dir, model_name, pretrained, device, batch_size, workers, decoder, captions, max_pixels,
-                  commit_every, index_type, ann_threshold, index_memory, max_query_ms, as_json) -> None:
+                  commit_every, index_type, ann_threshold, index_memory, target_recall, max_query_ms, as_json) -> None:
     """Embed the images under PATHS into the store, incrementally.
 
     \b
@@ -261,7 +264,7 @@ def index_command(paths, store_dir, model_name, pretrained, device, batch_size, 
     config = IndexConfig(model=model_name, pretrained=pretrained, device=device, batch_size=batch_size,
                          workers=workers, decoder=decoder, captions=tuple(captions), max_pixels=max_pixels, commit_every=commit_every,
                          ann=AnnConfig(kind=index_type, ann_threshold=ann_threshold, max_memory=index_memory,
-                                       max_query_ms=max_query_ms))
+                                       max_query_ms=max_query_ms, target_recall=target_recall))
     summary = index_paths(paths, store_dir, config)
     if as_json:
         click.echo(json.dumps(summary.to_dict()))

@@ -1,0 +1,97 @@
+"""The store's FAISS index: kind chosen by size, ANN results agree with exact search, ids are stable."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import faiss
+import numpy as np
+import pytest
+
+from store.errors import InputError
+from store.faiss_io import AnnConfig, build_index, choose_kind, load_index, memory_bytes, save_index
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.synthetic import clustered  # noqa: E402
+
+
+def overlap_with_exact(index, data: np.ndarray, ids: np.ndarray, queries: np.ndarray, k: int = 10) -> float:
+    """Mean fraction of the exact top-k (by stable id) that *index* returns."""
+    exact = faiss.IndexFlatIP(data.shape[1])
+    exact.add(data)
+    _, truth = exact.search(queries, k)
+    _, found = index.search(queries, k)
+    return float(np.mean([len(set(ids[t]) & set(f)) / k for t, f in zip(truth, found)]))
+
+
+@pytest.fixture(scope="module")
+def data():
+    vectors = clustered(20_000, 32, 40, spread=0.6, seed=3)
+    ids = np.arange(len(vectors), dtype=np.int64) * 7 + 1000  # stable ids, not positions
+    rng = np.random.default_rng(4)
+    queries = clustered(100, 32, 40, spread=0.6, seed=3)[:50] + 0.05 * rng.normal(size=(50, 32)).astype(np.float32)
+    return vectors, ids, queries
+
+
+def test_ivf_reaches_its_target_recall_and_agrees_with_exact(data, tmp_path):
+    vectors, ids, queries = data
+    built = build_index(ids, vectors, AnnConfig(kind="ivf", target_recall=0.95))
+    assert built.kind == "ivf" and built.key.startswith("IVF") and built.params.startswith("nprobe=")
+    assert built.recall_at_10 >= 0.95 and built.recall_queries == 256
+    assert overlap_with_exact(built.index, vectors, ids, queries) >= 0.9
+    _, found = built.index.search(queries[:5], 10)
+    assert set(found.ravel()) <= set(ids)  # FAISS ids are the stable ids
+    save_index(built.index, tmp_path / "ivf.faiss")
+    loaded = load_index(tmp_path / "ivf.faiss", built.params)
+    assert f"nprobe={faiss.extract_index_ivf(loaded).nprobe}" == built.params
+
+
+def test_lower_target_recall_means_fewer_probes(data):
+    vectors, ids, _ = data
+    loose = build_index(ids, vectors, AnnConfig(kind="ivf", target_recall=0.5))
+    strict = build_index(ids, vectors, AnnConfig(kind="ivf", target_recall=0.999))
+    assert int(loose.params.split("=")[1]) <= int(strict.params.split("=")[1])
+    assert strict.recall_at_10 >= loose.recall_at_10
+
+
+def test_autofaiss_index_agrees_with_exact(data):
+    vectors, ids, queries = data
+    small, small_ids = vectors[:5000], ids[:5000]
+    built = build_index(small_ids, small, AnnConfig(kind="autofaiss", max_memory="50M", max_query_ms=5))
+    assert built.kind == "autofaiss" and built.key and built.recall_at_10 >= 0.9
+    assert overlap_with_exact(built.index, small, small_ids, queries) >= 0.9
+
+
+def test_kind_is_chosen_by_size_and_memory():
+    config = AnnConfig(ann_threshold=200_000, max_memory="16G")
+    assert choose_kind(500, 512, AnnConfig(kind="autofaiss")) == "flat"  # too few to train on
+    assert choose_kind(200_000, 512, config) == "flat"
+    assert choose_kind(1_000_000, 1024, config) == "ivf"  # 4 GB of vectors fit 16G
+    assert choose_kind(1_000_000, 1024, AnnConfig(max_memory="2G")) == "autofaiss"  # must compress
+    assert choose_kind(50_000, 64, AnnConfig(kind="ivf")) == "ivf"
+
+
+def test_memory_sizes_and_bad_config():
+    assert memory_bytes("4G") == 4 * 1024 ** 3 and memory_bytes("512M") == 512 * 1024 ** 2 and memory_bytes("1.5g") > 0
+    with pytest.raises(InputError, match="memory size"):
+        AnnConfig(max_memory="lots")
+    with pytest.raises(InputError, match="index type"):
+        AnnConfig(kind="annoy")
+    with pytest.raises(InputError, match="target recall"):
+        AnnConfig(target_recall=0)
+
+
+def test_store_above_threshold_serves_from_ivf(data, tmp_path):
+    from store.importer import import_features
+    from store.store import Store
+
+    vectors, _, queries = data
+    np.save(tmp_path / "f.npy", vectors)
+    import_features([tmp_path / "f.npy"], tmp_path / "store", model_name="synthetic",
+                    ann=AnnConfig(ann_threshold=5_000))
+    store = Store.open(tmp_path / "store")
+    assert store.manifest.index.type == "ivf" and store.manifest.index.recall_at_10 >= 0.98
+    hits = store.search(vector=queries[0]).limit(10).to_list()
+    exact = np.argsort(-(vectors @ (queries[0] / np.linalg.norm(queries[0]))))[:10] + 1  # import ids start at 1
+    assert len({h["id"] for h in hits} & set(exact.tolist())) >= 9
