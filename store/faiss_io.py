@@ -201,8 +201,20 @@ def search(index, queries: np.ndarray, k: int, allowed_ids: np.ndarray | None = 
     """(scores, ids) ``[n, k]``; ids are -1 where fewer than k results exist."""
     faiss = _faiss()
     queries = np.ascontiguousarray(queries, dtype=np.float32)
-    search_params = None
-    if allowed_ids is not None:
-        selector = faiss.IDSelectorBatch(np.ascontiguousarray(allowed_ids, dtype=np.int64))
-        search_params = faiss.SearchParameters(sel=selector)
-    return index.search(queries, k, params=search_params) if search_params else index.search(queries, k)
+    if allowed_ids is None:
+        return index.search(queries, k)
+    selector = faiss.IDSelectorBatch(np.ascontiguousarray(allowed_ids, dtype=np.int64))
+    return index.search(queries, k, params=_restricted(index, selector))
+
+
+def _restricted(index, selector):
+    """Search parameters of the index's own type (IVF and HNSW reject the base class), keeping its
+    tuned nprobe / efSearch, restricted to *selector*."""
+    faiss = _faiss()
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is not None:
+        return faiss.SearchParametersIVF(sel=selector, nprobe=ivf.nprobe)
+    inner = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap) else index
+    if isinstance(inner, faiss.IndexHNSW):
+        return faiss.SearchParametersHNSW(sel=selector, efSearch=inner.hnsw.efSearch)
+    return faiss.SearchParameters(sel=selector)

@@ -61,6 +61,26 @@ def test_autofaiss_index_agrees_with_exact(data):
     built = build_index(small_ids, small, AnnConfig(kind="autofaiss", max_memory="50M", max_query_ms=5))
     assert built.kind == "autofaiss" and built.key and built.recall_at_10 >= 0.9
     assert overlap_with_exact(built.index, small, small_ids, queries) >= 0.9
+    assert_restricted_search(built.index, small, small_ids, queries)
+
+
+def assert_restricted_search(index, vectors, ids, queries):
+    """A prefiltered search returns only allowed ids, and the same best hits as exact over them."""
+    from store.faiss_io import search
+
+    allowed = ids[::3]
+    _, found = search(index, queries[:5], 10, allowed_ids=allowed)
+    assert set(found.ravel()) - {-1} <= set(allowed)
+    subset = vectors[::3]
+    best = allowed[np.argmax(queries[:5] @ subset.T, axis=1)]
+    assert np.mean(found[:, 0] == best) >= 0.8
+
+
+def test_restricted_search_on_flat_and_ivf(data):
+    vectors, ids, queries = data
+    for kind in ("flat", "ivf"):
+        built = build_index(ids, vectors, AnnConfig(kind=kind, target_recall=0.95))
+        assert_restricted_search(built.index, vectors, ids, queries)
 
 
 def test_kind_is_chosen_by_size_and_memory():
