@@ -21,6 +21,7 @@ def demo_lines(directory: Path, count: int, write_library: Callable[[Path, int, 
     from search.zeroshot import classify, similarity
     from store.store import Store
 
+    directory = directory.resolve()  # the store records absolute paths; compare like with like
     library, store_dir = directory / "library", directory / "store"
     labels_path = library / "labels.csv"
     if labels_path.is_file():

@@ -114,11 +114,13 @@ def test_demo_data_refuses_to_overwrite(capsys, tmp_path):
     assert code == 1 and "not empty" in err
 
 
-def test_demo_runs_offline_end_to_end(capsys, tmp_path):
-    code, out, _ = run(capsys, "demo", "--dir", tmp_path / "demo", "--count", 60)
+def test_demo_runs_offline_end_to_end(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # a relative --dir, as the README's command uses
+    code, out, _ = run(capsys, "demo", "--dir", "demo", "--count", 60)
     assert code == 0
     assert "generated 60 images" in out and "60 embedded" in out and "precision@5" in out
     assert 'clipdex search "a red circle"' in out and "clipdex info" in out and "60 images, 0 failures" in out
+    assert out.count("✓") >= 6  # the hits are checked against the generated truth, and mostly right
     assert (tmp_path / "demo" / "compare.png").exists() and (tmp_path / "demo" / "classify.png").exists()
     code, out, _ = run(capsys, "demo", "--dir", tmp_path / "demo")
     assert code == 0 and "reusing the demo library" in out and "60 unchanged" in out
