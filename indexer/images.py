@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from store.errors import ImageError
+from store.errors import ImageError, first_line
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 ORIENTATION_TAG = 0x0112
@@ -66,7 +66,7 @@ def decode_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS,
     except UnidentifiedImageError as error:
         raise ImageError(name, "not an image", "unrecognised content") from error
     except (OSError, SyntaxError, ValueError, Warning, Image.DecompressionBombError) as error:
-        raise ImageError(name, "corrupt", str(error).splitlines()[0][:200]) from error
+        raise ImageError(name, "corrupt", first_line(error, 200)) from error
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

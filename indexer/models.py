@@ -15,7 +15,7 @@ from urllib.parse import urlparse
 
 import numpy as np
 
-from store.errors import InputError, ModelLoadError
+from store.errors import InputError, ModelLoadError, first_line
 
 if TYPE_CHECKING:
     import torch
@@ -241,8 +241,7 @@ def load_model(name: str = DEFAULT_MODEL, pretrained: str | None = None, device:
                 f"could not get pretrained weights '{checkpoint}' for '{name}': {where}. "
                 "Pass a local checkpoint with --pretrained /path/to/weights.pt, "
                 "or use the bundled demo model with --model clipdex-shapes") from error
-        raise ModelLoadError(f"could not load '{name}' from {checkpoint or 'its config'}: "
-                             f"{str(error).splitlines()[0][:300] if str(error) else type(error).__name__}") from error
+        raise ModelLoadError(f"could not load '{name}' from {checkpoint or 'its config'}: {first_line(error)}") from error
     model.eval()
     label = pretrained_label(name, pretrained)
     LOG.info("loaded %s (%s) on %s", name, label, device)

@@ -48,6 +48,7 @@ class Plan:
     recaption: list[Job] = field(default_factory=list)  # unchanged file whose caption changed
     removed_ids: list[int] = field(default_factory=list)
     failures: list[Failure] = field(default_factory=list)
+    first_new_id: int = 1  # ids from here on are new in this run; below, they are rows already stored
     next_id: int = 1
 
     @property
@@ -61,7 +62,7 @@ def make_plan(scan: Scan, rows: pa.Table, next_id: int, captions: Callable[[str]
     existing = {path: row for path, row in zip(rows.column("path").to_pylist(), rows.to_pylist())}
     found = {f.path for f in scan.files}
     next_id = max(next_id, max((r["id"] for r in existing.values()), default=0) + 1)
-    plan = Plan(next_id=next_id)
+    plan = Plan(first_new_id=next_id, next_id=next_id)
 
     changed: list[FoundFile] = []
     for file in scan.files:
@@ -105,11 +106,8 @@ def make_plan(scan: Scan, rows: pa.Table, next_id: int, captions: Callable[[str]
 def _defer_copies_of_new_files(plan: Plan) -> Plan:
     """A copy whose source is embedded in this very run must wait for that row: re-plan as embed."""
     pending = {job.id for job in plan.embed}
-    kept = []
-    for job in plan.copies:
-        (plan.embed.append(Job(job.id, job.file, job.hash, job.caption)) if job.source_id in pending
-         else kept.append(job))
-    plan.copies = kept
+    plan.embed += [Job(job.id, job.file, job.hash, job.caption) for job in plan.copies if job.source_id in pending]
+    plan.copies = [job for job in plan.copies if job.source_id not in pending]
     return plan
 
 
@@ -141,7 +139,7 @@ def read_captions(sources: Iterable[str | os.PathLike]) -> dict[str, str]:
     import pyarrow.csv as pacsv
     import pyarrow.parquet as pq
 
-    from store.errors import InputError
+    from store.errors import InputError, first_line
 
     mapping: dict[str, str] = {}
     for source in sources:
@@ -149,7 +147,7 @@ def read_captions(sources: Iterable[str | os.PathLike]) -> dict[str, str]:
         try:
             table = pq.read_table(source) if source.lower().endswith(".parquet") else pacsv.read_csv(source)
         except (OSError, pa.ArrowInvalid) as error:
-            raise InputError(f"cannot read captions file {source}: {str(error).splitlines()[0]}") from error
+            raise InputError(f"cannot read captions file {source}: {first_line(error)}") from error
         if not {"path", "caption"} <= set(table.column_names):
             raise InputError(f"captions file {source} needs columns 'path' and 'caption' "
                              f"(it has {', '.join(table.column_names)})")

@@ -27,7 +27,6 @@ from indexer.plan import Job, Plan, make_plan, read_captions, sidecar_caption
 from indexer.scanner import Failure, scan
 from store.errors import InputError
 from store.faiss_io import AnnConfig
-from store.manifest import read_manifest
 from store.store import Store
 from store.tables import FAILURE_SCHEMA, column_vectors, image_schema, vectors
 
@@ -71,12 +70,11 @@ class IndexSummary:
         return asdict(self)
 
 
-def choose_model(store_dir: str | Path, config: IndexConfig) -> tuple[str, str | None]:
+def choose_model(existing: Store | None, config: IndexConfig) -> tuple[str, str | None]:
     if config.model:
         return config.model, config.pretrained
-    if Store.exists(store_dir):
-        manifest = read_manifest(store_dir)
-        return manifest.model, config.pretrained or manifest.pretrained
+    if existing is not None:
+        return existing.manifest.model, config.pretrained or existing.manifest.pretrained
     return DEFAULT_MODEL, config.pretrained
 
 
@@ -85,35 +83,37 @@ def index_paths(paths: Sequence[str | os.PathLike], store_dir: str | Path,
     started = time.perf_counter()
     found = scan(paths)
     LOG.info("scanned %d files in %.2fs", len(found.files), time.perf_counter() - started)
-    if not found.files and not found.failures and not Store.exists(store_dir):
+    existing = Store.open(store_dir) if Store.exists(store_dir) else None
+    if not found.files and not found.failures and existing is None:
         raise InputError(f"no image files found under {', '.join(map(str, paths))}")
-    name, pretrained = choose_model(store_dir, config)
-    if Store.exists(store_dir):  # refuse a mismatch before spending time on loading a model
-        Store.open(store_dir).check_model(name, pretrained_label(name, pretrained))
+    name, pretrained = choose_model(existing, config)
+    if existing is not None:  # refuse a mismatch before spending time on loading a model
+        existing.check_model(name, pretrained_label(name, pretrained))
     model = load_model(name, pretrained, device=config.device)
     LOG.info("model loaded at %.2fs", time.perf_counter() - started)
-    store = Store.create(store_dir, model.name, model.pretrained, model.embed_dim, preprocess=model.preprocess_cfg)
+    if existing is not None:
+        existing.check_model(model.name, model.pretrained, model.embed_dim)
+    store = existing or Store.create(store_dir, model.name, model.pretrained, model.embed_dim,
+                                     preprocess=model.preprocess_cfg)
     captions = _caption_lookup(config.captions)
     workers = config.workers if config.workers is not None else min(8, os.cpu_count() or 1)
-    first_new_id = store.manifest.next_id
 
     with _bar(config, len(found.files), "checking") as bar:
-        plan = make_plan(found, store.tables.file_rows(), first_new_id, captions, max(4, workers), bar.update)
+        plan = make_plan(found, store.tables.file_rows(), store.manifest.next_id, captions, max(4, workers),
+                         bar.update)
     store.update_manifest(next_id=plan.next_id)  # reserve the ids before any row uses them
     LOG.info("planned at %.2fs: %d to embed, %d moves, %d copies, %d removed", time.perf_counter() - started,
              len(plan.embed), len(plan.moves), len(plan.copies), len(plan.removed_ids))
 
     _write_moves(store, model, plan)
     _write_copies(store, model, plan)
-    embedded, decode_failures = _embed(store, model, plan.embed, config, workers, first_new_id)
+    embedded, decode_failures = _embed(store, model, plan.embed, config, workers, plan.first_new_id)
     LOG.info("embedded %d at %.2fs", embedded, time.perf_counter() - started)
-    failed_modified = [plan.embed[pos].id for pos, _ in decode_failures if plan.embed[pos].id < first_new_id]
+    failed_modified = [plan.embed[pos].id for pos, _ in decode_failures if plan.embed[pos].id < plan.first_new_id]
     store.tables.delete_ids(plan.removed_ids + failed_modified)
 
     failures = list(found.failures) + plan.failures + [Failure(e.path, e.reason, e.detail) for _, e in decode_failures]
-    stale = [p for p in store.tables.failures.search().select(["path"]).to_arrow().column("path").to_pylist()
-             if found.covers(p)]
-    store.tables.replace_failures(_failure_rows(failures), stale)
+    store.tables.replace_failures(_failure_rows(failures), forget=found.covers)
 
     changed = embedded or plan.moves or plan.copies or plan.recaption or plan.removed_ids or failed_modified
     if changed:
@@ -196,7 +196,7 @@ def _write_copies(store: Store, model: ClipModel, plan: Plan) -> None:
 
 
 def _embed(store: Store, model: ClipModel, jobs: list[Job], config: IndexConfig, workers: int, first_new_id: int):
-    """Decode in worker processes, embed full batches, commit every ``commit_every`` rows.
+    """Decode in parallel, embed full batches, commit every ``commit_every`` rows.
 
     New ids are appended; rows of modified files (older ids) are upserted, which costs a join.
     """

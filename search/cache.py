@@ -58,16 +58,14 @@ class CacheRetriever:
     @classmethod
     def open(cls, store: "Store | str | Path", device: str = "auto", dtype: str = "float16") -> "CacheRetriever":
         from store.store import Store
-        from store.tables import column_vectors
 
         store = store if isinstance(store, Store) else Store.open(store)
-        rows = store.tables.images.search().select(["id", "embedding"]).to_arrow()
-        if rows.num_rows == 0:
+        ids, vectors = store.tables.vectors()
+        if not len(ids):
             raise StoreError(f"the store {store.directory} is empty: nothing to retrieve from")
-        vectors = column_vectors(rows) if rows.num_rows else np.zeros((0, store.manifest.dim), np.float32)
         device = _device(device)
         index = None if device.startswith("cuda") else store.faiss_index()
-        cache = cls.from_arrays(rows.column("id").to_numpy(), vectors, device=device, dtype=dtype, index=index)
+        cache = cls.from_arrays(ids, vectors, device=device, dtype=dtype, index=index)
         if index is not None:
             cache.recall_at_10 = store.manifest.index.recall_at_10
             LOG.info("cache of %d x %d on %s, %s index, recall@10 %s", cache.size, cache.dim, device,

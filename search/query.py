@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pyarrow as pa
 
-from store.errors import InputError, StoreError
+from store.errors import InputError, StoreError, first_line
 
 if TYPE_CHECKING:
     from typing import Self
@@ -153,8 +153,7 @@ class Query:
         try:
             rows = self.store.tables.images.search().where(sql).select(["id"]).to_arrow()
         except Exception as error:  # lance reports SQL problems as ValueError/RuntimeError/its own
-            first = str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
-            raise InputError(f"invalid --where filter {sql!r}: {first}") from error
+            raise InputError(f"invalid --where filter {sql!r}: {first_line(error)}") from error
         return rows.column("id").to_numpy()
 
     def to_arrow(self) -> pa.Table:

@@ -7,6 +7,12 @@ callers who do not know clipdex. Messages say what went wrong and what to do abo
 from __future__ import annotations
 
 
+def first_line(error: BaseException, limit: int = 300) -> str:
+    """An exception's first message line (its type name if it has none), for one-line errors."""
+    text = str(error).strip()
+    return text.splitlines()[0][:limit] if text else type(error).__name__
+
+
 class ClipdexError(Exception):
     """Root of every error clipdex raises on purpose."""
 

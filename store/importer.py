@@ -24,7 +24,7 @@ from typing import Iterator, Sequence
 import numpy as np
 import pyarrow as pa
 
-from store.errors import InputError
+from store.errors import InputError, first_line
 
 EMBEDDING_COLUMNS = ("embedding", "embeddings", "emb", "vector", "image_embedding", "img_emb")
 PATH_COLUMNS = ("path", "image_path", "url", "filepath")
@@ -51,7 +51,7 @@ def _read_table(path: Path) -> pa.Table:
             db = lancedb.connect(str(path.parent))
             return db.open_table(path.stem).to_arrow()
     except (OSError, pa.ArrowInvalid, ValueError) as error:
-        raise InputError(f"cannot read {path}: {str(error).splitlines()[0]}") from error
+        raise InputError(f"cannot read {path}: {first_line(error)}") from error
     raise InputError(f"{path}: unsupported metadata format (use .parquet, .csv or a .lance table)")
 
 

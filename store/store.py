@@ -11,7 +11,7 @@ import numpy as np
 from store.errors import ModelMismatchError, StoreError
 from store.faiss_io import AnnConfig, build_index, load_index, save_index
 from store.manifest import MANIFEST_NAME, IndexInfo, Manifest, now, read_manifest, write_manifest
-from store.tables import Tables, column_vectors
+from store.tables import Tables
 
 if TYPE_CHECKING:
     from search.query import Query
@@ -85,10 +85,8 @@ class Store:
     def rebuild_index(self, config: AnnConfig = AnnConfig()) -> IndexInfo:
         """Build the FAISS index from the rows now in the table and record it in the manifest."""
         table_version = self.tables.version()
-        rows = self.tables.images.search().select(["id", "embedding"]).to_arrow()
-        ids = rows.column("id").to_numpy()
-        built = build_index(ids, column_vectors(rows) if rows.num_rows else np.zeros((0, self.manifest.dim), np.float32),
-                            config)
+        ids, vectors = self.tables.vectors()
+        built = build_index(ids, vectors, config)
         relative = f"{INDEX_DIR}/index-v{table_version}.faiss"
         save_index(built.index, self.directory / relative)
         old = self._manifest.index.file

@@ -4,7 +4,7 @@ and ``failures`` (files that could not be indexed, and why)."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, Sequence
+from typing import TYPE_CHECKING, Callable, Iterable, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -97,6 +97,13 @@ class Tables:
     def file_rows(self) -> pa.Table:
         return self.images.search().select(FILE_COLUMNS).to_arrow()
 
+    def vectors(self) -> tuple[np.ndarray, np.ndarray]:
+        """Every row's (id ``[n]`` int64, embedding ``[n, dim]`` float32), in table order."""
+        rows = self.images.search().select(["id", "embedding"]).to_arrow()
+        if not rows.num_rows:
+            return np.zeros(0, np.int64), np.zeros((0, self.dim), np.float32)
+        return rows.column("id").to_numpy(), column_vectors(rows)
+
     def rows_by_id(self, ids: Sequence[int], columns: Sequence[str]) -> pa.Table:
         if not len(ids):
             return pa.table({c: [] for c in columns})
@@ -119,18 +126,14 @@ class Tables:
             self.images.merge_insert("id").when_matched_update_all().execute(rows, on_bad_vectors="null")
 
     def delete_ids(self, ids: Iterable[int]) -> None:
-        ids = [str(int(i)) for i in ids]
-        for start in range(0, len(ids), 10_000):
-            self.images.delete(f"id IN ({','.join(ids[start:start + 10_000])})")
+        _delete_in(self.images, "id", [str(int(i)) for i in ids])
 
-    def replace_failures(self, rows: pa.Table, cleared_paths: Iterable[str]) -> None:
-        """Record this run's failures and forget those of paths that now index or are gone."""
-        paths = set(cleared_paths) | set(rows.column("path").to_pylist())
+    def replace_failures(self, rows: pa.Table, forget: Callable[[str], bool]) -> None:
+        """Record this run's failures; forget earlier ones whose path *forget* accepts (rescanned now)."""
         table = self.failures
-        listed = list(paths)
-        for start in range(0, len(listed), 2_000):
-            quoted = ",".join(_quote(p) for p in listed[start:start + 2_000])
-            table.delete(f"path IN ({quoted})")
+        earlier = table.search().select(["path"]).to_arrow().column("path").to_pylist()
+        paths = {p for p in earlier if forget(p)} | set(rows.column("path").to_pylist())
+        _delete_in(table, "path", [_quote(p) for p in paths])
         if rows.num_rows:
             table.add(rows)
 
@@ -142,6 +145,12 @@ class Tables:
 
     def version(self) -> int:
         return self.images.version
+
+
+def _delete_in(table, column: str, literals: Sequence[str], chunk: int = 2_000) -> None:
+    """Delete rows whose *column* is one of the SQL *literals*, a bounded IN list at a time."""
+    for start in range(0, len(literals), chunk):
+        table.delete(f"{column} IN ({','.join(literals[start:start + chunk])})")
 
 
 def _quote(text: str) -> str:
