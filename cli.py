@@ -431,6 +431,65 @@ def cache_query_command(store_dir, queries_path, k, alpha, weighting, temperatur
                f"({weighting}, alpha {alpha}) -> {out_path}")
 
 
+@cli.command("serve", context_settings=CONTEXT)
+@click.option("--store", "store_dir", required=True, type=click.Path(file_okay=False), help="The store to serve.")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on; only this machine can connect unless you give 0.0.0.0 or an interface's address.")
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(1, 65535))
+@click.option("--api-key", envvar="CLIPDEX_API_KEY",
+              help="Require this key (X-API-Key header, Authorization: Bearer, or the web page's prompt) on every "
+                   "endpoint but /health. Env: CLIPDEX_API_KEY (keeps it out of the process list).")
+@click.option("--max-k", default=1000, show_default=True, type=click.IntRange(min=1), help="Largest k a request may ask for.")
+@click.option("--max-batch", default=1024, show_default=True, type=click.IntRange(min=1),
+              help="Most queries in one /cache/blend request.")
+@click.option("--max-body-mb", default=16.0, show_default=True, type=click.FloatRange(min=0.001),
+              help="Largest request body (uploads, base64 images, query batches).")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
+def serve_command(store_dir, host, port, api_key, max_k, max_batch, max_body_mb, device) -> None:
+    """Serve a store over HTTP: the search page at /, the API described at /openapi.json.
+
+    The server follows the store: when `clipdex index` publishes a new version, it is served from
+    the next request on, without a restart.
+
+    \b
+    Example:
+      clipdex serve --store clipdex-demo/store
+      curl -s localhost:8000/search -H 'Content-Type: application/json' -d '{"text": "a red circle", "k": 3}'
+    """
+    import uvicorn
+
+    from server import ServeConfig, create_app
+
+    if api_key is not None and not api_key.strip():
+        raise InputError("--api-key is empty: give a key, or leave the option out")
+    config = ServeConfig(store=Path(store_dir), host=host, port=port, api_key=api_key, max_k=max_k,
+                         max_batch=max_batch, max_body_bytes=int(max_body_mb * (1 << 20)), device=device)
+    _check_port_free(host, port)
+    if api_key is None and host not in ("127.0.0.1", "localhost", "::1"):
+        click.echo(f"warning: listening on {host} without --api-key: anyone who can reach it can search this store",
+                   err=True)
+    app = create_app(config)
+    shown = f"[{host}]" if ":" in host else host
+    click.echo(f"serving {store_dir} on http://{shown}:{port}/  (API: http://{shown}:{port}/openapi.json; Ctrl-C stops)")
+    uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)
+
+
+def _check_port_free(host: str, port: int) -> None:
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as error:
+        raise InputError(f"--host {host} is not an address of this machine: {error.strerror}") from error
+    family, _, _, _, address = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as error:
+            raise InputError(f"cannot listen on {host}:{port}: {error.strerror}; pick another --port or --host") from error
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Console entry point: one line per error, exit codes 0 ok, 1 failed, 2 usage, 130 interrupted."""
     try:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import io
 import os
+from contextlib import contextmanager
 from pathlib import Path
+from typing import BinaryIO, Iterator
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -47,18 +50,42 @@ def decode_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS,
         raise ImageError(name, "not a file")
     if os.path.getsize(name) == 0:
         raise ImageError(name, "empty file")
+    with open_readable(name) as handle:
+        return _decode(handle, name, max_pixels, draft)
+
+
+def decode_bytes(data: bytes, name: str = "upload", max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Decode image file content held in memory (an HTTP upload) with the same checks as a file."""
+    if not data:
+        raise ImageError(name, "empty file")
+    return _decode(io.BytesIO(data), name, max_pixels, None)[0]
+
+
+@contextmanager
+def open_readable(name: str) -> Iterator[BinaryIO]:
     try:
-        with open(name, "rb") as handle:
-            image = Image.open(handle)
-            width, height = image.size
-            if width * height > max_pixels:
-                raise ImageError(name, "too large", f"{width}x{height} pixels, limit {max_pixels:,}")
-            if image.getexif().get(ORIENTATION_TAG, 1) in (5, 6, 7, 8):
-                width, height = height, width
-            if draft and image.format == "JPEG":
-                image.draft("RGB", draft)
-            image.load()  # truncated data raises OSError (ImageFile.LOAD_TRUNCATED_IMAGES stays False)
-            return to_rgb(image), (width, height)
+        handle = open(name, "rb")
+    except PermissionError as error:
+        raise ImageError(name, "unreadable", error.strerror or "permission denied") from error
+    except OSError as error:
+        raise ImageError(name, "unreadable", error.strerror or first_line(error)) from error
+    with handle:
+        yield handle
+
+
+def _decode(handle: BinaryIO, name: str, max_pixels: int,
+            draft: tuple[int, int] | None) -> tuple[Image.Image, tuple[int, int]]:
+    try:
+        image = Image.open(handle)
+        width, height = image.size
+        if width * height > max_pixels:
+            raise ImageError(name, "too large", f"{width}x{height} pixels, limit {max_pixels:,}")
+        if image.getexif().get(ORIENTATION_TAG, 1) in (5, 6, 7, 8):
+            width, height = height, width
+        if draft and image.format == "JPEG":
+            image.draft("RGB", draft)
+        image.load()  # truncated data raises OSError (ImageFile.LOAD_TRUNCATED_IMAGES stays False)
+        return to_rgb(image), (width, height)
     except ImageError:
         raise
     except PermissionError as error:

@@ -32,7 +32,7 @@ def demo_lines(directory: Path, count: int, write_library: Callable[[Path, int, 
     rows = read_labels(labels_path)
     truth = {row["path"]: row for row in rows}
 
-    summary = index_paths([library], store_dir, IndexConfig(model=DEMO_MODEL))
+    summary = index_paths([library], store_dir, IndexConfig(model=DEMO_MODEL, captions=(str(labels_path),)))
     yield (f"2. clipdex index {library} --store {store_dir} --model {DEMO_MODEL}\n"
            f"   {summary.embedded} embedded, {summary.unchanged} unchanged, {summary.failed} failed in "
            f"{summary.seconds:.1f}s; {summary.index} index, recall@10 {summary.recall_at_10:.3f}")

@@ -109,7 +109,7 @@ class Query:
     def where(self, sql: str) -> "Self":
         """A LanceDB SQL prefilter on the metadata columns; several are AND-ed."""
         if not sql or not sql.strip():
-            raise InputError("the --where filter is empty")
+            raise InputError("the where filter is empty")
         return replace(self, filters=self.filters + (sql.strip(),))
 
     def limit(self, k: int) -> "Self":
@@ -153,7 +153,7 @@ class Query:
         try:
             rows = self.store.tables.images.search().where(sql).select(["id"]).to_arrow()
         except Exception as error:  # lance reports SQL problems as ValueError/RuntimeError/its own
-            raise InputError(f"invalid --where filter {sql!r}: {first_line(error)}") from error
+            raise InputError(f"invalid where filter {sql!r}: {first_line(error)}") from error
         return rows.column("id").to_numpy()
 
     def to_arrow(self) -> pa.Table:

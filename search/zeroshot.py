@@ -52,13 +52,23 @@ def similarity(model: "ClipModel", images: Sequence["Image.Image"], texts: Seque
 def classify(model: "ClipModel", images: Sequence["Image.Image"], labels: Sequence[str],
              template: str = DEFAULT_TEMPLATE, k: int = 5) -> list[list[LabelScore]]:
     """Top-*k* labels per image with probabilities softmax(100 * cosine)."""
-    labels = clean_labels(labels)
-    template = check_template(template)
-    if k < 1:
-        raise InputError(f"k must be at least 1, got {k}")
+    _check_request(labels, template, k)  # before the costly image encoding
+    return classify_features(model, model.encode_images(images), labels, template, k)
+
+
+def classify_features(model: "ClipModel", features: np.ndarray, labels: Sequence[str],
+                      template: str = DEFAULT_TEMPLATE, k: int = 5) -> list[list[LabelScore]]:
+    """:func:`classify` for image features already embedded (``[n, dim]``, L2-normalised)."""
+    labels, template = _check_request(labels, template, k)
     class_embeddings = model.encode_texts([template.replace("{}", label) for label in labels])
-    logits = LOGIT_SCALE * model.encode_images(images) @ class_embeddings.T
+    logits = LOGIT_SCALE * np.asarray(features, np.float32) @ class_embeddings.T
     probs = np.exp(logits - logits.max(axis=1, keepdims=True))
     probs /= probs.sum(axis=1, keepdims=True)
     top = np.argsort(-probs, axis=1, kind="stable")[:, :min(k, len(labels))]
     return [[LabelScore(labels[j], float(row[j])) for j in order] for row, order in zip(probs, top)]
+
+
+def _check_request(labels: Sequence[str], template: str, k: int) -> tuple[list[str], str]:
+    if k < 1:
+        raise InputError(f"k must be at least 1, got {k}")
+    return clean_labels(labels), check_template(template)

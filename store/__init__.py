@@ -8,7 +8,8 @@ import os
 # a value the user exported wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from store.errors import ClipdexError, ImageError, InputError, ModelLoadError, ModelMismatchError, StoreError
+from store.errors import (ClipdexError, ImageError, InputError, ModelLoadError, ModelMismatchError, NotFoundError,
+                          StoreError)
 from store.faiss_io import AnnConfig
 from store.importer import import_features
 from store.manifest import MANIFEST_VERSION, IndexInfo, Manifest
@@ -16,5 +17,5 @@ from store.store import Store
 
 __all__ = [
     "MANIFEST_VERSION", "AnnConfig", "ClipdexError", "ImageError", "IndexInfo", "InputError", "Manifest",
-    "ModelLoadError", "ModelMismatchError", "Store", "StoreError", "import_features",
+    "ModelLoadError", "ModelMismatchError", "NotFoundError", "Store", "StoreError", "import_features",
 ]

@@ -29,6 +29,10 @@ class ImageError(InputError):
         super().__init__(f"{path}: {reason}" + (f" ({detail})" if detail else ""))
 
 
+class NotFoundError(InputError, LookupError):
+    """The caller named something the store does not hold (an unknown id)."""
+
+
 class ModelLoadError(ClipdexError, RuntimeError):
     """A model or its weights could not be loaded."""
 

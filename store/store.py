@@ -59,6 +59,21 @@ class Store:
         write_manifest(directory, manifest)
         return cls(directory, manifest)
 
+    @classmethod
+    def snapshot(cls, directory: str | Path) -> "Store":
+        """A read-only view of the store exactly as its current index saw it.
+
+        The images table is checked out at the version the index was built from and the index is
+        loaded, so rows and neighbours always agree while an indexer commits newer versions.
+        """
+        store = cls.open(directory)
+        info = store.manifest.index
+        if not info.file:
+            raise StoreError(f"the store {store.directory} has no index yet: run `clipdex index` on it")
+        store.tables.pin(info.table_version)
+        store.faiss_index()
+        return store
+
     def check_model(self, model: str, pretrained: str, dim: int | None = None) -> None:
         m = self._manifest
         if (m.model, m.pretrained) != (model, pretrained) or (dim is not None and m.dim != dim):

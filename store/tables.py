@@ -94,6 +94,10 @@ class Tables:
         for table in self._handles.values():
             table.checkout_latest()
 
+    def pin(self, version: int) -> None:
+        """Read the images table as it was at *version* (read-only from then on)."""
+        self.images.checkout(version)
+
     def file_rows(self) -> pa.Table:
         return self.images.search().select(FILE_COLUMNS).to_arrow()
 

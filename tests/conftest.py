@@ -26,3 +26,15 @@ def heldout_library(tmp_path_factory):
 def small_library(tmp_path_factory):
     directory = tmp_path_factory.mktemp("small")
     return directory, read_labels(write_library(directory, 12, 3))
+
+
+@pytest.fixture(scope="session")
+def served_library(tmp_path_factory):
+    """A store of 40 captioned demo images for the server tests: (store dir, rows of labels.csv)."""
+    from indexer.run import IndexConfig, index_paths
+
+    root = tmp_path_factory.mktemp("served")
+    labels = write_library(root / "library", 40, 11)
+    index_paths([root / "library"], root / "store",
+                IndexConfig(model="clipdex-shapes", device="cpu", captions=(str(labels),), progress=False))
+    return root / "store", read_labels(labels)

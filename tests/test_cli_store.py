@@ -56,7 +56,7 @@ def test_search_text_image_and_json(capsys, store_dir, small_library):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["search", "x", "--store", "{store}", "--where", "widht >>> 3"], "invalid --where filter"),
+    (["search", "x", "--store", "{store}", "--where", "widht >>> 3"], "invalid where filter"),
     (["search", "x", "--store", "{store}", "-k", "0"], "k must be at least 1"),
     (["search", "  ", "--store", "{store}"], "search text is empty"),
     (["search", "--store", "{store}"], "give a QUERY text"),

@@ -1,0 +1,23 @@
+"""What `clipdex serve` is told: one frozen config object, built by cli.py and passed whole."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+MIB = 1 << 20
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    store: Path
+    host: str = "127.0.0.1"  # loopback unless told otherwise: the API has no TLS of its own
+    port: int = 8000
+    api_key: str | None = None  # when set, every endpoint but /health requires it
+    device: str = "auto"
+    max_k: int = 1000
+    max_batch: int = 1024  # queries per /cache/blend request
+    max_body_bytes: int = 16 * MIB  # uploads, base64 images and embedding batches alike
+    max_image_pixels: int = 40_000_000  # uploads above this are refused before decoding
+    thumbnail_size: int = 256
+    refresh_seconds: float = 0.5  # how often the store's manifest is checked for a newer index

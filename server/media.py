@@ -1,0 +1,52 @@
+"""Images that arrive over HTTP (uploads, base64) and thumbnails of stored files."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import os
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from indexer.images import decode_bytes, decode_image
+from store.errors import InputError
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+THUMBNAIL_DIR = "thumbnails"
+
+
+def image_from_base64(text: str, max_pixels: int) -> "Image.Image":
+    """Decode base64 file content (a bare string or a ``data:image/...;base64,`` URL) into RGB."""
+    head, comma, tail = text.partition(",")
+    payload = tail if comma and head.startswith("data:") else text
+    try:
+        data = base64.b64decode("".join(payload.split()), validate=True)
+    except (binascii.Error, ValueError) as error:
+        raise InputError("image is not valid base64: send the file's bytes base64-encoded") from error
+    return decode_bytes(data, "the uploaded image", max_pixels)
+
+
+def image_from_upload(data: bytes, filename: str | None, max_pixels: int) -> "Image.Image":
+    return decode_bytes(data, f"the upload {filename!r}" if filename else "the upload", max_pixels)
+
+
+def thumbnail(store_dir: Path, path: str, content_hash: str, size: int) -> Path:
+    """A JPEG at most *size* px on its longer side, made once per file content and kept in the store."""
+    target = store_dir / THUMBNAIL_DIR / content_hash[:2] / f"{content_hash}-{size}.jpg"
+    if target.is_file():
+        return target
+    image, _ = decode_image(path, draft=(size, size))
+    image.thumbnail((size, size))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=target.parent, suffix=".tmp")
+    try:
+        with os.fdopen(handle, "wb") as out:
+            image.save(out, "JPEG", quality=85)
+        os.replace(temporary, target)  # concurrent requests for one thumbnail: last rename wins, same bytes
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    return target

@@ -1,0 +1,153 @@
+"""The API endpoints. Handlers are plain ``def``: FastAPI runs them in its thread pool, and each
+takes one snapshot of the store at its start and uses only that one."""
+
+from __future__ import annotations
+
+import mimetypes
+from pathlib import Path as FilePath
+from typing import Annotated
+
+import numpy as np
+from fastapi import APIRouter, Depends, File, Form, Path, Request, UploadFile
+from fastapi.responses import FileResponse
+
+from search.query import Query, Term
+from search.zeroshot import DEFAULT_TEMPLATE, classify_features
+from server.context import ServerContext, stored_embedding, stored_row
+from server.media import image_from_base64, image_from_upload, thumbnail
+from server.schemas import (ERROR_RESPONSES, BlendRequest, BlendResponse, ClassifyRequest, Hit, LabelProb,
+                            SearchRequest, Source)
+from store.errors import ImageError, InputError, NotFoundError
+
+router = APIRouter(responses=ERROR_RESPONSES)
+ImageIdPath = Annotated[int, Path(ge=0, le=2**63 - 1, description="A stable image id of this store.")]
+HIT_COLUMNS = ("id", "path", "width", "height", "caption")
+
+
+def context(request: Request) -> ServerContext:
+    return request.app.state.context
+
+
+Context = Annotated[ServerContext, Depends(context)]
+
+
+@router.post("/search", response_model=list[Hit], summary="Search by text, image, id or embedding")
+def search(body: SearchRequest, ctx: Context) -> list[dict]:
+    """Nearest images to the query, best first. ``add``/``subtract`` terms move the query vector
+    (normalize(sum of weight x term)); ``where`` restricts the candidates with SQL before the search."""
+    ctx.check_k(body.k)
+    snapshot = ctx.live.current()
+    terms = [_term(ctx, snapshot, body, 1.0)]
+    terms += [_term(ctx, snapshot, term, term.weight) for term in body.add]
+    terms += [_term(ctx, snapshot, term, -term.weight) for term in body.subtract]
+    return _run(snapshot, terms, body.k, body.where)
+
+
+@router.post("/search/upload", response_model=list[Hit], summary="Search by an uploaded image file")
+def search_upload(ctx: Context, file: Annotated[UploadFile, File(description="An image file.")],
+                  k: Annotated[int, Form(ge=1)] = 10,
+                  where: Annotated[str | None, Form(min_length=1, max_length=2000)] = None) -> list[dict]:
+    ctx.check_k(k)
+    snapshot = ctx.live.current()
+    image = image_from_upload(file.file.read(), file.filename, ctx.config.max_image_pixels)
+    vector = ctx.encoder.images(snapshot, [image])[0]
+    return _run(snapshot, [Term(1.0, vector=tuple(vector.tolist()))], k, where)
+
+
+@router.get("/images/{image_id}", response_class=FileResponse, summary="The indexed file itself",
+            responses={200: {"content": {"image/*": {}}}})
+def image_file(image_id: ImageIdPath, ctx: Context) -> FileResponse:
+    """Only files recorded in the store are served: the id is looked up, no path comes from the URL."""
+    path = stored_row(ctx.live.current(), image_id, ["path"])["path"]
+    if not FilePath(path).is_file():
+        raise NotFoundError(f"image {image_id} was indexed from {path}, which is no longer there")
+    return FileResponse(path, media_type=mimetypes.guess_type(path)[0] or "application/octet-stream")
+
+
+@router.get("/thumbnails/{image_id}", response_class=FileResponse, summary="A JPEG thumbnail, cached in the store",
+            responses={200: {"content": {"image/jpeg": {}}}})
+def image_thumbnail(image_id: ImageIdPath, ctx: Context) -> FileResponse:
+    snapshot = ctx.live.current()
+    row = stored_row(snapshot, image_id, ["path", "hash"])
+    try:
+        made = thumbnail(snapshot.store.directory, row["path"], row["hash"], ctx.config.thumbnail_size)
+    except ImageError as error:
+        if error.reason == "missing":
+            raise NotFoundError(f"image {image_id} was indexed from {row['path']}, which is no longer there") from error
+        raise
+    return FileResponse(made, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=86400"})
+
+
+@router.post("/classify", response_model=list[LabelProb], summary="Zero-shot classification of one image")
+def classify(body: ClassifyRequest, ctx: Context) -> list[dict]:
+    """softmax(100 x cosine) over ``template`` filled with each label; the top ``k``."""
+    snapshot = ctx.live.current()
+    if body.id is not None:
+        features = stored_embedding(snapshot, body.id)
+    else:
+        features = ctx.encoder.images(snapshot, [image_from_base64(body.image, ctx.config.max_image_pixels)])[0]
+    return _classify(ctx, snapshot, features, body.labels, body.template, body.k)
+
+
+@router.post("/classify/upload", response_model=list[LabelProb], summary="Zero-shot classification of an upload")
+def classify_upload(ctx: Context, file: Annotated[UploadFile, File(description="An image file.")],
+                    labels: Annotated[list[str], Form(min_length=1, max_length=1000)],
+                    template: Annotated[str, Form(min_length=2, max_length=500)] = DEFAULT_TEMPLATE,
+                    k: Annotated[int, Form(ge=1, le=1000)] = 5) -> list[dict]:
+    snapshot = ctx.live.current()
+    image = image_from_upload(file.file.read(), file.filename, ctx.config.max_image_pixels)
+    features = ctx.encoder.images(snapshot, [image])[0]
+    return _classify(ctx, snapshot, features, labels, template, k)
+
+
+@router.post("/cache/blend", response_model=BlendResponse, summary="Top-k cache retrieval with residual blending")
+def cache_blend(body: BlendRequest, ctx: Context) -> dict:
+    """ImageBind-LLM's cache: each query's k nearest stored features are blended into it
+    (``weighting`` "paper": eq. 3-4 of arXiv 2309.03905; "reference": the authors' released code)."""
+    ctx.check_k(body.k)
+    if len(body.queries) > ctx.config.max_batch:
+        raise InputError(f"{len(body.queries)} queries is above this server's maximum batch of {ctx.config.max_batch}")
+    cache = ctx.live.current().cache()
+    lengths = {len(row) for row in body.queries}
+    if lengths != {cache.dim}:
+        raise InputError(f"every query must have {cache.dim} values (this store's dimension); "
+                         f"got {', '.join(str(n) for n in sorted(lengths))}")
+    k = min(body.k, cache.size)
+    with np.errstate(over="ignore"):  # beyond float32 becomes inf, which blend refuses with a message
+        queries = np.asarray(body.queries, np.float32)
+    out = cache.blend(queries, k, body.alpha, body.weighting, body.temperature,
+                      return_neighbours=body.return_neighbours)
+    if not body.return_neighbours:
+        return {"features": out.tolist(), "k": k}
+    return {"features": out.features.tolist(), "k": k, "ids": out.ids.tolist(), "scores": out.scores.tolist()}
+
+
+def _term(ctx: ServerContext, snapshot, source: Source, weight: float) -> Term:
+    if source.text is not None:
+        if not source.text.strip():
+            raise InputError("the search text is empty")
+        vector = ctx.encoder.texts(snapshot, [source.text])[0]
+    elif source.image is not None:
+        vector = ctx.encoder.images(snapshot, [image_from_base64(source.image, ctx.config.max_image_pixels)])[0]
+    elif source.id is not None:
+        vector = stored_embedding(snapshot, source.id)
+    else:
+        with np.errstate(over="ignore"):
+            vector = np.asarray(source.embedding, np.float32)
+        if not np.isfinite(vector).all():
+            raise InputError("embedding values must be finite float32 numbers (|x| < 3.4e38)")
+    return Term(weight, vector=tuple(vector.tolist()))
+
+
+def _run(snapshot, terms: list[Term], k: int, where: str | None) -> list[dict]:
+    query = Query(snapshot.store, terms=tuple(terms), k=k, columns=HIT_COLUMNS)
+    if where is not None:
+        query = query.where(where)
+    return query.to_list()
+
+
+def _classify(ctx: ServerContext, snapshot, features: np.ndarray, labels, template: str, k: int) -> list[dict]:
+    model = ctx.encoder.model(snapshot)
+    with ctx.encoder.lock:
+        ranked = classify_features(model, features[None, :], labels, template, k)[0]
+    return [{"label": s.label, "prob": s.prob} for s in ranked]

@@ -1,0 +1,113 @@
+"""Request and response bodies of the HTTP API: strict (unknown fields, NaN and infinities refused),
+so a malformed request is a 4xx with a message before any work is done."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from search.zeroshot import DEFAULT_TEMPLATE
+
+Finite = Annotated[float, Field(allow_inf_nan=False)]
+Weight = Annotated[float, Field(allow_inf_nan=False, ge=-100, le=100)]
+ImageId = Annotated[int, Field(ge=0, le=2**63 - 1, description="A stable image id of this store.")]
+Text = Annotated[str, Field(min_length=1, max_length=2000)]
+Embedding = Annotated[list[Finite], Field(min_length=1, max_length=8192)]
+SOURCES = ("text", "image", "id", "embedding")
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Source(Strict):
+    """Exactly one of ``text``, ``image`` (base64 file content), ``id`` or ``embedding``."""
+
+    text: Text | None = None
+    image: str | None = Field(None, description="An image file (JPEG, PNG, ...) as base64, or a data: URL.")
+    id: ImageId | None = None
+    embedding: Embedding | None = Field(None, description="A vector of the store's dimension (see /info).")
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> "Source":
+        given = [name for name in SOURCES if getattr(self, name) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of {', '.join(SOURCES)}; got {', '.join(given) or 'none'}")
+        return self
+
+
+class Term(Source):
+    weight: Weight = 1.0
+
+
+class SearchRequest(Source):
+    add: list[Term] = Field(default_factory=list, max_length=16, description="Terms added to the query.")
+    subtract: list[Term] = Field(default_factory=list, max_length=16, description="Terms subtracted from it.")
+    k: int = Field(10, ge=1, description="How many results (at most the server's max_k, see /info).")
+    where: str | None = Field(None, min_length=1, max_length=2000,
+                              description="A SQL prefilter on the metadata columns, e.g. \"width > 500\".",
+                              examples=["width > 100 AND path LIKE '%beach%'"])
+
+    model_config = ConfigDict(json_schema_extra={"examples": [{"text": "a red circle", "k": 5}]})
+
+
+class Hit(BaseModel):
+    id: int
+    path: str
+    score: float
+    width: int | None
+    height: int | None
+    caption: str | None
+
+
+class ClassifyRequest(Strict):
+    image: str | None = Field(None, description="An image file as base64 (or a data: URL).")
+    id: ImageId | None = None
+    labels: list[Text] = Field(min_length=1, max_length=1000)
+    template: str = Field(DEFAULT_TEMPLATE, min_length=2, max_length=500, description="Must contain {}.")
+    k: int = Field(5, ge=1, le=1000)
+
+    @model_validator(mode="after")
+    def _one_image(self) -> "ClassifyRequest":
+        if (self.image is None) == (self.id is None):
+            raise ValueError("give exactly one of image, id")
+        return self
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={
+        "examples": [{"id": 1, "labels": ["circle", "square", "star"], "k": 2}]})
+
+
+class LabelProb(BaseModel):
+    label: str
+    prob: float
+
+
+class BlendRequest(Strict):
+    queries: list[Embedding] = Field(min_length=1, description="Query features [B, C], any norm.")
+    k: int = Field(10, ge=1, description="Neighbours per query (at most max_k; clamped to the cache size).")
+    alpha: float = Field(0.5, ge=0.0, le=1.0, allow_inf_nan=False)
+    weighting: Literal["paper", "reference"] = "paper"
+    temperature: float = Field(20.0, gt=0, le=1e4, allow_inf_nan=False,
+                               description="Softmax temperature of the 'reference' weighting.")
+    return_neighbours: bool = False
+
+
+class BlendResponse(BaseModel):
+    features: list[list[float]]
+    k: int = Field(description="Neighbours used per query.")
+    ids: list[list[int]] | None = None
+    scores: list[list[float]] | None = None
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+    version: int = Field(description="The store version being served.")
+    count: int
+
+
+class ErrorBody(BaseModel):
+    error: str
+
+
+ERROR_RESPONSES = {code: {"model": ErrorBody} for code in (400, 401, 404, 413, 422, 503)}

@@ -1,0 +1,87 @@
+"""Safe defaults: a request body size limit enforced before the body is read, and the API key."""
+
+from __future__ import annotations
+
+import hmac
+import json
+from typing import Any, Awaitable, Callable
+
+from starlette.exceptions import HTTPException
+
+KEY_HEADER = "X-API-Key"
+KEY_COOKIE = "clipdex_key"
+
+Scope = dict[str, Any]
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+
+
+class BodyTooLarge(HTTPException):
+    """Raised while a streamed body is read; an HTTPException so FastAPI's body parsing passes it on."""
+
+    def __init__(self, max_bytes: int) -> None:
+        super().__init__(413, too_large_message(max_bytes))
+
+
+def too_large_message(max_bytes: int) -> str:
+    return f"the request body is larger than the server's limit of {max_bytes:,} bytes (see --max-body-mb)"
+
+
+class BodyLimit:
+    """ASGI middleware: 413 for a declared Content-Length over the limit, and for a streamed
+    (chunked) body the moment it crosses the limit, so an oversized upload is never buffered."""
+
+    def __init__(self, app: Callable, max_bytes: int) -> None:
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
+            return await self._refuse(send)
+        seen = 0
+        started = False
+
+        async def counted_receive() -> dict[str, Any]:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:
+                    raise BodyTooLarge(self.max_bytes)
+            return message
+
+        async def tracked_send(message: dict[str, Any]) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, counted_receive, tracked_send)
+        except BodyTooLarge:
+            if not started:
+                await self._refuse(send)
+
+    async def _refuse(self, send: Send) -> None:
+        body = json.dumps({"error": too_large_message(self.max_bytes)}).encode()
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                                (b"connection", b"close")]})
+        await send({"type": "http.response.body", "body": body})
+
+
+def presented_key(headers: Any, cookies: dict[str, str]) -> str | None:
+    """The key a request carries: ``X-API-Key``, ``Authorization: Bearer``, or the web page's cookie."""
+    if headers.get(KEY_HEADER):
+        return headers[KEY_HEADER]
+    scheme, _, token = (headers.get("authorization") or "").partition(" ")
+    if scheme.lower() == "bearer" and token:
+        return token.strip()
+    return cookies.get(KEY_COOKIE)
+
+
+def key_matches(expected: str | None, given: str | None) -> bool:
+    if expected is None:
+        return True
+    return given is not None and hmac.compare_digest(expected.encode(), given.encode())

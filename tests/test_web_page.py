@@ -1,0 +1,116 @@
+"""The search page in a real headless Chromium (Debian's chromium + chromedriver, driven by Selenium)
+against a real uvicorn server: type a query, see the right demo images, click one to search by it,
+filter with SQL, see errors as messages."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import tempfile
+import threading
+import time
+
+import pytest
+import uvicorn
+
+from server import ServeConfig, create_app
+
+CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
+BROWSER_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic",
+                 "--no-first-run", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--window-size=1280,900"]
+KEY = "page-key"
+
+if not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)):
+    if os.environ.get("CI"):  # CI installs them (.ci/run): never skip the browser test there
+        raise RuntimeError(f"{CHROMIUM} and {CHROMEDRIVER} are needed: apt-get install chromium chromium-driver")
+    pytest.skip("headless Chromium not installed (apt-get install chromium chromium-driver)", allow_module_level=True)
+
+from selenium import webdriver  # noqa: E402
+from selenium.webdriver.chrome.service import Service  # noqa: E402
+from selenium.webdriver.common.by import By  # noqa: E402
+from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def base_url(served_library):
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    app = create_app(ServeConfig(store=served_library[0], port=port, api_key=KEY))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert time.monotonic() < deadline, "the server did not start"
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    profile = tempfile.mkdtemp(prefix="clipdex-chromium-")
+    for flag in BROWSER_FLAGS + [f"--user-data-dir={profile}"]:
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    yield driver
+    driver.quit()
+    shutil.rmtree(profile, ignore_errors=True)
+
+
+def cards(browser):
+    return browser.find_elements(By.CSS_SELECTOR, "#results .hit")
+
+
+def wait_for_status(browser, text):
+    WebDriverWait(browser, 20).until(lambda b: text in b.find_element(By.ID, "status").text)
+    return browser.find_element(By.ID, "status")
+
+
+def search(browser, text, where=""):
+    for field, value in (("q", text), ("where", where)):
+        box = browser.find_element(By.ID, field)
+        box.clear()
+        box.send_keys(value)
+    browser.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
+
+
+def test_search_page_end_to_end(browser, base_url, served_library):
+    truth = {row["path"]: row for row in served_library[1]}
+    browser.get(base_url + "/")
+    assert "API key" in browser.page_source  # the key page first
+    browser.find_element(By.NAME, "key").send_keys(KEY + "\n")
+    WebDriverWait(browser, 20).until(lambda b: b.find_elements(By.ID, "q"))
+
+    colour, shape = served_library[1][0]["colour"], served_library[1][0]["shape"]
+    wanted = sum(1 for row in served_library[1] if (row["colour"], row["shape"]) == (colour, shape))
+    search(browser, f"a {colour} {shape}")
+    wait_for_status(browser, "results for")
+    shown = cards(browser)
+    assert len(shown) == 24
+    top = [truth[card.get_attribute("data-path")] for card in shown[:wanted]]
+    assert [(row["colour"], row["shape"]) for row in top] == [(colour, shape)] * wanted
+    first = shown[0].find_element(By.TAG_NAME, "img")
+    WebDriverWait(browser, 20).until(lambda b: b.execute_script(
+        "return arguments[0].complete && arguments[0].naturalWidth > 0", first))  # the thumbnail loaded
+
+    clicked = shown[5]
+    clicked_id, clicked_name = clicked.get_attribute("data-id"), clicked.get_attribute("data-path").split("/")[-1]
+    clicked.click()
+    wait_for_status(browser, f"like {clicked_name}")
+    assert cards(browser)[0].get_attribute("data-id") == clicked_id  # an image is its own nearest neighbour
+
+    search(browser, "a shape", where="width > 400")
+    wait_for_status(browser, 'results for "a shape"')
+    widths = [int(card.find_element(By.CLASS_NAME, "score").text.split("·")[1].split("×")[0]) for card in cards(browser)]
+    assert widths and all(width > 400 for width in widths)
+
+    search(browser, "a shape", where="widht >>> 3")
+    status = WebDriverWait(browser, 20).until(lambda b: b.find_element(By.CSS_SELECTOR, "#status.error"))
+    assert "invalid where filter" in status.text
