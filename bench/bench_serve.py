@@ -1,6 +1,6 @@
 """Load on `clipdex serve`: 200 concurrent clients for 30 s against /search and /cache/blend.
 
-The server runs as its own process (`clipdex serve`, defaults) on the demo store: 300 generated
+A one-client run follows each, for the latency without queueing. The server runs as its own process (`clipdex serve`, defaults) on the demo store: 300 generated
 images indexed with the bundled clipdex-shapes model. The load comes from wrk (Debian package
 `wrk`, C, one connection per client) so that the client costs little of the 2 cores the server
 also needs. Queries vary: /search draws from 96 texts, /cache/blend from 256 random features.
@@ -87,6 +87,7 @@ def start_server(store: Path, port: int) -> subprocess.Popen:
 
 
 def run_wrk(url: str, bodies: list[str], connections: int, seconds: int, threads: int) -> dict:
+    time.sleep(3)  # wrk stops with requests still queued in the server: let them drain first
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
         script.write(LUA % {"bodies": lua_list(bodies)})
     try:
@@ -112,6 +113,7 @@ def main() -> None:
     parser.add_argument("--work", default="/tmp/clipdex-serve-bench", help="Where the demo store is built.")
     parser.add_argument("--duration", type=int, default=30)
     parser.add_argument("--connections", type=int, default=200)
+    parser.add_argument("--single-duration", type=int, default=10, help="Seconds of the one-client run.")
     parser.add_argument("--threads", type=int, default=2, help="wrk threads (the load generator).")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--out", default=str(ROOT / "bench/results/serve.json"))
@@ -129,7 +131,10 @@ def main() -> None:
         for endpoint, bodies in (("/search", search_bodies()), ("/cache/blend", blend_bodies(64))):
             url = f"http://127.0.0.1:{port}{endpoint}"
             run_wrk(url, bodies, args.connections, args.warmup, args.threads)
-            runs[endpoint] = run_wrk(url, bodies, args.connections, args.duration, args.threads)
+            runs[endpoint] = {
+                f"{args.connections} clients": run_wrk(url, bodies, args.connections, args.duration, args.threads),
+                "1 client": run_wrk(url, bodies, 1, args.single_duration, 1),  # latency without queueing
+            }
             print(endpoint, json.dumps(runs[endpoint]), flush=True)
         rss = peak_rss_mb(server.pid)
     finally:
@@ -139,7 +144,8 @@ def main() -> None:
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.platform()}; server and wrk share it",
         "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
         "store": "demo: 300 images, clipdex-shapes (64-d), flat index",
-        "connections": args.connections, "duration_s": args.duration, "wrk_threads": args.threads,
+        "connections": args.connections, "duration_s": args.duration, "single_client_duration_s": args.single_duration,
+        "wrk_threads": args.threads,
         "server_peak_rss_mb": rss, "runs": runs,
     }
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")

@@ -135,7 +135,7 @@ class CacheRetriever:
         """
         import torch
 
-        k = self._check(queries, k, alpha, weighting, temperature)
+        k = self.check(queries, k, alpha, weighting, temperature)
         is_numpy = isinstance(queries, np.ndarray)
         original = torch.from_numpy(queries) if is_numpy else queries
         single = original.dim() == 1
@@ -155,7 +155,8 @@ class CacheRetriever:
             return Blended(features, ids.numpy(), scores.cpu().numpy())
         return Blended(features, ids.to(original.device), scores.to(original.device))
 
-    def _check(self, queries: Any, k: int, alpha: float, weighting: str, temperature: float) -> int:
+    def check(self, queries: Any, k: int, alpha: float, weighting: str, temperature: float) -> int:
+        """Validate a blend request (raising InputError with the reason); returns the k to use."""
         import torch
 
         if not isinstance(queries, (np.ndarray, torch.Tensor)):

@@ -27,7 +27,7 @@ KEY_MISSING = f"missing or wrong API key: send it in the {KEY_HEADER} header (or
 
 def create_app(config: ServeConfig, live: LiveStore | None = None) -> FastAPI:
     """The app for one store. *live* defaults to a :class:`LiveStore` on ``config.store``."""
-    live = live or LiveStore(config.store, config.refresh_seconds, config.device)
+    live = live or LiveStore(config.store, config.refresh_seconds, config.device, config.metadata_cache_rows)
     ctx = ServerContext(config, live, Encoder(config.device))
     if live.current().store.manifest.has_text_encoder:
         ctx.encoder.model(live.current())  # load now: fail at start, not on the first query

@@ -20,4 +20,5 @@ class ServeConfig:
     max_body_bytes: int = 16 * MIB  # uploads, base64 images and embedding batches alike
     max_image_pixels: int = 40_000_000  # uploads above this are refused before decoding
     thumbnail_size: int = 256
+    metadata_cache_rows: int = 1_000_000  # up to this many rows, result metadata is served from memory
     refresh_seconds: float = 0.5  # how often the store's manifest is checked for a newer index

@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
+from server.batching import MicroBatcher
+from server.blending import blend_jobs
 from store.errors import InputError, NotFoundError
 
 if TYPE_CHECKING:
@@ -25,6 +27,7 @@ class Encoder:
 
     device: str = "auto"
     lock: threading.Lock = field(default_factory=threading.Lock)
+    _batchers: dict[int, MicroBatcher] = field(default_factory=dict)
 
     def model(self, snapshot: "Snapshot") -> "ClipModel":
         from search.query import encoder_for
@@ -35,10 +38,17 @@ class Encoder:
                              "encoder: search it by embedding or id, or use /cache/blend")
         return encoder_for(snapshot.store, self.device)
 
-    def texts(self, snapshot: "Snapshot", texts: Sequence[str]) -> np.ndarray:
+    def text(self, snapshot: "Snapshot", text: str) -> np.ndarray:
+        """One text's embedding, computed in a batch with the texts of concurrent requests."""
         model = self.model(snapshot)
-        with self.lock:
-            return model.encode_texts(texts)
+        batcher = self._batchers.get(id(model))
+        if batcher is None:
+            def encode(texts: list[str]) -> np.ndarray:
+                with self.lock:
+                    return model.encode_texts(texts)
+
+            batcher = self._batchers.setdefault(id(model), MicroBatcher(encode, name="clipdex-text-encoder"))
+        return batcher(text)
 
     def images(self, snapshot: "Snapshot", images: Sequence["Image.Image"]) -> np.ndarray:
         model = self.model(snapshot)
@@ -51,6 +61,7 @@ class ServerContext:
     config: "ServeConfig"
     live: "LiveStore"
     encoder: Encoder
+    blender: MicroBatcher = field(default_factory=lambda: MicroBatcher(blend_jobs, name="clipdex-cache-blend"))
 
     def check_k(self, k: int) -> int:
         if k > self.config.max_k:

@@ -53,10 +53,12 @@ class Snapshot:
 class LiveStore:
     """The current :class:`Snapshot` of a store folder, kept up to date by :meth:`poll`."""
 
-    def __init__(self, directory: str | Path, refresh_seconds: float = 0.5, device: str = "auto") -> None:
+    def __init__(self, directory: str | Path, refresh_seconds: float = 0.5, device: str = "auto",
+                 cache_rows: int = 0) -> None:
         self.directory = Path(directory)
         self.refresh_seconds = refresh_seconds
         self.device = device
+        self.cache_rows = cache_rows
         self._snapshot = self._load()
         self._poll_lock = threading.Lock()
         self._stop = threading.Event()
@@ -111,7 +113,7 @@ class LiveStore:
         while True:
             stamp = _stamp(self.directory)
             try:
-                return Snapshot(Store.snapshot(self.directory), stamp, self.device)
+                return Snapshot(Store.snapshot(self.directory, self.cache_rows), stamp, self.device)
             except StoreError:
                 if attempt == LOAD_ATTEMPTS or _stamp(self.directory) == stamp:
                     raise  # not a race with the indexer: a real problem

@@ -13,6 +13,7 @@ from fastapi.responses import FileResponse
 
 from search.query import Query, Term
 from search.zeroshot import DEFAULT_TEMPLATE, classify_features
+from server.blending import BlendJob, BlendParams
 from server.context import ServerContext, stored_embedding, stored_row
 from server.media import image_from_base64, image_from_upload, thumbnail
 from server.schemas import (ERROR_RESPONSES, BlendRequest, BlendResponse, ClassifyRequest, Hit, LabelProb,
@@ -112,21 +113,20 @@ def cache_blend(body: BlendRequest, ctx: Context) -> dict:
     if lengths != {cache.dim}:
         raise InputError(f"every query must have {cache.dim} values (this store's dimension); "
                          f"got {', '.join(str(n) for n in sorted(lengths))}")
-    k = min(body.k, cache.size)
-    with np.errstate(over="ignore"):  # beyond float32 becomes inf, which blend refuses with a message
+    with np.errstate(over="ignore"):  # beyond float32 becomes inf, which check() refuses with a message
         queries = np.asarray(body.queries, np.float32)
-    out = cache.blend(queries, k, body.alpha, body.weighting, body.temperature,
-                      return_neighbours=body.return_neighbours)
-    if not body.return_neighbours:
-        return {"features": out.tolist(), "k": k}
-    return {"features": out.features.tolist(), "k": k, "ids": out.ids.tolist(), "scores": out.scores.tolist()}
+    params = BlendParams(min(body.k, cache.size), body.alpha, body.weighting, body.temperature)
+    cache.check(queries, *params)  # here, so one bad request never fails the batch it would join
+    out = ctx.blender(BlendJob(cache, queries, params))
+    neighbours = {"ids": out.ids.tolist(), "scores": out.scores.tolist()} if body.return_neighbours else {}
+    return {"features": out.features.tolist(), "k": params.k, **neighbours}
 
 
 def _term(ctx: ServerContext, snapshot, source: Source, weight: float) -> Term:
     if source.text is not None:
         if not source.text.strip():
             raise InputError("the search text is empty")
-        vector = ctx.encoder.texts(snapshot, [source.text])[0]
+        vector = ctx.encoder.text(snapshot, source.text)
     elif source.image is not None:
         vector = ctx.encoder.images(snapshot, [image_from_base64(source.image, ctx.config.max_image_pixels)])[0]
     elif source.id is not None:

@@ -60,17 +60,18 @@ class Store:
         return cls(directory, manifest)
 
     @classmethod
-    def snapshot(cls, directory: str | Path) -> "Store":
+    def snapshot(cls, directory: str | Path, cache_rows: int = 0) -> "Store":
         """A read-only view of the store exactly as its current index saw it.
 
         The images table is checked out at the version the index was built from and the index is
         loaded, so rows and neighbours always agree while an indexer commits newer versions.
+        Up to *cache_rows* rows, their metadata is kept in memory (see :meth:`Tables.pin`).
         """
         store = cls.open(directory)
         info = store.manifest.index
         if not info.file:
             raise StoreError(f"the store {store.directory} has no index yet: run `clipdex index` on it")
-        store.tables.pin(info.table_version)
+        store.tables.pin(info.table_version, cache_rows)
         store.faiss_index()
         return store
 
