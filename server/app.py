@@ -38,7 +38,7 @@ def create_app(config: ServeConfig, live: LiveStore | None = None) -> FastAPI:
         yield
         live.stop()
 
-    app = FastAPI(title="clipdex", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None,
+    app = FastAPI(title="clipdex", version=_version(), lifespan=lifespan, docs_url=None, redoc_url=None,
                   openapi_url=None, description="Search and cache retrieval over one clipdex store.")
     app.state.context = ctx
     app.add_middleware(BodyLimit, max_bytes=config.max_body_bytes)
@@ -117,6 +117,15 @@ def validation_message(errors: Any) -> str:
         message = str(error.get("msg", "invalid")).removeprefix("Value error, ")
         parts.append(f"{where}: {message}" if where else message)
     return "; ".join(parts) or "invalid request"
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("clipdex")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "0+unknown"
 
 
 def _asset(name: str) -> str:

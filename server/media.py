@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import io
 import os
 import tempfile
 from pathlib import Path
@@ -33,15 +34,21 @@ def image_from_upload(data: bytes, filename: str | None, max_pixels: int) -> "Im
     return decode_bytes(data, f"the upload {filename!r}" if filename else "the upload", max_pixels)
 
 
-def thumbnail(store_dir: Path, path: str, content_hash: str, size: int) -> Path:
-    """A JPEG at most *size* px on its longer side, made once per file content and kept in the store."""
+def thumbnail(store_dir: Path, path: str, content_hash: str, size: int) -> Path | bytes:
+    """A JPEG at most *size* px on its longer side, made once per file content and kept in the store
+    (or returned as bytes when the store folder is read-only)."""
     target = store_dir / THUMBNAIL_DIR / content_hash[:2] / f"{content_hash}-{size}.jpg"
     if target.is_file():
         return target
     image, _ = decode_image(path, draft=(size, size))
     image.thumbnail((size, size))
-    target.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=target.parent, suffix=".tmp")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        handle, temporary = tempfile.mkstemp(dir=target.parent, suffix=".tmp")
+    except OSError:
+        out = io.BytesIO()
+        image.save(out, "JPEG", quality=85)
+        return out.getvalue()
     try:
         with os.fdopen(handle, "wb") as out:
             image.save(out, "JPEG", quality=85)

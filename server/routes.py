@@ -4,12 +4,13 @@ takes one snapshot of the store at its start and uses only that one."""
 from __future__ import annotations
 
 import mimetypes
+import os
 from pathlib import Path as FilePath
 from typing import Annotated
 
 import numpy as np
 from fastapi import APIRouter, Depends, File, Form, Path, Request, UploadFile
-from fastapi.responses import FileResponse
+from fastapi.responses import FileResponse, Response
 
 from search.query import Query, Term
 from search.zeroshot import DEFAULT_TEMPLATE, classify_features
@@ -62,12 +63,14 @@ def image_file(image_id: ImageIdPath, ctx: Context) -> FileResponse:
     path = stored_row(ctx.live.current(), image_id, ["path"])["path"]
     if not FilePath(path).is_file():
         raise NotFoundError(f"image {image_id} was indexed from {path}, which is no longer there")
+    if not os.access(path, os.R_OK):
+        raise NotFoundError(f"image {image_id} is at {path}, which the server is not allowed to read")
     return FileResponse(path, media_type=mimetypes.guess_type(path)[0] or "application/octet-stream")
 
 
-@router.get("/thumbnails/{image_id}", response_class=FileResponse, summary="A JPEG thumbnail, cached in the store",
+@router.get("/thumbnails/{image_id}", response_class=Response, summary="A JPEG thumbnail, cached in the store",
             responses={200: {"content": {"image/jpeg": {}}}})
-def image_thumbnail(image_id: ImageIdPath, ctx: Context) -> FileResponse:
+def image_thumbnail(image_id: ImageIdPath, ctx: Context) -> Response:
     snapshot = ctx.live.current()
     row = stored_row(snapshot, image_id, ["path", "hash"])
     try:
@@ -76,7 +79,10 @@ def image_thumbnail(image_id: ImageIdPath, ctx: Context) -> FileResponse:
         if error.reason == "missing":
             raise NotFoundError(f"image {image_id} was indexed from {row['path']}, which is no longer there") from error
         raise
-    return FileResponse(made, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=86400"})
+    headers = {"Cache-Control": "private, max-age=86400"}
+    if isinstance(made, bytes):
+        return Response(made, media_type="image/jpeg", headers=headers)
+    return FileResponse(made, media_type="image/jpeg", headers=headers)
 
 
 @router.post("/classify", response_model=list[LabelProb], summary="Zero-shot classification of one image")

@@ -229,3 +229,12 @@ def test_health_and_info(client, served_library):
     assert info["model"] == "clipdex-shapes" and info["dim"] == 64 and info["limits"]["max_k"] == 50
     assert info["serving_version"] == health["version"] == info["index"]["table_version"]
     assert "/search" in client.get("/openapi.json").json()["paths"]
+
+
+def test_thumbnails_of_a_read_only_store_are_made_in_memory(tmp_path, rows):
+    from server.media import thumbnail
+
+    not_a_folder = tmp_path / "store-file"
+    not_a_folder.write_text("the store folder cannot take a thumbnails/ folder")
+    made = thumbnail(not_a_folder, rows[0]["path"], "abcdef", 64)
+    assert isinstance(made, bytes) and max(Image.open(io.BytesIO(made)).size) <= 64
