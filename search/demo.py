@@ -79,3 +79,4 @@ def demo_lines(directory: Path, count: int, write_library: Callable[[Path, int, 
            f"{info.count} images, {info.failures} failures, {info.index.type} index, "
            f"recall@10 {info.index.recall_at_10:.3f}")
     yield f'Try: clipdex search "a pink star" --store {store_dir}'
+    yield f"Or serve it: clipdex serve --store {store_dir}   (then open http://127.0.0.1:8000/)"

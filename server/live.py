@@ -41,6 +41,10 @@ class Snapshot:
     def version(self) -> int:
         return self.store.manifest.index.table_version
 
+    @property
+    def has_cache(self) -> bool:
+        return self._cache is not None
+
     def cache(self) -> "CacheRetriever":
         from search.cache import CacheRetriever
 
@@ -83,6 +87,8 @@ class LiveStore:
             if (new.file, new.table_version) == (old.file, old.table_version):
                 self._snapshot.stamp = snapshot.stamp  # manifest touched (ids reserved), same index
                 return False
+            if self._snapshot.has_cache:
+                snapshot.cache()  # build it before the swap: blend requests never wait for it
             self._snapshot = snapshot
             LOG.info("now serving version %d of %s (%d images)", snapshot.version, self.directory,
                      snapshot.store.manifest.index.count)

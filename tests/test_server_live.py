@@ -86,8 +86,10 @@ def test_a_server_started_mid_run_serves_the_indexed_version(tmp_path):
         assert len(hits) == 12 and set(gone) <= {hit["id"] for hit in hits}
         assert client.post("/search", json={"id": gone[0], "k": 1}).status_code == 200
         assert client.get(f"/thumbnails/{gone[0]}").status_code == 200
+        assert client.post("/cache/blend", json={"queries": [[0.1] * 64], "k": 3}).status_code == 200
         writer.rebuild_index()  # the run publishes
         assert app.state.context.live.poll()
+        assert app.state.context.live.current().has_cache  # made before the swap, as the old one was in use
         hits = client.post("/search", json={"text": "a shape", "k": 100}).json()
         assert len(hits) == 7 and not set(gone) & {hit["id"] for hit in hits}
         assert client.post("/search", json={"id": gone[0], "k": 1}).status_code == 404
