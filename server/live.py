@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from store.errors import StoreError, first_line
-from store.manifest import MANIFEST_NAME
+from store.manifest import MANIFEST_NAME, read_manifest
 from store.store import Store
 
 if TYPE_CHECKING:
@@ -74,18 +74,18 @@ class LiveStore:
     def poll(self) -> bool:
         """Swap in a newer published version if there is one; True when it did."""
         with self._poll_lock:
-            stamp = _stamp(self.directory)
-            if stamp == self._snapshot.stamp:
-                return False
+            old = self._snapshot.store.manifest.index
             try:
+                stamp = _stamp(self.directory)
+                if stamp == self._snapshot.stamp:
+                    return False
+                new = read_manifest(self.directory).index
+                if (new.file, new.table_version) == (old.file, old.table_version):
+                    self._snapshot.stamp = stamp  # manifest touched (ids reserved), same index
+                    return False
                 snapshot = self._load()
             except StoreError as error:  # keep serving the last good version
                 LOG.warning("store %s changed but cannot be loaded: %s", self.directory, first_line(error))
-                return False
-            old = self._snapshot.store.manifest.index
-            new = snapshot.store.manifest.index
-            if (new.file, new.table_version) == (old.file, old.table_version):
-                self._snapshot.stamp = snapshot.stamp  # manifest touched (ids reserved), same index
                 return False
             if self._snapshot.has_cache:
                 snapshot.cache()  # build it before the swap: blend requests never wait for it

@@ -93,3 +93,22 @@ def test_a_server_started_mid_run_serves_the_indexed_version(tmp_path):
         hits = client.post("/search", json={"text": "a shape", "k": 100}).json()
         assert len(hits) == 7 and not set(gone) & {hit["id"] for hit in hits}
         assert client.post("/search", json={"id": gone[0], "k": 1}).status_code == 404
+
+
+def test_a_damaged_or_missing_manifest_keeps_the_last_good_version(tmp_path, caplog):
+    library, store_dir = tmp_path / "library", tmp_path / "store"
+    write_library(library, 8, 24)
+    index_paths([library], store_dir, IndexConfig(model="clipdex-shapes", device="cpu", progress=False))
+    app = create_app(ServeConfig(store=store_dir, refresh_seconds=3600))
+    live = app.state.context.live
+    manifest = store_dir / "manifest.json"
+    good = manifest.read_text()
+    with TestClient(app) as client:
+        manifest.write_text("{ half a manifest")
+        assert not live.poll() and "damaged" in caplog.text
+        manifest.unlink()
+        assert not live.poll() and "no store at" in caplog.text
+        assert len(client.post("/search", json={"text": "a shape", "k": 20}).json()) == 8
+        manifest.write_text(good)
+        assert not live.poll()  # the same index as before: nothing to swap
+        assert client.get("/health").json()["count"] == 8
