@@ -17,7 +17,8 @@ from server.config import ServeConfig
 from server.context import Encoder, ServerContext
 from server.live import LiveStore
 from server.routes import context, router
-from server.schemas import ERROR_RESPONSES, Health
+from server.bodies import add_component_schemas
+from server.schemas import ERROR_RESPONSES, ClassifyForm, ClassifyRequest, Health, SearchForm, SearchRequest
 from server.security import KEY_COOKIE, KEY_HEADER, BodyLimit, key_matches, presented_key
 from store.errors import ClipdexError, InputError, NotFoundError
 
@@ -56,6 +57,15 @@ def create_app(config: ServeConfig, live: LiveStore | None = None) -> FastAPI:
         limits = {"max_k": config.max_k, "max_batch": config.max_batch, "max_body_bytes": config.max_body_bytes}
         return {"store": str(snapshot.store.directory), "serving_version": snapshot.version,
                 **snapshot.store.manifest.to_dict(), "limits": limits}
+
+    generate = app.openapi
+
+    def openapi_with_bodies() -> dict[str, Any]:
+        if app.openapi_schema is None:  # generate() fills it in; the bodies read by hand go in once
+            add_component_schemas(generate(), [SearchRequest, SearchForm, ClassifyRequest, ClassifyForm])
+        return app.openapi_schema
+
+    app.openapi = openapi_with_bodies  # type: ignore[method-assign]
 
     @app.get("/openapi.json", dependencies=[guard], include_in_schema=False)
     def openapi() -> dict[str, Any]:

@@ -30,8 +30,8 @@ def image_from_base64(text: str, max_pixels: int) -> "Image.Image":
     return decode_bytes(data, "the uploaded image", max_pixels)
 
 
-def image_from_upload(data: bytes, filename: str | None, max_pixels: int) -> "Image.Image":
-    return decode_bytes(data, f"the upload {filename!r}" if filename else "the upload", max_pixels)
+def image_from_upload(data: bytes, max_pixels: int) -> "Image.Image":
+    return decode_bytes(data, "the uploaded image", max_pixels)
 
 
 def thumbnail(store_dir: Path, path: str, content_hash: str, size: int) -> Path | bytes:

@@ -9,16 +9,18 @@ from pathlib import Path as FilePath
 from typing import Annotated
 
 import numpy as np
-from fastapi import APIRouter, Depends, File, Form, Path, Request, UploadFile
+from fastapi import APIRouter, Depends, Path, Request
+from starlette.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, Response
 
 from search.query import Query, Term
-from search.zeroshot import DEFAULT_TEMPLATE, classify_features
+from search.zeroshot import classify_features
 from server.blending import BlendJob, BlendParams
+from server.bodies import body_openapi, read_body
 from server.context import ServerContext, stored_embedding, stored_row
 from server.media import image_from_base64, image_from_upload, thumbnail
-from server.schemas import (ERROR_RESPONSES, BlendRequest, BlendResponse, ClassifyRequest, Hit, LabelProb,
-                            SearchRequest, Source)
+from server.schemas import (ERROR_RESPONSES, BlendRequest, BlendResponse, ClassifyForm, ClassifyRequest, Hit,
+                            LabelProb, SearchForm, SearchRequest, Source)
 from store.errors import ImageError, InputError, NotFoundError
 
 router = APIRouter(responses=ERROR_RESPONSES)
@@ -33,27 +35,29 @@ def context(request: Request) -> ServerContext:
 Context = Annotated[ServerContext, Depends(context)]
 
 
-@router.post("/search", response_model=list[Hit], summary="Search by text, image, id or embedding")
-def search(body: SearchRequest, ctx: Context) -> list[dict]:
-    """Nearest images to the query, best first. ``add``/``subtract`` terms move the query vector
-    (normalize(sum of weight x term)); ``where`` restricts the candidates with SQL before the search."""
+@router.post("/search", response_model=list[Hit], summary="Search by text, image, id or embedding",
+             openapi_extra=body_openapi(SearchRequest, SearchForm))
+async def search(request: Request, ctx: Context) -> list[dict]:
+    """Nearest images to the query, best first.
+
+    JSON: exactly one of ``text``, ``image`` (base64), ``id`` or ``embedding``; ``add``/``subtract``
+    terms move the query vector (normalize(sum of weight x term)); ``where`` restricts the candidates
+    with SQL before the search. Multipart: an ``image`` file, with ``k`` and ``where``.
+    """
+    body = await read_body(request, SearchRequest, SearchForm)
+    return await run_in_threadpool(_search, ctx, body)
+
+
+def _search(ctx: ServerContext, body: SearchRequest | SearchForm) -> list[dict]:
     ctx.check_k(body.k)
     snapshot = ctx.live.current()
+    if isinstance(body, SearchForm):
+        vector = ctx.encoder.images(snapshot, [image_from_upload(body.image, ctx.config.max_image_pixels)])[0]
+        return _run(snapshot, [Term(1.0, vector=tuple(vector.tolist()))], body.k, body.where)
     terms = [_term(ctx, snapshot, body, 1.0)]
     terms += [_term(ctx, snapshot, term, term.weight) for term in body.add]
     terms += [_term(ctx, snapshot, term, -term.weight) for term in body.subtract]
     return _run(snapshot, terms, body.k, body.where)
-
-
-@router.post("/search/upload", response_model=list[Hit], summary="Search by an uploaded image file")
-def search_upload(ctx: Context, file: Annotated[UploadFile, File(description="An image file.")],
-                  k: Annotated[int, Form(ge=1)] = 10,
-                  where: Annotated[str | None, Form(min_length=1, max_length=2000)] = None) -> list[dict]:
-    ctx.check_k(k)
-    snapshot = ctx.live.current()
-    image = image_from_upload(file.file.read(), file.filename, ctx.config.max_image_pixels)
-    vector = ctx.encoder.images(snapshot, [image])[0]
-    return _run(snapshot, [Term(1.0, vector=tuple(vector.tolist()))], k, where)
 
 
 @router.get("/images/{image_id}", response_class=FileResponse, summary="The indexed file itself",
@@ -85,26 +89,27 @@ def image_thumbnail(image_id: ImageIdPath, ctx: Context) -> Response:
     return FileResponse(made, media_type="image/jpeg", headers=headers)
 
 
-@router.post("/classify", response_model=list[LabelProb], summary="Zero-shot classification of one image")
-def classify(body: ClassifyRequest, ctx: Context) -> list[dict]:
-    """softmax(100 x cosine) over ``template`` filled with each label; the top ``k``."""
+@router.post("/classify", response_model=list[LabelProb], summary="Zero-shot classification of one image",
+             openapi_extra=body_openapi(ClassifyRequest, ClassifyForm))
+async def classify(request: Request, ctx: Context) -> list[dict]:
+    """softmax(100 x cosine) over ``template`` filled with each label; the top ``k``. JSON: a stored
+    image's ``id`` or a base64 ``image``; multipart: an ``image`` file and repeated ``labels``."""
+    body = await read_body(request, ClassifyRequest, ClassifyForm)
+    return await run_in_threadpool(_classify, ctx, body)
+
+
+def _classify(ctx: ServerContext, body: ClassifyRequest | ClassifyForm) -> list[dict]:
     snapshot = ctx.live.current()
-    if body.id is not None:
+    if isinstance(body, ClassifyRequest) and body.id is not None:
         features = stored_embedding(snapshot, body.id)
     else:
-        features = ctx.encoder.images(snapshot, [image_from_base64(body.image, ctx.config.max_image_pixels)])[0]
-    return _classify(ctx, snapshot, features, body.labels, body.template, body.k)
-
-
-@router.post("/classify/upload", response_model=list[LabelProb], summary="Zero-shot classification of an upload")
-def classify_upload(ctx: Context, file: Annotated[UploadFile, File(description="An image file.")],
-                    labels: Annotated[list[str], Form(min_length=1, max_length=1000)],
-                    template: Annotated[str, Form(min_length=2, max_length=500)] = DEFAULT_TEMPLATE,
-                    k: Annotated[int, Form(ge=1, le=1000)] = 5) -> list[dict]:
-    snapshot = ctx.live.current()
-    image = image_from_upload(file.file.read(), file.filename, ctx.config.max_image_pixels)
-    features = ctx.encoder.images(snapshot, [image])[0]
-    return _classify(ctx, snapshot, features, labels, template, k)
+        image = image_from_upload(body.image, ctx.config.max_image_pixels) if isinstance(body, ClassifyForm) \
+            else image_from_base64(body.image, ctx.config.max_image_pixels)
+        features = ctx.encoder.images(snapshot, [image])[0]
+    model = ctx.encoder.model(snapshot)
+    with ctx.encoder.lock:
+        ranked = classify_features(model, features[None, :], body.labels, body.template, body.k)[0]
+    return [{"label": s.label, "prob": s.prob} for s in ranked]
 
 
 @router.post("/cache/blend", response_model=BlendResponse, summary="Top-k cache retrieval with residual blending")
@@ -151,9 +156,3 @@ def _run(snapshot, terms: list[Term], k: int, where: str | None) -> list[dict]:
         query = query.where(where)
     return query.to_list()
 
-
-def _classify(ctx: ServerContext, snapshot, features: np.ndarray, labels, template: str, k: int) -> list[dict]:
-    model = ctx.encoder.model(snapshot)
-    with ctx.encoder.lock:
-        ranked = classify_features(model, features[None, :], labels, template, k)[0]
-    return [{"label": s.label, "prob": s.prob} for s in ranked]

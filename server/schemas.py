@@ -52,6 +52,14 @@ class SearchRequest(Source):
     model_config = ConfigDict(json_schema_extra={"examples": [{"text": "a red circle", "k": 5}]})
 
 
+class SearchForm(Strict):
+    """``POST /search`` as a multipart upload: ``-F image=@photo.jpg [-F k=5] [-F where=...]``."""
+
+    image: bytes = Field(description="An image file (JPEG, PNG, ...).")
+    k: int = Field(10, ge=1)
+    where: str | None = Field(None, min_length=1, max_length=2000)
+
+
 class Hit(BaseModel):
     id: int
     path: str
@@ -76,6 +84,15 @@ class ClassifyRequest(Strict):
 
     model_config = ConfigDict(extra="forbid", json_schema_extra={
         "examples": [{"id": 1, "labels": ["circle", "square", "star"], "k": 2}]})
+
+
+class ClassifyForm(Strict):
+    """``POST /classify`` as a multipart upload: ``-F image=@photo.jpg -F labels=cat -F labels=dog``."""
+
+    image: bytes = Field(description="An image file (JPEG, PNG, ...).")
+    labels: list[Text] = Field(min_length=1, max_length=1000)
+    template: str = Field(DEFAULT_TEMPLATE, min_length=2, max_length=500, description="Must contain {}.")
+    k: int = Field(5, ge=1, le=1000)
 
 
 class LabelProb(BaseModel):

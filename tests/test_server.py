@@ -64,7 +64,7 @@ def test_id_embedding_base64_and_upload_agree(client, rows, served_library):
     data = Path(row["path"]).read_bytes()
     _, by_base64 = post(client, "/search", {"image": base64.b64encode(data).decode(), "k": 4})
     _, by_data_url = post(client, "/search", {"image": "data:image/x;base64," + base64.b64encode(data).decode(), "k": 4})
-    uploaded = client.post("/search/upload", files={"file": ("x.jpg", data)}, data={"k": "4"}).json()
+    uploaded = client.post("/search", files={"image": ("x.jpg", data)}, data={"k": "4"}).json()
     assert by_base64[0]["id"] == by_data_url[0]["id"] == uploaded[0]["id"] == row["id"]
 
 
@@ -113,7 +113,7 @@ def test_classify_by_id_and_upload(client, rows):
         right += top[0]["label"] == row["shape"]
     assert right >= 8
     data = Path(rows[0]["path"]).read_bytes()
-    response = client.post("/classify/upload", files={"file": ("a.jpg", data)}, data={"labels": shapes, "k": "1"})
+    response = client.post("/classify", files={"image": ("a.jpg", data)}, data={"labels": shapes, "k": "1"})
     assert response.status_code == 200
     by_id = post(client, "/classify", {"id": rows[0]["id"], "labels": shapes, "k": 1})[1]
     assert response.json()[0]["label"] == by_id[0]["label"]
@@ -187,17 +187,31 @@ def test_nan_and_malformed_json_are_rejected(client):
 
 
 def test_uploads_too_large_or_not_images_are_refused(client):
-    response = client.post("/search/upload", files={"file": ("big.jpg", b"\xff" * (MAX_BODY + 10))})
-    assert response.status_code == 413 and "limit" in response.json()["error"]
+    def upload(files=None, data=None, url="/search"):
+        response = client.post(url, files=files, data=data)
+        return response.status_code, response.json()["error"] if response.status_code != 200 else None
+
+    status, error = upload({"image": ("big.jpg", b"\xff" * (MAX_BODY + 10))})
+    assert status == 413 and "limit" in error
     response = client.post("/search", content=b"{" + b" " * (2 * MAX_BODY) + b"}",
                            headers={"Content-Type": "application/json", "Transfer-Encoding": "chunked"})
     assert response.status_code == 413
-    response = client.post("/search/upload", files={"file": ("notes.txt", b"hello, world")})
-    assert response.status_code == 400 and "not an image" in response.json()["error"]
-    response = client.post("/search/upload", files={"file": ("empty.jpg", b"")})
-    assert response.status_code == 400 and "empty" in response.json()["error"]
-    response = client.post("/search/upload", data={"k": "3"})
-    assert response.status_code == 422 and "file" in response.json()["error"]
+    assert upload({"image": ("notes.txt", b"hello, world")}) == (400, "the uploaded image: not an image (unrecognised content)")
+    assert upload({"image": ("empty.jpg", b"")}) == (400, "the uploaded image: empty file")
+    status, error = upload(data={"k": "3"})
+    assert status == 422 and "image" in error
+    status, error = upload(data={"image": "not a file"})
+    assert status == 422 and "file upload" in error
+    status, error = upload({"image": ("a.jpg", b"x")}, {"k": "3", "colour": "red"})
+    assert status == 422 and "colour" in error
+    status, error = upload({"image": ("a.jpg", b"x")}, {"k": "0"})
+    assert status == 422 and "k" in error
+    status, error = upload({"image": ("a.jpg", b"x")}, url="/classify")
+    assert status == 422 and "labels" in error
+    response = client.post("/search", content=b"text=a red circle", headers={"Content-Type": "text/plain"})
+    assert response.status_code == 415 and "application/json or multipart/form-data" in response.json()["error"]
+    response = client.post("/search", content=b"--x\r\nbroken", headers={"Content-Type": "multipart/form-data"})
+    assert 400 <= response.status_code < 500 and "error" in response.json()
 
 
 def test_api_key_guards_everything_but_health(served_library):

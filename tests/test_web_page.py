@@ -111,6 +111,14 @@ def test_search_page_end_to_end(browser, base_url, served_library):
     widths = [int(card.find_element(By.CLASS_NAME, "score").text.split("·")[1].split("×")[0]) for card in cards(browser)]
     assert widths and all(width > 400 for width in widths)
 
+    example = served_library[1][2]["path"]
+    browser.find_element(By.ID, "where").clear()
+    chooser = browser.find_element(By.ID, "upload")
+    browser.execute_script("arguments[0].style.display = 'block'", chooser)  # hidden behind its label
+    chooser.send_keys(example)
+    wait_for_status(browser, "results for " + example.split("/")[-1])
+    assert cards(browser)[0].get_attribute("data-path") == example  # searching by a file finds it first
+
     search(browser, "a shape", where="widht >>> 3")
     status = WebDriverWait(browser, 20).until(lambda b: b.find_element(By.CSS_SELECTOR, "#status.error"))
     assert "invalid where filter" in status.text
