@@ -1,5 +1,6 @@
-"""The API endpoints. Handlers are plain ``def``: FastAPI runs them in its thread pool, and each
-takes one snapshot of the store at its start and uses only that one."""
+"""The API endpoints. The work runs in FastAPI's thread pool (plain ``def`` handlers, or
+``run_in_threadpool`` after reading a body), and each request takes one snapshot of the store at
+its start and uses only that one."""
 
 from __future__ import annotations
 
@@ -10,8 +11,8 @@ from typing import Annotated
 
 import numpy as np
 from fastapi import APIRouter, Depends, Path, Request
-from starlette.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, Response
+from starlette.concurrency import run_in_threadpool
 
 from search.query import Query, Term
 from search.zeroshot import classify_features

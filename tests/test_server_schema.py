@@ -26,6 +26,9 @@ def api_schema(served_library):
 def test_the_schema_lists_every_operation(api_schema):
     labels = {result.ok().label for result in api_schema.get_all_operations()}
     assert labels == set(OPERATIONS)
+    for path in ("/search", "/classify"):  # JSON, or a multipart upload of the image
+        content = api_schema.raw_schema["paths"][path]["post"]["requestBody"]["content"]
+        assert set(content) == {"application/json", "multipart/form-data"}
 
 
 NO_INPUT = {"GET /health", "GET /info"}  # nothing to break: negative generation has no case to make
