@@ -252,3 +252,28 @@ def test_thumbnails_of_a_read_only_store_are_made_in_memory(tmp_path, rows):
     not_a_folder.write_text("the store folder cannot take a thumbnails/ folder")
     made = thumbnail(not_a_folder, rows[0]["path"], "abcdef", 64)
     assert isinstance(made, bytes) and max(Image.open(io.BytesIO(made)).size) <= 64
+
+
+def test_a_client_that_leaves_mid_body_is_not_a_server_error(served_library, caplog):
+    import asyncio
+
+    app = create_app(ServeConfig(store=served_library[0]))
+    sent = []
+
+    async def scenario():
+        messages = iter([{"type": "http.request", "body": b'{"text": "a', "more_body": True},
+                         {"type": "http.disconnect"}])
+
+        async def receive():
+            return next(messages)
+
+        async def send(message):
+            sent.append(message)
+
+        scope = {"type": "http", "method": "POST", "path": "/search", "raw_path": b"/search", "query_string": b"",
+                 "headers": [(b"content-type", b"application/json")], "http_version": "1.1", "scheme": "http",
+                 "server": ("127.0.0.1", 8000), "client": ("127.0.0.1", 1234), "root_path": "", "app": app}
+        await app(scope, receive, send)
+
+    asyncio.run(scenario())
+    assert sent[0]["status"] == 400 and "unexpected error" not in caplog.text
