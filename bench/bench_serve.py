@@ -101,6 +101,25 @@ def run_wrk(url: str, bodies: list[str], connections: int, seconds: int, threads
     return result
 
 
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def measure(url: str, bodies: list[str], connections: int, seconds: int, single_seconds: int, threads: int,
+            warmup: int = 3) -> dict:
+    """A warm-up, then *connections* clients for *seconds*, then one client (latency without queueing)."""
+    run_wrk(url, bodies, connections, warmup, threads)
+    return {f"{connections} clients": run_wrk(url, bodies, connections, seconds, threads),
+            "1 client": run_wrk(url, bodies, 1, single_seconds, 1)}
+
+
+def report_header() -> dict:
+    return {"machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.platform()}; server and wrk share it",
+            "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])}
+
+
 def peak_rss_mb(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
@@ -122,27 +141,20 @@ def main() -> None:
         raise SystemExit("wrk is needed: apt-get install wrk")
 
     store = demo_store(Path(args.work))
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     server = start_server(store, port)
     try:
         runs = {}
         for endpoint, bodies in (("/search", search_bodies()), ("/cache/blend", blend_bodies(64))):
-            url = f"http://127.0.0.1:{port}{endpoint}"
-            run_wrk(url, bodies, args.connections, args.warmup, args.threads)
-            runs[endpoint] = {
-                f"{args.connections} clients": run_wrk(url, bodies, args.connections, args.duration, args.threads),
-                "1 client": run_wrk(url, bodies, 1, args.single_duration, 1),  # latency without queueing
-            }
+            runs[endpoint] = measure(f"http://127.0.0.1:{port}{endpoint}", bodies, args.connections, args.duration,
+                                     args.single_duration, args.threads, args.warmup)
             print(endpoint, json.dumps(runs[endpoint]), flush=True)
         rss = peak_rss_mb(server.pid)
     finally:
         server.terminate()
         server.wait(timeout=30)
     report = {
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.platform()}; server and wrk share it",
-        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        **report_header(),
         "store": "demo: 300 images, clipdex-shapes (64-d), flat index",
         "connections": args.connections, "duration_s": args.duration, "single_client_duration_s": args.single_duration,
         "wrk_threads": args.threads,

@@ -11,10 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -25,7 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.bench_serve import TEMPLATES, demo_store, peak_rss_mb, run_wrk  # noqa: E402
+from bench.bench_serve import TEMPLATES, demo_store, free_port, measure, peak_rss_mb, report_header  # noqa: E402
 
 MODEL = ROOT / "indexer" / "model_data"
 
@@ -79,9 +76,7 @@ def main() -> None:
     work = Path(args.work)
     demo_store(work)  # the same library bench_serve.py serves
     indices = build(args.clip_retrieval, work / "library", work / "peer")
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     back = subprocess.Popen(shim(args.clip_retrieval, "back", "--port", str(port), "--indices_paths", str(indices),
                                  "--enable_mclip_option", "False", "--use_jit", "False",
                                  "--clip_model", f"open_clip:clipdex-shapes/{MODEL / 'clipdex-shapes.pt'}",
@@ -98,9 +93,7 @@ def main() -> None:
 
         bodies = [json.dumps({"text": t.format(c, s), "modality": "image", "num_images": 10, "indice_name": "demo"})
                   for t in TEMPLATES for c in COLOURS for s in SHAPES]
-        run_wrk(url, bodies, args.connections, 3, 2)
-        runs = {f"{args.connections} clients": run_wrk(url, bodies, args.connections, args.duration, 2),
-                "1 client": run_wrk(url, bodies, 1, 10, 1)}
+        runs = measure(url, bodies, args.connections, args.duration, 10, 2)
         print(json.dumps(runs), flush=True)
         base = {"modality": "image", "num_images": 10, "indice_name": "demo"}
         probes = {
@@ -119,8 +112,7 @@ def main() -> None:
         back.terminate()
         back.wait(timeout=30)
     report = {
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.platform()}; server and wrk share it",
-        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        **report_header(),
         "peer": "clip-retrieval back (flask development server, its defaults), same demo images and model",
         "request": "POST /knn-service {text, modality: image, num_images: 10, indice_name}",
         "connections": args.connections, "duration_s": args.duration, "server_peak_rss_mb": rss,
