@@ -14,9 +14,35 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import click
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 
-from indexer.models import DEFAULT_MODEL
-from store.errors import ClipdexError, InputError
+from demo import DEMO_COUNT, DEMO_DIR, DEMO_SEED, demo_lines, plot_classification, plot_similarity, write_demo_library
+from encoder import DEFAULT_MODEL, MODELS, can_load, list_models, load_image
+from indexer import IndexConfig, index_paths
+from search import (
+    DEFAULT_TEMPLATE,
+    WEIGHTINGS,
+    BlendParams,
+    CacheRetriever,
+    Query,
+    Term,
+    check_text,
+    classify,
+    clean_labels,
+    get_label_set,
+    similarity,
+)
+from search.query import DEFAULT_K
+from search.zeroshot import DEFAULT_TOP_K, check_template
+from server.config import MIB, ServeConfig
+from store import AnnConfig, ClipdexError, InputError, Store, import_features
+from store.ann import ANN_KINDS
+from store.importer import IMPORTED
+
+INDEX = IndexConfig()  # option defaults come from the config objects, never re-declared here
+BLEND = BlendParams()
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
@@ -50,8 +76,6 @@ def _one_line_warning(message, category, filename, lineno, file=None, line=None)
 
 
 def _load_images(paths: Sequence[str]):
-    from indexer.images import load_image
-
     if not paths:
         raise InputError("give at least one image file")
     return [load_image(path) for path in paths]
@@ -80,8 +104,6 @@ def cli(verbose: int) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON array instead of a table.")
 def models_command(as_json: bool) -> None:
     """List the models and pretrained tags clipdex can load (bundled ones first)."""
-    from indexer.models import list_models
-
     infos = list_models()
     if as_json:
         click.echo(json.dumps([{"name": i.name, "pretrained": list(i.tags), "bundled": i.bundled} for i in infos]))
@@ -106,13 +128,10 @@ def compare_command(images, texts, as_json, plot, model_name, pretrained, device
     Example:
       clipdex compare a.jpg b.png --text "a dog" --text "a cat" --model clipdex-shapes
     """
-    from indexer.models import load_model
-    from search.zeroshot import similarity
-
-    if not [t for t in texts if t.strip()]:
-        raise InputError("--text is empty: give a text to compare")
+    for text in texts:
+        check_text(text, "--text")
     pictures = _load_images(images)
-    sims = similarity(load_model(model_name, pretrained, device), pictures, texts)
+    sims = similarity(MODELS.get(model_name, pretrained, device), pictures, texts)
     names = _names(images)
     if as_json:
         click.echo(json.dumps({"texts": list(texts), "images": list(images),
@@ -120,8 +139,6 @@ def compare_command(images, texts, as_json, plot, model_name, pretrained, device
     else:
         _print_matrix(sims, texts, names)
     if plot:
-        from search.plots import plot_similarity
-
         click.echo(f"plot written to {plot_similarity(sims, pictures, texts, plot)}", err=True)
 
 
@@ -137,8 +154,9 @@ def _print_matrix(sims, rows: Sequence[str], columns: Sequence[str]) -> None:
 @click.argument("images", nargs=-1, type=click.Path(dir_okay=False))
 @click.option("--labels", help="Comma-separated labels, or the name of a built-in set: cifar100.")
 @click.option("--labels-file", type=click.Path(dir_okay=False), help="A file with one label per line.")
-@click.option("--template", default="a photo of a {}", show_default=True, help="Prompt; '{}' is replaced by the label.")
-@click.option("-k", "--top-k", "k", default=5, show_default=True, type=int, help="How many labels to show per image.")
+@click.option("--template", default=DEFAULT_TEMPLATE, show_default=True, help="Prompt; '{}' is replaced by the label.")
+@click.option("-k", "--top-k", "k", default=DEFAULT_TOP_K, show_default=True, type=int,
+              help="How many labels to show per image.")
 @click.option("--json", "as_json", is_flag=True, help='Print [{"path", "top": [{"label", "prob"}]}] as JSON.')
 @click.option("--plot", type=click.Path(dir_okay=False), help="Also draw each image beside its top-k bar chart.")
 @model_options()
@@ -150,15 +168,10 @@ def classify_command(images, labels, labels_file, template, k, as_json, plot, mo
       clipdex classify photo.jpg --labels cifar100
       clipdex classify a.png --labels circle,square,triangle,star --model clipdex-shapes
     """
-    from indexer.models import load_model
-    from search.zeroshot import check_template, classify, clean_labels
-
     label_list = clean_labels(_read_labels(labels, labels_file))
     check_template(template)
-    if k < 1:
-        raise InputError(f"-k must be at least 1, got {k}")
     pictures = _load_images(images)
-    results = classify(load_model(model_name, pretrained, device), pictures, label_list, template, k)
+    results = classify(MODELS.get(model_name, pretrained, device), pictures, label_list, template, k)
     if as_json:
         click.echo(json.dumps([{"path": path, "top": [{"label": s.label, "prob": round(s.prob, 6)} for s in top]}
                                for path, top in zip(images, results)]))
@@ -168,14 +181,10 @@ def classify_command(images, labels, labels_file, template, k, as_json, plot, mo
             for score in top:
                 click.echo(f"  {score.prob:7.2%}  {score.label}")
     if plot:
-        from search.plots import plot_classification
-
         click.echo(f"plot written to {plot_classification(pictures, results, _names(images), plot)}", err=True)
 
 
 def _read_labels(labels: str | None, labels_file: str | None) -> list[str]:
-    from search.labelsets import get_label_set
-
     if bool(labels) == bool(labels_file):
         raise InputError("give exactly one of --labels a,b,c (or --labels cifar100) and --labels-file FILE")
     if labels_file:
@@ -188,8 +197,9 @@ def _read_labels(labels: str | None, labels_file: str | None) -> list[str]:
 
 @cli.command("demo-data", context_settings=CONTEXT)
 @click.argument("directory", type=click.Path(file_okay=False))
-@click.option("--count", "-n", default=300, show_default=True, type=click.IntRange(min=1), help="Number of images.")
-@click.option("--seed", default=7, show_default=True, type=int,
+@click.option("--count", "-n", default=DEMO_COUNT, show_default=True, type=click.IntRange(min=1),
+              help="Number of images.")
+@click.option("--seed", default=DEMO_SEED, show_default=True, type=int,
               help="Library seed; the bundled model was trained on seed 0, so other seeds are unseen data.")
 def demo_data_command(directory: str, count: int, seed: int) -> None:
     """Generate a synthetic photo library of coloured shapes (JPEG and PNG) plus labels.csv."""
@@ -198,51 +208,55 @@ def demo_data_command(directory: str, count: int, seed: int) -> None:
 
 
 def _write_demo_library(directory: Path, count: int, seed: int) -> Path:
+    with _progress(count, "generating") as bar:
+        return write_demo_library(directory, count, seed, progress=bar.update)
+
+
+def _progress(total: int, desc: str):
     from tqdm import tqdm
 
-    from indexer.shapes import write_library
-
-    if directory.exists() and any(directory.iterdir()):
-        raise InputError(f"{directory} is not empty: choose a new directory so nothing in it is overwritten")
-    with tqdm(total=count, desc="generating", unit="img", file=sys.stderr, disable=None) as bar:
-        return write_library(directory, count, seed, progress=bar.update)
+    return tqdm(total=total, desc=desc, unit="img", file=sys.stderr, disable=None)
 
 
 @cli.command("demo", context_settings=CONTEXT)
-@click.option("--dir", "directory", default="clipdex-demo", show_default=True, type=click.Path(file_okay=False),
+@click.option("--dir", "directory", default=DEMO_DIR, show_default=True, type=click.Path(file_okay=False),
               help="Where the demo library and plots go (reused when it already holds a demo library).")
-@click.option("--count", "-n", default=300, show_default=True, type=click.IntRange(min=20), help="Library size.")
+@click.option("--count", "-n", default=DEMO_COUNT, show_default=True, type=click.IntRange(min=20), help="Library size.")
 def demo_command(directory: str, count: int) -> None:
     """Run clipdex end to end, offline, on the bundled clipdex-shapes model and a generated library."""
-    from search.demo import demo_lines
-
     for line in demo_lines(Path(directory), count, _write_demo_library):
         click.echo(line)
 
 
 @cli.command("index", context_settings=CONTEXT)
 @click.argument("paths", nargs=-1, required=True, type=click.Path())
-@click.option("--store", "store_dir", required=True, type=click.Path(file_okay=False), help="Store folder (created if new).")
+@click.option("--store", "store_dir", required=True, type=click.Path(file_okay=False),
+              help="Store folder (created if new).")
 @model_options(default_model=None)
-@click.option("--batch-size", type=click.IntRange(min=1), help="Images per forward pass (default: 64 on CPU, 256 on CUDA).")
+@click.option("--batch-size", type=click.IntRange(min=1),
+              help="Images per forward pass (default: 64 on CPU, 256 on CUDA).")
 @click.option("--workers", type=click.IntRange(min=0), help="Parallel decoders (default: one per core, at most 8).")
-@click.option("--decoder", type=click.Choice(["auto", "threads", "processes"]), default="auto", show_default=True,
+@click.option("--decoder", type=click.Choice(["auto", "threads", "processes"]), default=INDEX.decoder,
+              show_default=True,
               help="Decode in threads (no start-up cost) or worker processes (more throughput for a GPU); "
                    "auto: processes on CUDA, threads on CPU.")
 @click.option("--captions", multiple=True, type=click.Path(dir_okay=False),
               help="CSV or Parquet with columns path, caption (repeatable). Sidecar photo.txt files are read too.")
-@click.option("--max-pixels", default=100_000_000, show_default=True, type=click.IntRange(min=1),
+@click.option("--max-pixels", default=INDEX.max_pixels, show_default=True, type=click.IntRange(min=1),
               help="Refuse images above this many pixels (decompression bombs).")
-@click.option("--commit-every", default=1024, show_default=True, type=click.IntRange(min=1),
+@click.option("--commit-every", default=INDEX.commit_every, show_default=True, type=click.IntRange(min=1),
               help="Rows per commit: an interrupted run loses at most this much work.")
-@click.option("--index-type", type=click.Choice(["auto", "flat", "ivf", "autofaiss"]), default="auto", show_default=True,
+@click.option("--index-type", type=click.Choice(list(ANN_KINDS)), default=INDEX.ann.kind, show_default=True,
               help="auto: exact search up to --ann-threshold vectors; above, IVF-Flat tuned to --target-recall while "
                    "the vectors fit --index-memory, else an autofaiss-tuned compressed index.")
-@click.option("--ann-threshold", default=200_000, show_default=True, type=click.IntRange(min=0))
-@click.option("--index-memory", default="16G", show_default=True, help="Memory budget of the index (e.g. 4G, 512M).")
-@click.option("--target-recall", default=0.98, show_default=True, type=click.FloatRange(0, 1, min_open=True),
+@click.option("--ann-threshold", default=INDEX.ann.ann_threshold, show_default=True, type=click.IntRange(min=0))
+@click.option("--index-memory", default=INDEX.ann.max_memory, show_default=True,
+              help="Memory budget of the index (e.g. 4G, 512M).")
+@click.option("--target-recall", default=INDEX.ann.target_recall, show_default=True,
+              type=click.FloatRange(0, 1, min_open=True),
               help="IVF-Flat: the smallest nprobe whose measured recall@10 reaches this.")
-@click.option("--max-query-ms", default=10.0, show_default=True, type=float, help="Query-time budget of an autofaiss index.")
+@click.option("--max-query-ms", default=INDEX.ann.max_query_ms, show_default=True, type=float,
+              help="Query-time budget of an autofaiss index.")
 @click.option("--json", "as_json", is_flag=True,
               help='Print {"scanned", "embedded", "reused", "removed", "failed", "seconds", ...} at the end.')
 def index_command(paths, store_dir, model_name, pretrained, device, batch_size, workers, decoder, captions, max_pixels,
@@ -258,9 +272,6 @@ def index_command(paths, store_dir, model_name, pretrained, device, batch_size, 
     Example:
       clipdex index ~/Pictures --store pictures.clipdex --model clipdex-shapes
     """
-    from indexer.run import IndexConfig, index_paths
-    from store.faiss_io import AnnConfig
-
     config = IndexConfig(model=model_name, pretrained=pretrained, device=device, batch_size=batch_size,
                          workers=workers, decoder=decoder, captions=tuple(captions), max_pixels=max_pixels, commit_every=commit_every,
                          ann=AnnConfig(kind=index_type, ann_threshold=ann_threshold, max_memory=index_memory,
@@ -284,8 +295,6 @@ def index_command(paths, store_dir, model_name, pretrained, device, batch_size, 
 @click.option("--failures", "show_failures", is_flag=True, help="Also list the files that could not be indexed.")
 def info_command(store_dir, as_json, show_failures) -> None:
     """Show what a store holds: model, dimensions, counts, index type and its measured recall@10."""
-    from store.store import Store
-
     store = Store.open(store_dir)
     manifest = store.manifest.to_dict()
     failures = store.tables.failures.search().to_arrow().to_pylist() if show_failures else []
@@ -310,10 +319,11 @@ def info_command(store_dir, as_json, show_failures) -> None:
 @cli.command("search", context_settings=CONTEXT)
 @click.argument("query", required=False)
 @click.option("--store", "store_dir", required=True, type=click.Path(file_okay=False))
-@click.option("-k", "--top-k", "k", default=10, show_default=True, type=int, help="Number of results.")
+@click.option("-k", "--top-k", "k", default=DEFAULT_K, show_default=True, type=int, help="Number of results.")
 @click.option("--image", type=click.Path(dir_okay=False), help="Search by this image instead of (or besides) text.")
 @click.option("--add", "adds", multiple=True, metavar="[W:]TERM", help="Add a text or image term, e.g. --add 2:sunset.")
-@click.option("--subtract", "subtracts", multiple=True, metavar="[W:]TERM", help="Subtract a term, e.g. --subtract dog.")
+@click.option("--subtract", "subtracts", multiple=True, metavar="[W:]TERM",
+              help="Subtract a term, e.g. --subtract dog.")
 @click.option("--where", "where", help="SQL prefilter on metadata, e.g. \"width > 500 AND path LIKE '%2024%'\".")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda (for encoding the query).")
 @click.option("--json", "as_json", is_flag=True, help="Print [{id, path, score, width, height, caption}] as JSON.")
@@ -326,16 +336,10 @@ def search_command(query, store_dir, k, image, adds, subtracts, where, device, a
       clipdex search --image photo.jpg --store demo.clipdex --where "width > 300"
       clipdex search "a circle" --add 2:blue --subtract red --store demo.clipdex
     """
-    from search.query import Query, Term
-    from store.store import Store
-
     if query is None and image is None:
         raise InputError("give a QUERY text, --image PATH, or both")
-    store = Store.open(store_dir)
     terms = ([Term(1.0, text=query)] if query is not None else []) + ([Term(1.0, image=image)] if image else [])
-    if query is not None and not query.strip():
-        raise InputError("the search text is empty")
-    search = Query(store, terms=tuple(terms), device=device).limit(k)
+    search = Query(Store.open(store_dir), terms=tuple(terms), device=device).limit(k)
     for term in adds:
         search = search.add(term)
     for term in subtracts:
@@ -355,13 +359,14 @@ def search_command(query, store_dir, k, image, adds, subtracts, where, device, a
 
 @cli.command("import", context_settings=CONTEXT)
 @click.argument("features", nargs=-1, required=True, type=click.Path())
-@click.option("--store", "store_dir", required=True, type=click.Path(file_okay=False), help="Store folder (created if new).")
+@click.option("--store", "store_dir", required=True, type=click.Path(file_okay=False),
+              help="Store folder (created if new).")
 @click.option("--metadata", type=click.Path(dir_okay=False),
               help="Row-aligned CSV/Parquet for a .npy file (columns like path/url, caption).")
-@click.option("--model-name", default="imported", show_default=True,
+@click.option("--model-name", default=IMPORTED, show_default=True,
               help="The embedding space, e.g. imagebind_huge. An open_clip name (with --pretrained) keeps text "
                    "search working on the store.")
-@click.option("--pretrained", default="imported", show_default=True, help="The weights the features came from.")
+@click.option("--pretrained", default=IMPORTED, show_default=True, help="The weights the features came from.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 def import_command(features, store_dir, metadata, model_name, pretrained, as_json) -> None:
     """Create or extend a store from features computed elsewhere.
@@ -376,9 +381,8 @@ def import_command(features, store_dir, metadata, model_name, pretrained, as_jso
     Example:
       clipdex import cc3m_imagebind/ --store cc3m.clipdex --model-name imagebind_huge
     """
-    from store.importer import import_features
-
-    summary = import_features(features, store_dir, metadata, model_name, pretrained)
+    summary = import_features(features, store_dir, metadata, model_name, pretrained,
+                              has_text_encoder=can_load(model_name, pretrained))
     if as_json:
         click.echo(json.dumps(summary))
     else:
@@ -396,21 +400,20 @@ def cache_group() -> None:
 @click.option("--store", "store_dir", required=True, type=click.Path(file_okay=False))
 @click.option("--queries", "queries_path", required=True, type=click.Path(dir_okay=False),
               help=".npy file of query features [B, C] (or [C]).")
-@click.option("-k", "k", default=10, show_default=True, type=int, help="Neighbours per query.")
-@click.option("--alpha", default=0.5, show_default=True, type=float, help="Weight of the cache aggregate, in [0, 1].")
-@click.option("--weighting", type=click.Choice(["paper", "reference"]), default="paper", show_default=True,
+@click.option("-k", "k", default=BLEND.k, show_default=True, type=int, help="Neighbours per query.")
+@click.option("--alpha", default=BLEND.alpha, show_default=True, type=float,
+              help="Weight of the cache aggregate, in [0, 1].")
+@click.option("--weighting", type=click.Choice(list(WEIGHTINGS)), default=BLEND.weighting, show_default=True,
               help="paper: eq. 3-4 as printed; reference: the authors' code (softmax, renormalised).")
-@click.option("--temperature", default=20.0, show_default=True, type=float, help="Softmax temperature (reference).")
+@click.option("--temperature", default=BLEND.temperature, show_default=True, type=float,
+              help="Softmax temperature (reference).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
-@click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False), help="Where to write the blended .npy.")
+@click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False),
+              help="Where to write the blended .npy.")
 @click.option("--neighbours-out", type=click.Path(dir_okay=False), help="Also write ids and scores as Parquet.")
 def cache_query_command(store_dir, queries_path, k, alpha, weighting, temperature, device, out_path,
                         neighbours_out) -> None:
     """Blend each query feature with its k nearest cache features; write the result as .npy."""
-    import numpy as np
-
-    from search.cache import CacheRetriever
-
     try:
         queries = np.load(queries_path)
     except (OSError, ValueError) as error:
@@ -420,9 +423,6 @@ def cache_query_command(store_dir, queries_path, k, alpha, weighting, temperatur
                              return_neighbours=True)
     np.save(out_path, result.features)
     if neighbours_out:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
         ids, scores = np.atleast_2d(result.ids), np.atleast_2d(result.scores)
         pq.write_table(pa.table({"query": np.repeat(np.arange(len(ids)), ids.shape[1]),
                                  "rank": np.tile(np.arange(1, ids.shape[1] + 1), len(ids)),
@@ -433,17 +433,19 @@ def cache_query_command(store_dir, queries_path, k, alpha, weighting, temperatur
 
 @cli.command("serve", context_settings=CONTEXT)
 @click.option("--store", "store_dir", required=True, type=click.Path(file_okay=False), help="The store to serve.")
-@click.option("--host", default="127.0.0.1", show_default=True,
-              help="Address to listen on; only this machine can connect unless you give 0.0.0.0 or an interface's address.")
-@click.option("--port", default=8000, show_default=True, type=click.IntRange(1, 65535))
+@click.option("--host", default=ServeConfig.host, show_default=True,
+              help="Address to listen on; only this machine can connect unless you give 0.0.0.0 or an "
+                   "interface's address.")
+@click.option("--port", default=ServeConfig.port, show_default=True, type=click.IntRange(1, 65535))
 @click.option("--api-key", envvar="CLIPDEX_API_KEY",
               help="Require this key (X-API-Key header, Authorization: Bearer, or the web page's prompt) on every "
                    "endpoint but /health. Env: CLIPDEX_API_KEY (keeps it out of the process list).")
-@click.option("--max-k", default=1000, show_default=True, type=click.IntRange(min=1), help="Largest k a request may ask for.")
-@click.option("--max-batch", default=1024, show_default=True, type=click.IntRange(min=1),
+@click.option("--max-k", default=ServeConfig.max_k, show_default=True, type=click.IntRange(min=1),
+              help="Largest k a request may ask for.")
+@click.option("--max-batch", default=ServeConfig.max_batch, show_default=True, type=click.IntRange(min=1),
               help="Most queries in one /cache/blend request.")
-@click.option("--max-body-mb", default=16.0, show_default=True, type=click.FloatRange(min=0.001),
-              help="Largest request body (uploads, base64 images, query batches).")
+@click.option("--max-body-mb", default=ServeConfig.max_body_bytes / MIB, show_default=True,
+              type=click.FloatRange(min=0.001), help="Largest request body (uploads, base64 images, query batches).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
 def serve_command(store_dir, host, port, api_key, max_k, max_batch, max_body_mb, device) -> None:
     """Serve a store over HTTP: the search page at /, the API described at /openapi.json.
@@ -456,14 +458,12 @@ def serve_command(store_dir, host, port, api_key, max_k, max_batch, max_body_mb,
       clipdex serve --store clipdex-demo/store
       curl -s localhost:8000/search -H 'Content-Type: application/json' -d '{"text": "a red circle", "k": 3}'
     """
-    import uvicorn
-
-    from server import ServeConfig, create_app
+    from server import create_app, serve  # start-up time: FastAPI and uvicorn load only for `serve`
 
     if api_key is not None and not api_key.strip():
         raise InputError("--api-key is empty: give a key, or leave the option out")
     config = ServeConfig(store=Path(store_dir), host=host, port=port, api_key=api_key, max_k=max_k,
-                         max_batch=max_batch, max_body_bytes=int(max_body_mb * (1 << 20)), device=device)
+                         max_batch=max_batch, max_body_bytes=int(max_body_mb * MIB), device=device)
     _check_port_free(host, port)
     if api_key is None and host not in ("127.0.0.1", "localhost", "::1"):
         click.echo(f"warning: listening on {host} without --api-key: anyone who can reach it can search this store",
@@ -471,7 +471,7 @@ def serve_command(store_dir, host, port, api_key, max_k, max_batch, max_body_mb,
     app = create_app(config)
     shown = f"[{host}]" if ":" in host else host
     click.echo(f"serving {store_dir} on http://{shown}:{port}/  (API: http://{shown}:{port}/openapi.json; Ctrl-C stops)")
-    uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)
+    serve(config, app)
 
 
 def _check_port_free(host: str, port: int) -> None:

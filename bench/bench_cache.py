@@ -80,7 +80,7 @@ def main() -> None:
     import torch
 
     from search.cache import CacheRetriever
-    from store.faiss_io import AnnConfig, build_index
+    from store.ann import AnnConfig, build_index
 
     started = time.perf_counter()
     data = clustered(args.rows, args.dim, args.clusters, spread=0.6)
@@ -114,8 +114,9 @@ def main() -> None:
             ours = cache.blend(queries[0], k=args.k, weighting="reference")
             theirs = reference_blend(built.index, queries[0], args.k)
             error = float(np.abs(ours - theirs).max())  # float16 storage vs float32 reconstruct
-            clipdex = timed(lambda q: cache.blend(q, k=args.k, weighting="reference"), queries)
-            reference = timed(lambda q: reference_blend(built.index, q, args.k), queries[: max(3, args.repeats // 4)])
+            clipdex = timed(lambda q, cache=cache: cache.blend(q, k=args.k, weighting="reference"), queries)
+            reference = timed(lambda q, index=built.index: reference_blend(index, q, args.k),
+                              queries[: max(3, args.repeats // 4)])
             row["batches"][str(batch)] = {"clipdex": clipdex, "reference": reference, "max_abs_difference": error,
                                           "speedup_p50": round(reference["p50_ms"] / clipdex["p50_ms"], 2)}
             print(json.dumps({name: {batch: row["batches"][str(batch)]}}), flush=True)

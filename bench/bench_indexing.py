@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def make_jpegs(directory: Path, count: int, seed: int = 2024) -> list[str]:
     """*count* JPEGs of mixed sizes (short side 300-1200 px), generated once and reused."""
-    from indexer.shapes import sample
+    from demo.shapes import sample
 
     directory.mkdir(parents=True, exist_ok=True)
     paths = []
@@ -44,21 +44,21 @@ def weights_for(model: str, work: Path) -> str:
     """The bundled weights, or random-init open_clip weights saved to a file (speed needs no training)."""
     import torch
 
-    from indexer.models import BUNDLED_MODELS, _open_clip
+    from encoder.registry import BUNDLED_MODELS, open_clip_module
 
     if model in BUNDLED_MODELS:
         return str(BUNDLED_MODELS[model].weights)
     path = work / f"{model}-random.pt"
     if not path.exists():
         torch.manual_seed(0)
-        torch.save(_open_clip().create_model(model).state_dict(), path)
+        torch.save(open_clip_module().create_model(model).state_dict(), path)
     return str(path)
 
 
 def forward_only(model: str, weights: str, batch: int = 64, seconds: float = 20.0) -> float:
     import torch
 
-    from indexer.models import load_model
+    from encoder.model import load_model
 
     clip = load_model(model, weights, device="cpu")
     pixels = torch.randn(batch, 3, *clip.image_size)
@@ -100,7 +100,7 @@ def run_lancedb(model: str, weights: str, paths: list[str], work: Path) -> dict:
 
 
 def run_clip_retrieval(python: str, model: str, weights: str, images: Path, work: Path, batch: int) -> dict:
-    from indexer.models import BUNDLED_MODELS
+    from encoder.registry import BUNDLED_MODELS
 
     output = work / f"clip-retrieval-{model}"
     shutil.rmtree(output, ignore_errors=True)

@@ -20,7 +20,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -32,9 +31,9 @@ WORDS = ["dog", "cat", "beach", "sunset", "car", "mountain", "city", "forest", "
 
 
 def build_store(directory: Path, count: int, model: str, weights: str, dim: int):
-    from store.faiss_io import AnnConfig
+    from store.ann import AnnConfig
     from store.store import Store
-    from store.tables import image_schema, vectors
+    from store.tables import image_rows
 
     shutil.rmtree(directory, ignore_errors=True)
     store = Store.create(directory, model, os.path.abspath(weights), dim)
@@ -44,31 +43,28 @@ def build_store(directory: Path, count: int, model: str, weights: str, dim: int)
     for start in range(0, count, 100_000):
         n = min(100_000, count - start)
         ids = np.arange(start + 1, start + n + 1)
-        store.tables.add(pa.table({
-            "id": pa.array(ids, pa.int64()), "hash": pa.array([f"{i:032x}" for i in ids]),
-            "path": pa.array([f"/photos/{2015 + i % 10}/img_{i:07d}.jpg" for i in ids]),
-            "bytes": pa.array(rng.integers(50_000, 5_000_000, n), pa.int64()),
-            "mtime": pa.array(np.full(n, 1.7e9)), "width": pa.array(rng.integers(300, 4000, n), pa.int32()),
-            "height": pa.array(rng.integers(300, 4000, n), pa.int32()), "caption": pa.nulls(n, pa.string()),
-            "embedding": vectors(data[start:start + n], dim),
-            "caption_embedding": pa.nulls(n, pa.list_(pa.float32(), dim)),
-        }, schema=image_schema(dim)))
+        store.tables.add(image_rows(
+            dim, id=ids, hash=[f"{i:032x}" for i in ids],
+            path=[f"/photos/{2015 + i % 10}/img_{i:07d}.jpg" for i in ids],
+            bytes=rng.integers(50_000, 5_000_000, n), mtime=np.full(n, 1.7e9),
+            width=rng.integers(300, 4000, n), height=rng.integers(300, 4000, n), embedding=data[start:start + n]))
     write_seconds = time.perf_counter() - started
-    store.update_manifest(next_id=count + 1)
+    store.reserve_ids(count, first=1)
     info = store.rebuild_index(AnnConfig())
     return store, write_seconds, info
 
 
 def latency(store, queries: list[str], k: int, where: str | None = None) -> dict:
-    from search.query import encoder_for
-    from store.faiss_io import search
+    from encoder import MODELS
+    from search import Query
+    from store.ann import search
 
-    model = encoder_for(store, device="cpu")
+    model = MODELS.for_manifest(store.manifest, device="cpu")
     index = store.faiss_index()
     parts = {"total": [], "encode": [], "ann": [], "join": []}
     for i, text in enumerate(queries):
         started = time.perf_counter()
-        query = store.search(text).limit(k)
+        query = Query.create(store, text).limit(k)
         query = query.where(where) if where else query
         rows = query.to_arrow()
         parts["total"].append(time.perf_counter() - started)
@@ -103,7 +99,7 @@ def main() -> None:
 
     args.work.mkdir(parents=True, exist_ok=True)
     weights = weights_for(args.model, args.work)
-    from indexer.models import load_model
+    from encoder.model import load_model
 
     dim = load_model(args.model, weights, device="cpu").embed_dim
     rng = np.random.default_rng(0)

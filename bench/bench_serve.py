@@ -1,9 +1,10 @@
 """Load on `clipdex serve`: 200 concurrent clients for 30 s against /search and /cache/blend.
 
-A one-client run follows each, for the latency without queueing. The server runs as its own process (`clipdex serve`, defaults) on the demo store: 300 generated
-images indexed with the bundled clipdex-shapes model. The load comes from wrk (Debian package
-`wrk`, C, one connection per client) so that the client costs little of the 2 cores the server
-also needs. Queries vary: /search draws from 96 texts, /cache/blend from 256 random features.
+A one-client run follows each, for the latency without queueing. The server runs as its own
+process (`clipdex serve`, defaults) on the demo store: 300 generated images indexed with the
+bundled clipdex-shapes model. The load comes from wrk (Debian package `wrk`, C, one connection
+per client) so that the client costs little of the 2 cores the server also needs. Queries vary:
+/search draws from 96 texts, /cache/blend from 256 random features.
 
     apt-get install wrk
     python bench/bench_serve.py --duration 30 --connections 200 --out bench/results/serve.json
@@ -47,8 +48,8 @@ end
 
 
 def demo_store(work: Path) -> Path:
+    from demo.shapes import write_library
     from indexer.run import IndexConfig, index_paths
-    from indexer.shapes import write_library
 
     store = work / "store"
     if not (store / "manifest.json").is_file():
@@ -58,7 +59,7 @@ def demo_store(work: Path) -> Path:
 
 
 def search_bodies() -> list[str]:
-    from indexer.shapes import COLOURS, SHAPES
+    from demo.shapes import COLOURS, SHAPES
 
     return [json.dumps({"text": t.format(c, s), "k": 10}) for t in TEMPLATES for c in COLOURS for s in SHAPES]
 

@@ -89,7 +89,7 @@ def main() -> None:
             if back.poll() is not None or time.monotonic() > deadline:
                 raise SystemExit("clip-retrieval back did not start")
             time.sleep(1)
-        from indexer.shapes import COLOURS, SHAPES
+        from demo.shapes import COLOURS, SHAPES
 
         bodies = [json.dumps({"text": t.format(c, s), "modality": "image", "num_images": 10, "indice_name": "demo"})
                   for t in TEMPLATES for c in COLOURS for s in SHAPES]

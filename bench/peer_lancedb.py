@@ -14,9 +14,9 @@ def main() -> None:
     from lancedb.pydantic import LanceModel, Vector
 
     if model == "clipdex-shapes":  # only registers the config with open_clip; LanceDB does the rest
-        from indexer.models import _open_clip
+        from encoder.registry import open_clip_module
 
-        _open_clip()
+        open_clip_module()
     function = get_registry().get("open-clip").create(name=model, pretrained=weights, device="cpu")
 
     class Images(LanceModel):

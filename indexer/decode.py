@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
-from indexer.images import decode_image
+from encoder.images import decode_image
 from store.errors import ImageError
 
 if TYPE_CHECKING:

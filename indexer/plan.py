@@ -16,6 +16,7 @@ from typing import Callable, Iterable
 import pyarrow as pa
 
 from indexer.scanner import Failure, FoundFile, Scan
+from store.errors import InputError, first_line
 
 HASH_CHUNK = 1 << 20
 
@@ -52,17 +53,24 @@ class Plan:
     next_id: int = 1
 
     @property
+    def new_ids(self) -> int:
+        return self.next_id - self.first_new_id
+
+    @property
     def reused(self) -> int:
         return len(self.copies) + sum(1 for job in self.moves if job.source_id is not None)
 
 
-def make_plan(scan: Scan, rows: pa.Table, next_id: int, captions: Callable[[str], str | None],
+def make_plan(scan: Scan, rows: pa.Table, first_new_id: int, captions: Callable[[str], str | None],
               workers: int = 4, progress: Callable[[int], None] | None = None) -> Plan:
-    """Decide what to embed, move, copy and remove. *rows* has id, hash, path, bytes, mtime, caption."""
+    """Decide what to embed, move, copy and remove. *rows* has id, hash, path, bytes, mtime, caption.
+
+    New files get ids from *first_new_id* on (the store's first free id); the caller reserves
+    ``plan.new_ids`` of them before writing any row.
+    """
     existing = {path: row for path, row in zip(rows.column("path").to_pylist(), rows.to_pylist())}
     found = {f.path for f in scan.files}
-    next_id = max(next_id, max((r["id"] for r in existing.values()), default=0) + 1)
-    plan = Plan(first_new_id=next_id, next_id=next_id)
+    plan = Plan(first_new_id=first_new_id, next_id=first_new_id)
 
     changed: list[FoundFile] = []
     for file in scan.files:
@@ -138,8 +146,6 @@ def read_captions(sources: Iterable[str | os.PathLike]) -> dict[str, str]:
     """
     import pyarrow.csv as pacsv
     import pyarrow.parquet as pq
-
-    from store.errors import InputError, first_line
 
     mapping: dict[str, str] = {}
     for source in sources:

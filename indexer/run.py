@@ -18,17 +18,16 @@ from typing import Sequence
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute  # noqa: F401  (pa.compute)
+import pyarrow.compute as pc
 
+from encoder import DEFAULT_MAX_PIXELS, DEFAULT_MODEL, MODELS, ClipModel, pretrained_label
 from indexer.decode import decoded_batches
-from indexer.images import DEFAULT_MAX_PIXELS
-from indexer.models import DEFAULT_MODEL, ClipModel, load_model, pretrained_label
 from indexer.plan import Job, Plan, make_plan, read_captions, sidecar_caption
 from indexer.scanner import Failure, scan
+from store.ann import AnnConfig
 from store.errors import InputError
-from store.faiss_io import AnnConfig
 from store.store import Store
-from store.tables import FAILURE_SCHEMA, column_vectors, image_schema, vectors
+from store.tables import FAILURE_SCHEMA, column_vectors, image_rows
 
 LOG = logging.getLogger(__name__)
 
@@ -89,7 +88,7 @@ def index_paths(paths: Sequence[str | os.PathLike], store_dir: str | Path,
     name, pretrained = choose_model(existing, config)
     if existing is not None:  # refuse a mismatch before spending time on loading a model
         existing.check_model(name, pretrained_label(name, pretrained))
-    model = load_model(name, pretrained, device=config.device)
+    model = MODELS.get(name, pretrained, device=config.device)
     LOG.info("model loaded at %.2fs", time.perf_counter() - started)
     if existing is not None:
         existing.check_model(model.name, model.pretrained, model.embed_dim)
@@ -99,9 +98,9 @@ def index_paths(paths: Sequence[str | os.PathLike], store_dir: str | Path,
     workers = config.workers if config.workers is not None else min(8, os.cpu_count() or 1)
 
     with _bar(config, len(found.files), "checking") as bar:
-        plan = make_plan(found, store.tables.file_rows(), store.manifest.next_id, captions, max(4, workers),
+        plan = make_plan(found, store.tables.file_rows(), store.next_free_id(), captions, max(4, workers),
                          bar.update)
-    store.update_manifest(next_id=plan.next_id)  # reserve the ids before any row uses them
+    store.reserve_ids(plan.new_ids, first=plan.first_new_id)
     LOG.info("planned at %.2fs: %d to embed, %d moves, %d copies, %d removed", time.perf_counter() - started,
              len(plan.embed), len(plan.moves), len(plan.copies), len(plan.removed_ids))
 
@@ -162,14 +161,11 @@ def _caption_vectors(model: ClipModel, jobs: Sequence[Job]) -> pa.Array:
     return pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), dim, mask=pa.array(mask))
 
 
-def _file_columns(jobs: Sequence[Job]) -> dict[str, pa.Array]:
+def _file_columns(jobs: Sequence[Job]) -> dict[str, list]:
     return {
-        "id": pa.array([j.id for j in jobs], pa.int64()),
-        "hash": pa.array([j.hash for j in jobs]),
-        "path": pa.array([j.file.path for j in jobs]),
-        "bytes": pa.array([j.file.bytes for j in jobs], pa.int64()),
-        "mtime": pa.array([j.file.mtime for j in jobs], pa.float64()),
-        "caption": pa.array([j.caption for j in jobs], pa.string()),
+        "id": [j.id for j in jobs], "hash": [j.hash for j in jobs], "path": [j.file.path for j in jobs],
+        "bytes": [j.file.bytes for j in jobs], "mtime": [j.file.mtime for j in jobs],
+        "caption": [j.caption for j in jobs],
     }
 
 
@@ -177,22 +173,22 @@ def _write_moves(store: Store, model: ClipModel, plan: Plan) -> None:
     """Moved, touched and re-captioned files: new metadata under the same id, no re-embedding."""
     jobs = plan.moves + plan.recaption
     if jobs:
-        store.tables.update_files(pa.table({**_file_columns(jobs), "caption_embedding": _caption_vectors(model, jobs)}))
+        store.tables.update_files(image_rows(model.embed_dim, partial=True, **_file_columns(jobs),
+                                             caption_embedding=_caption_vectors(model, jobs)))
 
 
 def _write_copies(store: Store, model: ClipModel, plan: Plan) -> None:
     if not plan.copies:
         return
-    sources = store.tables.rows_by_id(sorted({j.source_id for j in plan.copies}), ["id", "width", "height", "embedding"])
+    source_ids = sorted({j.source_id for j in plan.copies})
+    sources = store.tables.rows_by_id(source_ids, ["id", "width", "height", "embedding"])
     by_id = {row_id: i for i, row_id in enumerate(sources.column("id").to_pylist())}
     jobs = [job for job in plan.copies if job.source_id in by_id]  # a source deleted meanwhile: next run embeds
     take = pa.array([by_id[job.source_id] for job in jobs])
-    store.tables.add(pa.table({
-        **_file_columns(jobs),
-        "width": sources.column("width").take(take), "height": sources.column("height").take(take),
-        "embedding": vectors(column_vectors(sources)[take.to_numpy()], model.embed_dim),
-        "caption_embedding": _caption_vectors(model, jobs),
-    }, schema=image_schema(model.embed_dim)))
+    store.tables.add(image_rows(
+        model.embed_dim, **_file_columns(jobs),
+        width=sources.column("width").take(take), height=sources.column("height").take(take),
+        embedding=column_vectors(sources)[take.to_numpy()], caption_embedding=_caption_vectors(model, jobs)))
 
 
 def _embed(store: Store, model: ClipModel, jobs: list[Job], config: IndexConfig, workers: int, first_new_id: int):
@@ -200,7 +196,6 @@ def _embed(store: Store, model: ClipModel, jobs: list[Job], config: IndexConfig,
 
     New ids are appended; rows of modified files (older ids) are upserted, which costs a join.
     """
-    schema = image_schema(model.embed_dim)
     pending: list[pa.Table] = []
     pending_rows, embedded, failures = 0, 0, []
 
@@ -208,9 +203,9 @@ def _embed(store: Store, model: ClipModel, jobs: list[Job], config: IndexConfig,
         nonlocal pending, pending_rows, embedded
         if pending:
             rows = pa.concat_tables(pending)
-            is_new = pa.compute.greater_equal(rows.column("id"), first_new_id)
+            is_new = pc.greater_equal(rows.column("id"), first_new_id)
             store.tables.add(rows.filter(is_new))
-            store.tables.upsert(rows.filter(pa.compute.invert(is_new)))
+            store.tables.upsert(rows.filter(pc.invert(is_new)))
             embedded += pending_rows
             pending, pending_rows = [], 0
 
@@ -224,13 +219,11 @@ def _embed(store: Store, model: ClipModel, jobs: list[Job], config: IndexConfig,
             failures += batch.failures
             if batch.positions:
                 batch_jobs = [jobs[p] for p in batch.positions]
-                pending.append(pa.table({
-                    **_file_columns(batch_jobs),
-                    "width": pa.array([w for w, _ in batch.sizes], pa.int32()),
-                    "height": pa.array([h for _, h in batch.sizes], pa.int32()),
-                    "embedding": vectors(model.encode_pixels(batch.pixels), model.embed_dim),
-                    "caption_embedding": _caption_vectors(model, batch_jobs),
-                }, schema=schema))
+                pending.append(image_rows(
+                    model.embed_dim, **_file_columns(batch_jobs),
+                    width=[w for w, _ in batch.sizes], height=[h for _, h in batch.sizes],
+                    embedding=model.encode_pixels(batch.pixels),
+                    caption_embedding=_caption_vectors(model, batch_jobs)))
                 pending_rows += len(batch_jobs)
             if pending_rows >= config.commit_every:
                 commit()

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
-from indexer.images import is_image_path
+from encoder.images import is_image_path
 from store.errors import InputError
 
 

@@ -2,7 +2,7 @@
 
 Reproduce the shipped weights (about 30 minutes on a 2-core machine):
 
-    python scripts/train_demo_model.py --out indexer/model_data/clipdex-shapes.pt
+    python scripts/train_demo_model.py --out encoder/model_data/clipdex-shapes.pt
 
 Training data is library seed 0; the quality check below uses seed 99 and the test-suite uses
 seed 7, so neither has seen a training image. The loss is CLIP's symmetric cross-entropy with
@@ -24,10 +24,10 @@ import open_clip
 import torch
 import torch.nn.functional as F
 
-from indexer.shapes import COLOURS, SHAPES, jpeg_roundtrip, sample
-from search.quality import precision_at_k, zero_shot_accuracy
+from demo.shapes import SHAPES, jpeg_roundtrip, sample
+from search.metrics import precision_at_k, zero_shot_accuracy
 
-CONFIG = Path(__file__).resolve().parents[1] / "indexer" / "model_data" / "clipdex-shapes.json"
+CONFIG = Path(__file__).resolve().parents[1] / "encoder" / "model_data" / "clipdex-shapes.json"
 ATTRIBUTES = ("colour", "shape", "position", "background")
 # (template, attributes it names): varied so the model learns each attribute on its own.
 TEMPLATES = [

@@ -21,6 +21,7 @@ Free functions over torch tensors (float32 math, any device); validation is the 
 
 from __future__ import annotations
 
+from dataclasses import astuple, dataclass
 from typing import TYPE_CHECKING, Literal
 
 if TYPE_CHECKING:
@@ -28,6 +29,20 @@ if TYPE_CHECKING:
 
 Weighting = Literal["paper", "reference"]
 WEIGHTINGS: tuple[str, ...] = ("paper", "reference")
+
+
+@dataclass(frozen=True)
+class BlendParams:
+    """One blend request's settings; the defaults are what ``clipdex cache query``, the Python API
+    and the HTTP API use."""
+
+    k: int = 10
+    alpha: float = 0.5
+    weighting: Weighting = "paper"
+    temperature: float = 20.0
+
+    def astuple(self) -> tuple:
+        return astuple(self)
 
 
 def blend_paper(queries: "torch.Tensor", scores: "torch.Tensor", values: "torch.Tensor", alpha: float) -> "torch.Tensor":

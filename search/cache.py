@@ -16,13 +16,15 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
-from search.blend import WEIGHTINGS, Weighting, blend
+from encoder import resolve_device
+from search.blend import WEIGHTINGS, BlendParams, Weighting, blend
+from search.terms import check_k
+from store.ann import search as ann_search
 from store.errors import InputError, StoreError
+from store.store import Store
 
 if TYPE_CHECKING:
     import torch
-
-    from store.store import Store
 
 LOG = logging.getLogger(__name__)
 GPU_CHUNK_ROWS = 1 << 20  # keys scored per matmul on CUDA, bounding the [B, chunk] score buffer
@@ -57,13 +59,11 @@ class CacheRetriever:
 
     @classmethod
     def open(cls, store: "Store | str | Path", device: str = "auto", dtype: str = "float16") -> "CacheRetriever":
-        from store.store import Store
-
         store = store if isinstance(store, Store) else Store.open(store)
         ids, vectors = store.tables.vectors()
         if not len(ids):
             raise StoreError(f"the store {store.directory} is empty: nothing to retrieve from")
-        device = _device(device)
+        device = resolve_device(device)
         index = None if device.startswith("cuda") else store.faiss_index()
         cache = cls.from_arrays(ids, vectors, device=device, dtype=dtype, index=index)
         if index is not None:
@@ -81,7 +81,7 @@ class CacheRetriever:
         ids = np.asarray(ids, np.int64)
         order = np.argsort(ids, kind="stable")
         features = np.ascontiguousarray(np.asarray(features, np.float32)[order])
-        device = _device(device)
+        device = resolve_device(device)
         if index is None and not device.startswith("cuda"):
             import faiss
 
@@ -108,9 +108,7 @@ class CacheRetriever:
                 else:
                     best_scores, best_rows = top.values, rows
             return best_rows
-        from store.faiss_io import search
-
-        _, found = search(self.index, queries.numpy(), k)
+        _, found = ann_search(self.index, queries.numpy(), k)
         short = (found < 0).any(axis=1)  # an ANN index found fewer than k candidates: exact for those rows
         if short.any():
             found[short] = self.ids[self._exact_rows(queries[torch.from_numpy(short)], k)]
@@ -125,8 +123,9 @@ class CacheRetriever:
         scores = torch.cat([queries @ self.values[i:i + 65536].float().T for i in range(0, self.size, 65536)], 1)
         return torch.topk(scores, k, dim=1).indices.numpy()
 
-    def blend(self, queries: Any, k: int = 10, alpha: float = 0.5, weighting: Weighting = "paper",
-              temperature: float = 20.0, return_neighbours: bool = False) -> Any:
+    def blend(self, queries: Any, k: int = BlendParams.k, alpha: float = BlendParams.alpha,
+              weighting: Weighting = BlendParams.weighting, temperature: float = BlendParams.temperature,
+              return_neighbours: bool = False) -> Any:
         """Blend each query with its *k* nearest cache values (see :mod:`search.blend` for the formulas).
 
         *queries*: torch tensor or numpy array ``[B, C]`` or ``[C]``, any float dtype and device. The
@@ -183,20 +182,13 @@ class CacheRetriever:
             raise InputError(f"alpha must be within [0, 1], got {alpha}")
         if not np.isfinite(temperature) or temperature <= 0:
             raise InputError(f"temperature must be a positive number, got {temperature}")
-        if int(k) < 1:
-            raise InputError(f"k must be at least 1, got {k}")
-        if int(k) > self.size:
+        k = check_k(k)
+        if k > self.size:
             warnings.warn(f"k={k} is larger than the cache ({self.size} features): using k={self.size}", stacklevel=3)
             return self.size
-        return int(k)
+        return k
 
 
 def _like(result: "torch.Tensor", original: "torch.Tensor", is_numpy: bool) -> Any:
     out = result.to(device=original.device, dtype=original.dtype)
     return out.numpy() if is_numpy else out
-
-
-def _device(device: str) -> str:
-    from indexer.models import resolve_device
-
-    return resolve_device(device)

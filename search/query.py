@@ -1,76 +1,47 @@
 """Text/image search over a store as a typed fluent chain:
 
-    Store.open("photos.clipdex").search("a dog on the grass").add("2:sunset").where("width > 500").limit(10).to_arrow()
+    (Query.create(Store.open("photos.clipdex"), "a dog on the grass")
+     .add("2:sunset").where("width > 500").limit(10).to_arrow())
 
 Setters return new queries and validate at once; ``to_arrow`` is the one terminal, ``to_list``
 builds on it. The combined query vector is normalize(sum of weight * term embedding), with
 subtracted terms weighted negatively (rclip-style query algebra).
+
+The query is given its encoder (anything with ``encode_texts`` and ``encode_images``, such as a
+:class:`encoder.ClipModel` or the server's batching encoder); without one it asks the process's
+model pool for the store's model, when a text or image term first needs it.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol, Sequence
 
 import numpy as np
 import pyarrow as pa
 
-from store.errors import InputError, StoreError, first_line
+from encoder import MODELS, load_image
+from search.terms import Term, check_k, parse_term
+from store.ann import search as ann_search
+from store.errors import InputError, NotFoundError, first_line
 
 if TYPE_CHECKING:
     from typing import Self
 
-    from indexer.models import ClipModel
+    from PIL import Image
+
     from store.store import Store
 
 LOG = logging.getLogger(__name__)
 RESULT_COLUMNS = ("id", "path", "width", "height", "caption", "bytes", "mtime", "hash")
-_MODELS: dict[tuple[str, str, str], "ClipModel"] = {}
+DEFAULT_K = 10
 
 
-@dataclass(frozen=True)
-class Term:
-    weight: float
-    text: str | None = None
-    image: str | None = None
-    vector: tuple[float, ...] | None = None
+class TermEncoder(Protocol):
+    def encode_texts(self, texts: Sequence[str]) -> np.ndarray: ...
 
-    def describe(self) -> str:
-        what = self.text if self.text is not None else self.image if self.image else "<vector>"
-        return f"{self.weight:g}:{what}"
-
-
-def parse_term(spec: str, weight: float = 1.0) -> Term:
-    """'cat', '2:cat', '0.5:photo.jpg' -> Term; an existing image file path is an image term."""
-    from indexer.images import is_image_path
-
-    head, sep, tail = spec.partition(":")
-    if sep:
-        try:
-            weight, spec = weight * float(head), tail
-        except ValueError:
-            pass  # a colon inside the text itself ("note: cat")
-    if not spec.strip():
-        raise InputError("a query term is empty: give some text or an image path")
-    if is_image_path(spec) and os.path.exists(spec):
-        return Term(weight, image=spec)
-    return Term(weight, text=spec)
-
-
-def encoder_for(store: "Store", device: str = "auto") -> "ClipModel":
-    """The store's model, loaded once per process."""
-    from indexer.models import load_model
-
-    manifest = store.manifest
-    if not manifest.has_text_encoder:
-        raise StoreError(f"the store {store.directory} holds '{manifest.space}' features, which have no text or "
-                         "image encoder here: query it with vectors (search(vector=...)) or the cache API")
-    key = (manifest.model, manifest.pretrained, device)
-    if key not in _MODELS:
-        _MODELS[key] = load_model(manifest.model, manifest.pretrained, device)
-    return _MODELS[key]
+    def encode_images(self, images: Sequence["Image.Image"]) -> np.ndarray: ...
 
 
 @dataclass(frozen=True, eq=False)
@@ -78,20 +49,20 @@ class Query:
     store: "Store"
     terms: tuple[Term, ...] = ()
     filters: tuple[str, ...] = ()
-    k: int = 10
+    k: int = DEFAULT_K
     device: str = "auto"
     columns: tuple[str, ...] = field(default=RESULT_COLUMNS)
+    encoder: TermEncoder | None = None  # None: the store's model from the shared pool
 
     @classmethod
-    def create(cls, store: "Store", text: str | None = None, image: str | None = None,
-               vector: np.ndarray | None = None) -> "Query":
+    def create(cls, store: "Store", text: str | None = None, *, image: str | None = None,
+               vector: np.ndarray | None = None, encoder: TermEncoder | None = None,
+               device: str = "auto") -> "Query":
         given = [x for x in (text, image, vector) if x is not None]
         if len(given) != 1:
             raise InputError("search needs exactly one of a text, an image or a vector")
-        query = cls(store)
+        query = cls(store, encoder=encoder, device=device)
         if text is not None:
-            if not text.strip():
-                raise InputError("the search text is empty")
             return query.add(Term(1.0, text=text))
         if image is not None:
             return query.add(Term(1.0, image=str(image)))
@@ -104,7 +75,7 @@ class Query:
 
     def subtract(self, term: "str | Term", weight: float = 1.0) -> "Self":
         term = parse_term(term, weight) if isinstance(term, str) else term
-        return replace(self, terms=self.terms + (replace(term, weight=-term.weight),))
+        return replace(self, terms=self.terms + (term.negated(),))
 
     def where(self, sql: str) -> "Self":
         """A LanceDB SQL prefilter on the metadata columns; several are AND-ed."""
@@ -112,10 +83,8 @@ class Query:
             raise InputError("the where filter is empty")
         return replace(self, filters=self.filters + (sql.strip(),))
 
-    def limit(self, k: int) -> "Self":
-        if int(k) < 1:
-            raise InputError(f"k must be at least 1, got {k}")
-        return replace(self, k=int(k))
+    def limit(self, k: int, maximum: int | None = None) -> "Self":
+        return replace(self, k=check_k(k, maximum))
 
     def to_query_object(self) -> dict[str, Any]:
         """A JSON-able description (cache keys, HTTP payloads)."""
@@ -123,6 +92,8 @@ class Query:
 
     def vector(self) -> np.ndarray:
         """The combined, L2-normalised query vector ``[dim]``."""
+        if not self.terms:
+            raise InputError("the query has no terms: give a text, an image, an id or a vector")
         dim = self.store.manifest.dim
         total = np.zeros(dim, np.float64)
         for term in self.terms:
@@ -132,19 +103,26 @@ class Query:
             raise InputError("the query terms cancel out (or contain NaN): nothing to search for")
         return (total / norm).astype(np.float32)
 
+    def _encoder(self) -> TermEncoder:
+        return self.encoder if self.encoder is not None else MODELS.for_manifest(self.store.manifest, self.device)
+
     def _embed(self, term: Term) -> np.ndarray:
         dim = self.store.manifest.dim
-        if term.vector is not None:
-            vector = np.asarray(term.vector, np.float64)
+        if term.vector is not None or term.id is not None:
+            vector = np.asarray(term.vector if term.vector is not None else self._stored(term.id), np.float64)
             if vector.shape != (dim,):
                 raise InputError(f"the query vector has {vector.size} values; this store's vectors have {dim}")
             return vector / (np.linalg.norm(vector) or 1.0)
-        model = encoder_for(self.store, self.device)
         if term.text is not None:
-            return model.encode_texts([term.text])[0]
-        from indexer.images import load_image
+            return self._encoder().encode_texts([term.text])[0]
+        picture = term.picture if term.picture is not None else load_image(term.image)
+        return self._encoder().encode_images([picture])[0]
 
-        return model.encode_images([load_image(term.image)])[0]
+    def _stored(self, image_id: int) -> np.ndarray:
+        rows = self.store.tables.rows_by_id([image_id], ["id", "embedding"]).to_pylist()
+        if not rows:
+            raise NotFoundError(f"no image with id {image_id} in this store")
+        return np.asarray(rows[0]["embedding"], np.float32)
 
     def _allowed_ids(self) -> np.ndarray | None:
         if not self.filters:
@@ -158,8 +136,6 @@ class Query:
 
     def to_arrow(self) -> pa.Table:
         """Results best first: the metadata columns plus ``score`` (cosine similarity)."""
-        from store.faiss_io import search
-
         manifest = self.store.manifest
         if manifest.index.table_version != self.store.tables.version():
             LOG.warning("the index is older than the table (an index run was interrupted or is under way); "
@@ -168,7 +144,7 @@ class Query:
         allowed = self._allowed_ids()
         if allowed is not None and len(allowed) == 0:
             return self._empty()
-        scores, ids = search(index, self.vector()[None, :], self.k, allowed)
+        scores, ids = ann_search(index, self.vector()[None, :], self.k, allowed)
         keep = ids[0] >= 0
         ids, scores = ids[0][keep], scores[0][keep]
         rows = self.store.tables.rows_by_id(ids.tolist(), self.columns)

@@ -7,14 +7,16 @@ from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
+from search.terms import check_k, check_text
 from store.errors import InputError
 
 if TYPE_CHECKING:
     from PIL import Image
 
-    from indexer.models import ClipModel
+    from encoder.model import ClipModel
 
 DEFAULT_TEMPLATE = "a photo of a {}"
+DEFAULT_TOP_K = 5  # labels shown per image
 # CLIP's learned logit scale saturates at 100; the tutorial uses it as a fixed temperature.
 LOGIT_SCALE = 100.0
 
@@ -46,18 +48,20 @@ def similarity(model: "ClipModel", images: Sequence["Image.Image"], texts: Seque
     """Cosine similarity ``[len(texts), len(images)]`` (rows texts, columns images)."""
     if not texts:
         raise InputError("give at least one text")
+    for text in texts:
+        check_text(text, "a text to compare")
     return model.encode_texts(texts) @ model.encode_images(images).T
 
 
 def classify(model: "ClipModel", images: Sequence["Image.Image"], labels: Sequence[str],
-             template: str = DEFAULT_TEMPLATE, k: int = 5) -> list[list[LabelScore]]:
+             template: str = DEFAULT_TEMPLATE, k: int = DEFAULT_TOP_K) -> list[list[LabelScore]]:
     """Top-*k* labels per image with probabilities softmax(100 * cosine)."""
     _check_request(labels, template, k)  # before the costly image encoding
     return classify_features(model, model.encode_images(images), labels, template, k)
 
 
 def classify_features(model: "ClipModel", features: np.ndarray, labels: Sequence[str],
-                      template: str = DEFAULT_TEMPLATE, k: int = 5) -> list[list[LabelScore]]:
+                      template: str = DEFAULT_TEMPLATE, k: int = DEFAULT_TOP_K) -> list[list[LabelScore]]:
     """:func:`classify` for image features already embedded (``[n, dim]``, L2-normalised)."""
     labels, template = _check_request(labels, template, k)
     class_embeddings = model.encode_texts([template.replace("{}", label) for label in labels])
@@ -69,6 +73,5 @@ def classify_features(model: "ClipModel", features: np.ndarray, labels: Sequence
 
 
 def _check_request(labels: Sequence[str], template: str, k: int) -> tuple[list[str], str]:
-    if k < 1:
-        raise InputError(f"k must be at least 1, got {k}")
+    check_k(k)
     return clean_labels(labels), check_template(template)

@@ -1,30 +1,28 @@
-"""The FastAPI application: wiring, the API key, errors as ``{"error": ...}`` JSON, and the web page."""
+"""The FastAPI application: wiring of the live store, the routes, the API key, the body limit, and
+errors as ``{"error": ...}`` JSON; :func:`serve` runs it."""
 
 from __future__ import annotations
 
 import logging
 from contextlib import asynccontextmanager
-from importlib import resources
 from typing import Any
 
-from fastapi import Depends, FastAPI, Request, Security
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
-from fastapi.security import APIKeyHeader
+from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
+from server.bodies import add_component_schemas
 from server.config import ServeConfig
 from server.context import Encoder, ServerContext
 from server.live import LiveStore
-from server.routes import context, router
-from server.bodies import add_component_schemas
-from server.schemas import ERROR_RESPONSES, ClassifyForm, ClassifyRequest, Health, SearchForm, SearchRequest
-from server.security import KEY_COOKIE, KEY_HEADER, BodyLimit, key_matches, presented_key
+from server.routes import public, router
+from server.schemas import ClassifyForm, ClassifyRequest, SearchForm, SearchRequest
+from server.security import BodyLimit, key_guard
 from store.errors import ClipdexError, InputError, NotFoundError
 
 LOG = logging.getLogger(__name__)
-KEY_MISSING = f"missing or wrong API key: send it in the {KEY_HEADER} header (or Authorization: Bearer KEY)"
 
 
 def create_app(config: ServeConfig, live: LiveStore | None = None) -> FastAPI:
@@ -45,20 +43,6 @@ def create_app(config: ServeConfig, live: LiveStore | None = None) -> FastAPI:
     app.state.context = ctx
     app.add_middleware(BodyLimit, max_bytes=config.max_body_bytes)
     _install_error_handlers(app)
-    guard = _key_guard(config.api_key)
-
-    @app.get("/health", response_model=Health, summary="Liveness; needs no API key")
-    def health() -> dict:
-        snapshot = live.current()
-        return {"status": "ok", "version": snapshot.version, "count": snapshot.store.manifest.index.count}
-
-    @app.get("/info", dependencies=[guard], responses=ERROR_RESPONSES, summary="The manifest being served")
-    def info(ctx: ServerContext = Depends(context)) -> dict[str, Any]:
-        snapshot = ctx.live.current()
-        limits = {"max_k": config.max_k, "max_batch": config.max_batch, "max_body_bytes": config.max_body_bytes}
-        return {"store": str(snapshot.store.directory), "serving_version": snapshot.version,
-                **snapshot.store.manifest.to_dict(), "limits": limits}
-
     generate = app.openapi
 
     def openapi_with_bodies() -> dict[str, Any]:
@@ -67,37 +51,16 @@ def create_app(config: ServeConfig, live: LiveStore | None = None) -> FastAPI:
         return app.openapi_schema
 
     app.openapi = openapi_with_bodies  # type: ignore[method-assign]
-
-    @app.get("/openapi.json", dependencies=[guard], include_in_schema=False)
-    def openapi() -> dict[str, Any]:
-        return app.openapi()
-
-    @app.get("/", include_in_schema=False)
-    def page(request: Request, key: str | None = None) -> Response:
-        if config.api_key is None or key_matches(config.api_key, presented_key(request.headers, request.cookies)):
-            return HTMLResponse(_asset("index.html"))
-        if key is not None and key_matches(config.api_key, key):
-            response = RedirectResponse("/", status_code=303)  # drop the key from the address bar
-            response.set_cookie(KEY_COOKIE, key, httponly=True, samesite="strict")
-            return response
-        return HTMLResponse(_asset("key.html"), status_code=401)
-
-    app.include_router(router, dependencies=[guard])
+    app.include_router(public)
+    app.include_router(router, dependencies=[key_guard(config.api_key)])
     return app
 
 
-def _key_guard(expected: str | None) -> Any:
-    header = APIKeyHeader(name=KEY_HEADER, auto_error=False, description="The key given to --api-key.")
+def serve(config: ServeConfig, app: FastAPI | None = None) -> None:
+    """Run *app* (default: a new one for *config*) on ``config.host:config.port`` until interrupted."""
+    import uvicorn
 
-    def require_key(request: Request, _: str | None = Security(header)) -> None:
-        if not key_matches(expected, presented_key(request.headers, request.cookies)):
-            raise HTTPException(401, KEY_MISSING, headers={"WWW-Authenticate": "Bearer"})
-
-    def open_door() -> None:
-        return None
-
-    # The schema declares the key only where one is needed.
-    return Depends(require_key if expected is not None else open_door)
+    uvicorn.run(app or create_app(config), host=config.host, port=config.port, log_level="warning", access_log=False)
 
 
 def _install_error_handlers(app: FastAPI) -> None:
@@ -141,7 +104,3 @@ def _version() -> str:
         return version("clipdex")
     except PackageNotFoundError:  # run from a source tree that was never installed
         return "0+unknown"
-
-
-def _asset(name: str) -> str:
-    return resources.files("server").joinpath("static", name).read_text(encoding="utf-8")

@@ -3,31 +3,22 @@ previous batch ran, instead of dozens of threads contending for the cores with t
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 
-if TYPE_CHECKING:
-    from search.cache import Blended, CacheRetriever
-
-
-class BlendParams(NamedTuple):
-    k: int
-    alpha: float
-    weighting: str
-    temperature: float
+from search.blend import BlendParams
+from search.cache import Blended, CacheRetriever
 
 
 class BlendJob(NamedTuple):
-    cache: "CacheRetriever"  # requests on different store versions never share a call
+    cache: CacheRetriever  # requests on different store versions never share a call
     queries: np.ndarray  # [b, C], already checked with cache.check
     params: BlendParams
 
 
-def blend_jobs(jobs: list[BlendJob]) -> list["Blended"]:
+def blend_jobs(jobs: list[BlendJob]) -> list[Blended]:
     """Each job's (features, ids, scores), computed one call per (cache, params) group."""
-    from search.cache import Blended
-
     groups: dict[tuple[int, BlendParams], list[int]] = {}
     for position, job in enumerate(jobs):
         groups.setdefault((id(job.cache), job.params), []).append(position)
@@ -35,7 +26,7 @@ def blend_jobs(jobs: list[BlendJob]) -> list["Blended"]:
     for positions in groups.values():
         first = jobs[positions[0]]
         queries = np.concatenate([jobs[p].queries for p in positions])
-        out = first.cache.blend(queries, *first.params, return_neighbours=True)
+        out = first.cache.blend(queries, *first.params.astuple(), return_neighbours=True)
         start = 0
         for p in positions:
             end = start + len(jobs[p].queries)

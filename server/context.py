@@ -8,14 +8,16 @@ from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
+from encoder import MODELS
+from search.terms import check_k
 from server.batching import MicroBatcher
 from server.blending import blend_jobs
-from store.errors import InputError, NotFoundError
+from store.errors import NotFoundError
 
 if TYPE_CHECKING:
     from PIL import Image
 
-    from indexer.models import ClipModel
+    from encoder import ClipModel
     from server.config import ServeConfig
     from server.live import LiveStore, Snapshot
 
@@ -30,13 +32,11 @@ class Encoder:
     _batchers: dict[int, MicroBatcher] = field(default_factory=dict)
 
     def model(self, snapshot: "Snapshot") -> "ClipModel":
-        from search.query import encoder_for
+        return MODELS.for_manifest(snapshot.store.manifest, self.device)
 
-        manifest = snapshot.store.manifest
-        if not manifest.has_text_encoder:
-            raise InputError(f"this store holds imported '{manifest.space}' features and has no text or image "
-                             "encoder: search it by embedding or id, or use /cache/blend")
-        return encoder_for(snapshot.store, self.device)
+    def for_snapshot(self, snapshot: "Snapshot") -> "SnapshotEncoder":
+        """What a query of this request encodes its terms with (see :class:`search.TermEncoder`)."""
+        return SnapshotEncoder(self, snapshot)
 
     def text(self, snapshot: "Snapshot", text: str) -> np.ndarray:
         """One text's embedding, computed in a batch with the texts of concurrent requests."""
@@ -56,6 +56,20 @@ class Encoder:
             return model.encode_images(images)
 
 
+@dataclass(frozen=True)
+class SnapshotEncoder:
+    """The server's encoder bound to one snapshot's model; texts go through the request batcher."""
+
+    encoder: Encoder
+    snapshot: "Snapshot"
+
+    def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
+        return np.stack([self.encoder.text(self.snapshot, text) for text in texts])
+
+    def encode_images(self, images: Sequence["Image.Image"]) -> np.ndarray:
+        return self.encoder.images(self.snapshot, images)
+
+
 @dataclass
 class ServerContext:
     config: "ServeConfig"
@@ -64,9 +78,7 @@ class ServerContext:
     blender: MicroBatcher = field(default_factory=lambda: MicroBatcher(blend_jobs, name="clipdex-cache-blend"))
 
     def check_k(self, k: int) -> int:
-        if k > self.config.max_k:
-            raise InputError(f"k={k} is above this server's maximum of {self.config.max_k} (see --max-k)")
-        return k
+        return check_k(k, self.config.max_k)
 
 
 def stored_row(snapshot: "Snapshot", image_id: int, columns: Sequence[str]) -> dict:
@@ -75,7 +87,3 @@ def stored_row(snapshot: "Snapshot", image_id: int, columns: Sequence[str]) -> d
     if not rows:
         raise NotFoundError(f"no image with id {image_id} in this store")
     return rows[0]
-
-
-def stored_embedding(snapshot: "Snapshot", image_id: int) -> np.ndarray:
-    return np.asarray(stored_row(snapshot, image_id, ["embedding"])["embedding"], np.float32)

@@ -14,14 +14,11 @@ import os
 import threading
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
 
+from search.cache import CacheRetriever
 from store.errors import StoreError, first_line
 from store.manifest import MANIFEST_NAME, read_manifest
 from store.store import Store
-
-if TYPE_CHECKING:
-    from search.cache import CacheRetriever
 
 LOG = logging.getLogger(__name__)
 LOAD_ATTEMPTS = 5  # the indexer may replace the manifest (and delete the index it named) mid-load
@@ -45,9 +42,7 @@ class Snapshot:
     def has_cache(self) -> bool:
         return self._cache is not None
 
-    def cache(self) -> "CacheRetriever":
-        from search.cache import CacheRetriever
-
+    def cache(self) -> CacheRetriever:
         with self._cache_lock:
             if self._cache is None:
                 self._cache = CacheRetriever.open(self.store, device=self.device)

@@ -10,7 +10,7 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from indexer.images import decode_bytes, decode_image
+from encoder.images import decode_bytes, decode_image
 from store.errors import InputError
 
 if TYPE_CHECKING:

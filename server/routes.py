@@ -6,25 +6,42 @@ from __future__ import annotations
 
 import mimetypes
 import os
+from importlib import resources
 from pathlib import Path as FilePath
-from typing import Annotated
+from typing import Annotated, Any
 
 import numpy as np
 from fastapi import APIRouter, Depends, Path, Request
-from fastapi.responses import FileResponse, Response
+from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse, Response
 from starlette.concurrency import run_in_threadpool
 
-from search.query import Query, Term
+from search.blend import BlendParams
+from search.query import Query
+from search.terms import Term, vector_term
 from search.zeroshot import classify_features
-from server.blending import BlendJob, BlendParams
+from server.blending import BlendJob
 from server.bodies import body_openapi, read_body
-from server.context import ServerContext, stored_embedding, stored_row
+from server.context import ServerContext, stored_row
 from server.media import image_from_base64, image_from_upload, thumbnail
-from server.schemas import (ERROR_RESPONSES, BlendRequest, BlendResponse, ClassifyForm, ClassifyRequest, Hit,
-                            LabelProb, SearchForm, SearchRequest, Source)
+from server.schemas import (
+    ERROR_RESPONSES,
+    BlendRequest,
+    BlendResponse,
+    ClassifyForm,
+    ClassifyRequest,
+    Health,
+    Hit,
+    LabelProb,
+    SearchForm,
+    SearchRequest,
+    Source,
+)
+from server.security import PageAccess, page_access
 from store.errors import ImageError, InputError, NotFoundError
 
+# Routes that need the API key (when one is set); /health and the page are on `public`.
 router = APIRouter(responses=ERROR_RESPONSES)
+public = APIRouter()
 ImageIdPath = Annotated[int, Path(ge=0, le=2**63 - 1, description="A stable image id of this store.")]
 HIT_COLUMNS = ("id", "path", "width", "height", "caption")
 
@@ -34,6 +51,38 @@ def context(request: Request) -> ServerContext:
 
 
 Context = Annotated[ServerContext, Depends(context)]
+
+
+@public.get("/health", response_model=Health, summary="Liveness; needs no API key")
+def health(ctx: Context) -> dict:
+    snapshot = ctx.live.current()
+    return {"status": "ok", "version": snapshot.version, "count": snapshot.store.manifest.index.count}
+
+
+@public.get("/", include_in_schema=False)
+def page(access: Annotated[PageAccess, Depends(page_access)]) -> Response:
+    """The search page; with a key set, a visitor without it gets the key prompt, and ``/?key=KEY``
+    trades the key for a cookie (and drops it from the address bar)."""
+    if access.granted:
+        return HTMLResponse(_asset("index.html"))
+    if access.cookie is not None:
+        response = RedirectResponse("/", status_code=303)
+        access.cookie.set_on(response)
+        return response
+    return HTMLResponse(_asset("key.html"), status_code=401)
+
+
+@router.get("/info", summary="The manifest being served")
+def info(ctx: Context) -> dict[str, Any]:
+    snapshot, config = ctx.live.current(), ctx.config
+    limits = {"max_k": config.max_k, "max_batch": config.max_batch, "max_body_bytes": config.max_body_bytes}
+    return {"store": str(snapshot.store.directory), "serving_version": snapshot.version,
+            **snapshot.store.manifest.to_dict(), "limits": limits}
+
+
+@router.get("/openapi.json", include_in_schema=False)
+def openapi(request: Request) -> dict[str, Any]:
+    return request.app.openapi()
 
 
 @router.post("/search", response_model=list[Hit], summary="Search by text, image, id or embedding",
@@ -50,15 +99,20 @@ async def search(request: Request, ctx: Context) -> list[dict]:
 
 
 def _search(ctx: ServerContext, body: SearchRequest | SearchForm) -> list[dict]:
-    ctx.check_k(body.k)
     snapshot = ctx.live.current()
+    query = Query(snapshot.store, columns=HIT_COLUMNS, encoder=ctx.encoder.for_snapshot(snapshot))
+    query = query.limit(body.k, maximum=ctx.config.max_k)
     if isinstance(body, SearchForm):
-        vector = ctx.encoder.images(snapshot, [image_from_upload(body.image, ctx.config.max_image_pixels)])[0]
-        return _run(snapshot, [Term(1.0, vector=tuple(vector.tolist()))], body.k, body.where)
-    terms = [_term(ctx, snapshot, body, 1.0)]
-    terms += [_term(ctx, snapshot, term, term.weight) for term in body.add]
-    terms += [_term(ctx, snapshot, term, -term.weight) for term in body.subtract]
-    return _run(snapshot, terms, body.k, body.where)
+        query = query.add(Term(picture=image_from_upload(body.image, ctx.config.max_image_pixels)))
+    else:
+        query = query.add(_term(ctx, body))
+        for term in body.add:
+            query = query.add(_term(ctx, term, term.weight))
+        for term in body.subtract:
+            query = query.subtract(_term(ctx, term, term.weight))
+    if body.where is not None:
+        query = query.where(body.where)
+    return query.to_list()
 
 
 @router.get("/images/{image_id}", response_class=FileResponse, summary="The indexed file itself",
@@ -100,13 +154,14 @@ async def classify(request: Request, ctx: Context) -> list[dict]:
 
 
 def _classify(ctx: ServerContext, body: ClassifyRequest | ClassifyForm) -> list[dict]:
+    ctx.check_k(body.k)
     snapshot = ctx.live.current()
     if isinstance(body, ClassifyRequest) and body.id is not None:
-        features = stored_embedding(snapshot, body.id)
+        term = Term(id=body.id)
     else:
-        image = image_from_upload(body.image, ctx.config.max_image_pixels) if isinstance(body, ClassifyForm) \
-            else image_from_base64(body.image, ctx.config.max_image_pixels)
-        features = ctx.encoder.images(snapshot, [image])[0]
+        term = Term(picture=image_from_upload(body.image, ctx.config.max_image_pixels)
+                    if isinstance(body, ClassifyForm) else image_from_base64(body.image, ctx.config.max_image_pixels))
+    features = Query(snapshot.store, (term,), encoder=ctx.encoder.for_snapshot(snapshot)).vector()
     model = ctx.encoder.model(snapshot)
     with ctx.encoder.lock:
         ranked = classify_features(model, features[None, :], body.labels, body.template, body.k)[0]
@@ -128,32 +183,20 @@ def cache_blend(body: BlendRequest, ctx: Context) -> dict:
     with np.errstate(over="ignore"):  # beyond float32 becomes inf, which check() refuses with a message
         queries = np.asarray(body.queries, np.float32)
     params = BlendParams(min(body.k, cache.size), body.alpha, body.weighting, body.temperature)
-    cache.check(queries, *params)  # here, so one bad request never fails the batch it would join
+    cache.check(queries, *params.astuple())  # here, so one bad request never fails the batch it would join
     out = ctx.blender(BlendJob(cache, queries, params))
     neighbours = {"ids": out.ids.tolist(), "scores": out.scores.tolist()} if body.return_neighbours else {}
     return {"features": out.features.tolist(), "k": params.k, **neighbours}
 
 
-def _term(ctx: ServerContext, snapshot, source: Source, weight: float) -> Term:
-    if source.text is not None:
-        if not source.text.strip():
-            raise InputError("the search text is empty")
-        vector = ctx.encoder.text(snapshot, source.text)
-    elif source.image is not None:
-        vector = ctx.encoder.images(snapshot, [image_from_base64(source.image, ctx.config.max_image_pixels)])[0]
-    elif source.id is not None:
-        vector = stored_embedding(snapshot, source.id)
-    else:
-        with np.errstate(over="ignore"):
-            vector = np.asarray(source.embedding, np.float32)
-        if not np.isfinite(vector).all():
-            raise InputError("embedding values must be finite float32 numbers (|x| < 3.4e38)")
-    return Term(weight, vector=tuple(vector.tolist()))
+def _term(ctx: ServerContext, source: Source, weight: float = 1.0) -> Term:
+    """A JSON term as a query term; every check on it is the query's own."""
+    if source.image is not None:
+        return Term(weight, picture=image_from_base64(source.image, ctx.config.max_image_pixels))
+    if source.embedding is not None:
+        return vector_term(source.embedding, weight)
+    return Term(weight, text=source.text, id=source.id)
 
 
-def _run(snapshot, terms: list[Term], k: int, where: str | None) -> list[dict]:
-    query = Query(snapshot.store, terms=tuple(terms), k=k, columns=HIT_COLUMNS)
-    if where is not None:
-        query = query.where(where)
-    return query.to_list()
-
+def _asset(name: str) -> str:
+    return resources.files("server").joinpath("static", name).read_text(encoding="utf-8")

@@ -7,12 +7,14 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from search.zeroshot import DEFAULT_TEMPLATE
+from search.blend import BlendParams
+from search.query import DEFAULT_K
+from search.zeroshot import DEFAULT_TEMPLATE, DEFAULT_TOP_K
 
 Finite = Annotated[float, Field(allow_inf_nan=False)]
 Weight = Annotated[float, Field(allow_inf_nan=False, ge=-100, le=100)]
 ImageId = Annotated[int, Field(ge=0, le=2**63 - 1, description="A stable image id of this store.")]
-Text = Annotated[str, Field(min_length=1, max_length=2000)]
+Text = Annotated[str, Field(max_length=2000)]  # emptiness is the query's check (one message, one status)
 Embedding = Annotated[list[Finite], Field(min_length=1, max_length=8192)]
 SOURCES = ("text", "image", "id", "embedding")
 
@@ -44,8 +46,8 @@ class Term(Source):
 class SearchRequest(Source):
     add: list[Term] = Field(default_factory=list, max_length=16, description="Terms added to the query.")
     subtract: list[Term] = Field(default_factory=list, max_length=16, description="Terms subtracted from it.")
-    k: int = Field(10, ge=1, description="How many results (at most the server's max_k, see /info).")
-    where: str | None = Field(None, min_length=1, max_length=2000,
+    k: int = Field(DEFAULT_K, description="How many results, at least 1 (at most the server's max_k, see /info).")
+    where: str | None = Field(None, max_length=2000,
                               description="A SQL prefilter on the metadata columns, e.g. \"width > 500\".",
                               examples=["width > 100 AND path LIKE '%beach%'"])
 
@@ -56,8 +58,8 @@ class SearchForm(Strict):
     """``POST /search`` as a multipart upload: ``-F image=@photo.jpg [-F k=5] [-F where=...]``."""
 
     image: bytes = Field(description="An image file (JPEG, PNG, ...).")
-    k: int = Field(10, ge=1)
-    where: str | None = Field(None, min_length=1, max_length=2000)
+    k: int = DEFAULT_K
+    where: str | None = Field(None, max_length=2000)
 
 
 class Hit(BaseModel):
@@ -74,7 +76,7 @@ class ClassifyRequest(Strict):
     id: ImageId | None = None
     labels: list[Text] = Field(min_length=1, max_length=1000)
     template: str = Field(DEFAULT_TEMPLATE, min_length=2, max_length=500, description="Must contain {}.")
-    k: int = Field(5, ge=1, le=1000)
+    k: int = DEFAULT_TOP_K
 
     @model_validator(mode="after")
     def _one_image(self) -> "ClassifyRequest":
@@ -92,7 +94,7 @@ class ClassifyForm(Strict):
     image: bytes = Field(description="An image file (JPEG, PNG, ...).")
     labels: list[Text] = Field(min_length=1, max_length=1000)
     template: str = Field(DEFAULT_TEMPLATE, min_length=2, max_length=500, description="Must contain {}.")
-    k: int = Field(5, ge=1, le=1000)
+    k: int = DEFAULT_TOP_K
 
 
 class LabelProb(BaseModel):
@@ -102,10 +104,11 @@ class LabelProb(BaseModel):
 
 class BlendRequest(Strict):
     queries: list[Embedding] = Field(min_length=1, description="Query features [B, C], any norm.")
-    k: int = Field(10, ge=1, description="Neighbours per query (at most max_k; clamped to the cache size).")
-    alpha: float = Field(0.5, ge=0.0, le=1.0, allow_inf_nan=False)
-    weighting: Literal["paper", "reference"] = "paper"
-    temperature: float = Field(20.0, gt=0, le=1e4, allow_inf_nan=False,
+    k: int = Field(BlendParams.k,
+                   description="Neighbours per query, at least 1 (at most max_k; clamped to the cache size).")
+    alpha: float = Field(BlendParams.alpha, ge=0.0, le=1.0, allow_inf_nan=False)
+    weighting: Literal["paper", "reference"] = BlendParams.weighting
+    temperature: float = Field(BlendParams.temperature, gt=0, le=1e4, allow_inf_nan=False,
                                description="Softmax temperature of the 'reference' weighting.")
     return_neighbours: bool = False
 

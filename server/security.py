@@ -1,15 +1,21 @@
-"""Safe defaults: a request body size limit enforced before the body is read, and the API key."""
+"""Who may ask what: the API key (header, bearer token or the page's cookie) and a request body
+size limit enforced before the body is read. All authentication lives here."""
 
 from __future__ import annotations
 
 import hmac
 import json
+from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
 
+from fastapi import Depends, Request, Security
+from fastapi.security import APIKeyHeader
 from starlette.exceptions import HTTPException
+from starlette.responses import Response
 
 KEY_HEADER = "X-API-Key"
 KEY_COOKIE = "clipdex_key"
+KEY_MISSING = f"missing or wrong API key: send it in the {KEY_HEADER} header (or Authorization: Bearer KEY)"
 
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
@@ -85,3 +91,43 @@ def key_matches(expected: str | None, given: str | None) -> bool:
     if expected is None:
         return True
     return given is not None and hmac.compare_digest(expected.encode(), given.encode())
+
+
+def key_guard(expected: str | None) -> Any:
+    """The dependency every keyed route carries: 401 unless the request presents *expected*."""
+    header = APIKeyHeader(name=KEY_HEADER, auto_error=False, description="The key given to --api-key.")
+
+    def require_key(request: Request, _: str | None = Security(header)) -> None:
+        if not key_matches(expected, presented_key(request.headers, request.cookies)):
+            raise HTTPException(401, KEY_MISSING, headers={"WWW-Authenticate": "Bearer"})
+
+    def open_door() -> None:
+        return None
+
+    # The schema declares the key only where one is needed.
+    return Depends(require_key if expected is not None else open_door)
+
+
+@dataclass(frozen=True)
+class KeyCookie:
+    key: str
+
+    def set_on(self, response: Response) -> None:
+        response.set_cookie(KEY_COOKIE, self.key, httponly=True, samesite="strict")
+
+
+@dataclass(frozen=True)
+class PageAccess:
+    """May the visitor see the page; if not, a cookie to set when ``?key=`` carried the right key."""
+
+    granted: bool
+    cookie: KeyCookie | None = None
+
+
+def page_access(request: Request, key: str | None = None) -> PageAccess:
+    expected = request.app.state.context.config.api_key
+    if expected is None or key_matches(expected, presented_key(request.headers, request.cookies)):
+        return PageAccess(True)
+    if key is not None and key_matches(expected, key):
+        return PageAccess(False, KeyCookie(key))
+    return PageAccess(False)

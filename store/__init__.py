@@ -8,14 +8,22 @@ import os
 # a value the user exported wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from store.errors import (ClipdexError, ImageError, InputError, ModelLoadError, ModelMismatchError, NotFoundError,
-                          StoreError)
-from store.faiss_io import AnnConfig
-from store.importer import import_features
-from store.manifest import MANIFEST_VERSION, IndexInfo, Manifest
-from store.store import Store
+from store.ann import AnnConfig  # noqa: E402  (after the OpenMP setting above)
+from store.errors import (  # noqa: E402
+    ClipdexError,
+    ImageError,
+    InputError,
+    ModelLoadError,
+    ModelMismatchError,
+    NoEncoderError,
+    NotFoundError,
+    StoreError,
+)
+from store.importer import import_features  # noqa: E402
+from store.manifest import MANIFEST_VERSION, IndexInfo, Manifest  # noqa: E402
+from store.store import Store  # noqa: E402
 
 __all__ = [
     "MANIFEST_VERSION", "AnnConfig", "ClipdexError", "ImageError", "IndexInfo", "InputError", "Manifest",
-    "ModelLoadError", "ModelMismatchError", "NotFoundError", "Store", "StoreError", "import_features",
+    "ModelLoadError", "ModelMismatchError", "NoEncoderError", "NotFoundError", "Store", "StoreError", "import_features",
 ]

@@ -33,6 +33,10 @@ class NotFoundError(InputError, LookupError):
     """The caller named something the store does not hold (an unknown id)."""
 
 
+class NoEncoderError(InputError):
+    """A text or image query on a store of imported features that clipdex has no encoder for."""
+
+
 class ModelLoadError(ClipdexError, RuntimeError):
     """A model or its weights could not be loaded."""
 

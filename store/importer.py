@@ -18,17 +18,22 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import time
 from pathlib import Path
 from typing import Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
 
+from store.ann import AnnConfig
 from store.errors import InputError, first_line
+from store.store import Store
+from store.tables import image_rows
 
 EMBEDDING_COLUMNS = ("embedding", "embeddings", "emb", "vector", "image_embedding", "img_emb")
 PATH_COLUMNS = ("path", "image_path", "url", "filepath")
 CAPTION_COLUMNS = ("caption", "text")
+IMPORTED = "imported"  # model and weights of features whose origin the user did not name
 
 
 def _shard_number(path: Path) -> int:
@@ -134,38 +139,23 @@ def feature_hash(vector: np.ndarray) -> str:
     return hashlib.blake2b(np.ascontiguousarray(vector, np.float32).tobytes(), digest_size=16).hexdigest()
 
 
-def _has_text_encoder(model: str, pretrained: str) -> bool:
-    """True when clipdex can load *model* with *pretrained*, so text and image queries work."""
-    from indexer.models import resolve_pretrained
-    from store.errors import ModelLoadError
-
-    try:
-        resolve_pretrained(model, pretrained)
-        return True
-    except ModelLoadError:
-        return False
-
-
 def import_features(sources: Sequence[str | os.PathLike], store_dir: str | os.PathLike, metadata: str | None = None,
-                    model_name: str = "imported", pretrained: str = "imported", ann=None) -> dict:
-    """Add the features of *sources* to the store at *store_dir* (created if new); returns a summary."""
-    import time
+                    model_name: str = IMPORTED, pretrained: str = IMPORTED, ann: AnnConfig | None = None,
+                    has_text_encoder: bool = False) -> dict:
+    """Add the features of *sources* to the store at *store_dir* (created if new); returns a summary.
 
-    from store.faiss_io import AnnConfig
-    from store.store import Store
-    from store.tables import image_schema, vectors
-
+    *has_text_encoder*: whether clipdex can load *model_name* with *pretrained*, so the store takes
+    text and image queries; the caller knows (the store knows nothing of models).
+    """
     started = time.perf_counter()
-    store, known, next_id = None, set(), 1
+    store, known = None, set()
     read = imported = 0
     for source, raw, meta in read_sources(sources, metadata):
         features, keys, captions = rows_for(source, raw, meta)
         if store is None:
             store = Store.create(store_dir, model_name, pretrained, features.shape[1], space=model_name,
-                                 has_text_encoder=_has_text_encoder(model_name, pretrained))
-            rows = store.tables.file_rows()
-            known = set(rows.column("path").to_pylist())
-            next_id = max([store.manifest.next_id] + [i + 1 for i in rows.column("id").to_pylist()])
+                                 has_text_encoder=has_text_encoder)
+            known = set(store.tables.file_rows().column("path").to_pylist())
         if features.shape[1] != store.manifest.dim:
             raise InputError(f"{source} has {features.shape[1]}-d features; the store holds {store.manifest.dim}-d")
         read += len(features)
@@ -173,19 +163,12 @@ def import_features(sources: Sequence[str | os.PathLike], store_dir: str | os.Pa
         known.update(keys[i] for i in fresh)
         for start in range(0, len(fresh), 100_000):
             chunk = np.asarray(fresh[start:start + 100_000], np.int64)
-            ids = np.arange(next_id, next_id + len(chunk), dtype=np.int64)
-            store.update_manifest(next_id=int(next_id + len(chunk)))  # reserve before writing
-            n = len(chunk)
-            store.tables.add(pa.table({
-                "id": pa.array(ids), "hash": pa.array([feature_hash(features[i]) for i in chunk]),
-                "path": pa.array([keys[i] for i in chunk]), "bytes": pa.nulls(n, pa.int64()),
-                "mtime": pa.nulls(n, pa.float64()), "width": pa.nulls(n, pa.int32()),
-                "height": pa.nulls(n, pa.int32()), "caption": pa.array([captions[i] for i in chunk], pa.string()),
-                "embedding": vectors(features[chunk], store.manifest.dim),
-                "caption_embedding": pa.nulls(n, pa.list_(pa.float32(), store.manifest.dim)),
-            }, schema=image_schema(store.manifest.dim)))
-            next_id += n
-            imported += n
+            first = store.reserve_ids(len(chunk))
+            store.tables.add(image_rows(
+                store.manifest.dim, id=np.arange(first, first + len(chunk), dtype=np.int64),
+                hash=[feature_hash(features[i]) for i in chunk], path=[keys[i] for i in chunk],
+                caption=[captions[i] for i in chunk], embedding=features[chunk]))
+            imported += len(chunk)
     if store is None:
         raise InputError("no features to import")
     info = store.rebuild_index(ann or AnnConfig()) if imported or not store.manifest.index.file else store.manifest.index

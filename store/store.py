@@ -4,17 +4,12 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-import numpy as np
-
+from store.ann import AnnConfig, build_index, load_index, save_index
 from store.errors import ModelMismatchError, StoreError
-from store.faiss_io import AnnConfig, build_index, load_index, save_index
 from store.manifest import MANIFEST_NAME, IndexInfo, Manifest, now, read_manifest, write_manifest
 from store.tables import Tables
-
-if TYPE_CHECKING:
-    from search.query import Query
 
 LOG = logging.getLogger(__name__)
 INDEX_DIR = "faiss"
@@ -98,6 +93,20 @@ class Store:
         write_manifest(self.directory, self._manifest)
         return self._manifest
 
+    def next_free_id(self) -> int:
+        """The first id no row has and no run has reserved."""
+        return max(self._manifest.next_id, self.tables.max_id() + 1)
+
+    def reserve_ids(self, count: int, first: int | None = None) -> int:
+        """Reserve ``count`` ids from *first* (default :meth:`next_free_id`) in the manifest, before
+        any row uses them, so an interrupted run never hands one id to two files. Returns *first*."""
+        first = self.next_free_id() if first is None else first
+        if first < self._manifest.next_id:
+            raise StoreError(f"ids from {first} are already reserved in {self.directory} (next free: "
+                             f"{self._manifest.next_id}); another run may be writing to this store")
+        self.update_manifest(next_id=first + count)
+        return first
+
     def rebuild_index(self, config: AnnConfig = AnnConfig()) -> IndexInfo:
         """Build the FAISS index from the rows now in the table and record it in the manifest."""
         table_version = self.tables.version()
@@ -126,13 +135,6 @@ class Store:
                 raise StoreError(f"the index file {path} is missing: run `clipdex index` again to rebuild it")
             self._index, self._index_file = load_index(path, info.params), info.file
         return self._index
-
-    def search(self, text: str | None = None, *, image: str | None = None,
-               vector: np.ndarray | None = None) -> "Query":
-        """Start a query: ``store.search("a red circle").where("width > 100").limit(5).to_arrow()``."""
-        from search.query import Query
-
-        return Query.create(self, text=text, image=image, vector=vector)
 
 
 def _jsonable(value: Any) -> Any:

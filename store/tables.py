@@ -4,10 +4,11 @@ and ``failures`` (files that could not be indexed, and why)."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 if TYPE_CHECKING:
     import lancedb
@@ -43,6 +44,38 @@ FAILURE_SCHEMA = pa.schema([
     pa.field("detail", pa.string()),
     pa.field("time", pa.timestamp("s", tz="UTC")),
 ])
+
+
+VECTOR_COLUMNS = ("embedding", "caption_embedding")
+
+
+def image_rows(dim: int, *, partial: bool = False, **columns: Any) -> pa.Table:
+    """Rows of the images table: the one builder every writer (indexer, importer) goes through.
+
+    Columns are named as in :func:`image_schema`; vectors may be ``[n, dim]`` arrays. A full row
+    set (the default) gets nulls for the optional columns not given; ``partial=True`` builds just
+    the given columns, for an update of existing ids.
+    """
+    schema = image_schema(dim)
+    unknown = set(columns) - set(schema.names)
+    if unknown:
+        raise TypeError(f"images table has no column(s) {sorted(unknown)}")
+    count = len(next(iter(columns.values()))) if columns else 0
+    fields = [f for f in schema if f.name in columns] if partial else list(schema)
+    arrays = [_column(columns.get(f.name), f, dim, count) for f in fields]
+    return pa.Table.from_arrays(arrays, schema=pa.schema(fields))
+
+
+def _column(value: Any, field: pa.Field, dim: int, count: int) -> pa.Array:
+    if value is None:
+        if not field.nullable:
+            raise TypeError(f"images rows need the column '{field.name}'")
+        return pa.nulls(count, field.type)
+    if field.name in VECTOR_COLUMNS and isinstance(value, np.ndarray):
+        return vectors(value, dim)
+    if isinstance(value, (pa.Array, pa.ChunkedArray)):
+        return value.cast(field.type)
+    return pa.array(value, field.type)
 
 
 def vectors(values: np.ndarray, dim: int) -> pa.FixedSizeListArray:
@@ -106,6 +139,11 @@ class Tables:
         self._pinned_version = version
         if cache_rows and self.images.count_rows() <= cache_rows:
             self._pinned = self.images.search().select(METADATA_COLUMNS).to_arrow().sort_by("id")
+
+    def max_id(self) -> int:
+        """The largest id in the table (0 when empty)."""
+        ids = self.images.search().select(["id"]).to_arrow().column("id")
+        return int(pc.max(ids).as_py() or 0) if len(ids) else 0
 
     def file_rows(self) -> pa.Table:
         return self.images.search().select(FILE_COLUMNS).to_arrow()

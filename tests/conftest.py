@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from indexer.shapes import read_labels, write_library
+from demo.shapes import read_labels, write_library
 
 HELDOUT_SEED = 7  # the bundled model was trained on seed 0 and checked on seed 99
 HELDOUT_COUNT = 320
@@ -10,7 +10,7 @@ HELDOUT_COUNT = 320
 
 @pytest.fixture(scope="session")
 def demo_model():
-    from indexer.models import load_model
+    from encoder.model import load_model
 
     return load_model("clipdex-shapes", device="cpu")
 

@@ -9,8 +9,8 @@ pytestmark = [pytest.mark.gpu,
 
 
 def test_cuda_embeddings_match_cpu(small_library):
-    from indexer.images import load_image
-    from indexer.models import load_model
+    from encoder.images import load_image
+    from encoder.model import load_model
 
     images = [load_image(row["path"]) for row in small_library[1][:8]]
     cpu = load_model("clipdex-shapes", device="cpu").encode_images(images)

@@ -10,8 +10,9 @@ import pyarrow.parquet as pq
 import pytest
 
 import cli
+from search import Query
 from search.cache import CacheRetriever
-from store.errors import InputError, StoreError
+from store.errors import InputError, NoEncoderError
 from store.importer import import_features
 from store.store import Store
 
@@ -94,9 +95,9 @@ def test_text_search_on_a_space_without_text_encoder_is_refused(tmp_path, raw):
     np.save(tmp_path / "f.npy", raw)
     import_features([tmp_path / "f.npy"], tmp_path / "store", model_name="imagebind_huge")
     store = Store.open(tmp_path / "store")
-    with pytest.raises(StoreError, match="'imagebind_huge' features, which have no text or image encoder"):
-        store.search("a dog").to_list()
-    hits = store.search(vector=raw[3]).limit(1).to_list()  # vector search still works
+    with pytest.raises(NoEncoderError, match="'imagebind_huge' features, which have no text or image encoder"):
+        Query.create(store, "a dog").to_list()
+    hits = Query.create(store, vector=raw[3]).limit(1).to_list()  # vector search still works
     assert hits[0]["path"].endswith("#3")
 
 

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import os
 import shutil
+
 import numpy as np
 import pytest
 from PIL import Image
 
+from demo.shapes import write_library
 from indexer.run import IndexConfig, index_paths
-from indexer.shapes import write_library
+from search import Query
+from store.ann import AnnConfig
 from store.errors import ModelMismatchError
-from store.faiss_io import AnnConfig
 from store.store import Store
 
 DEMO = IndexConfig(model="clipdex-shapes", device="cpu", workers=0, progress=False)
@@ -96,7 +98,7 @@ def test_stable_ids_across_index_rebuilds(library, tmp_path):
     store.refresh()
     assert {p: r["id"] for p, r in rows_by_path(store).items()} == ids
     assert faiss_ids(store) == set(ids.values())
-    hits = store.search(vector=store.tables.rows_by_id([min(ids.values())], ["embedding"])
+    hits = Query.create(store, vector=store.tables.rows_by_id([min(ids.values())], ["embedding"])
                         .column("embedding").to_pylist()[0]).limit(1).to_list()
     assert hits[0]["id"] == min(ids.values())
 
@@ -184,7 +186,7 @@ def test_captions_from_csv_and_sidecars(library, tmp_path):
 
 
 def test_text_search_quality_through_the_pipeline(heldout_library, tmp_path):
-    from search.quality import store_quality
+    from demo.quality import store_quality
 
     directory, rows = heldout_library
     summary = index_paths([directory], tmp_path / "store", IndexConfig(model="clipdex-shapes", device="cpu",
@@ -201,19 +203,19 @@ def test_filters_and_query_algebra(heldout_library, tmp_path):
     index_paths([directory], tmp_path / "store", IndexConfig(model="clipdex-shapes", device="cpu", workers=2,
                                                               progress=False))
     store = Store.open(tmp_path / "store")
-    wide = store.search("a red circle").where("width > 400").limit(10).to_list()
+    wide = Query.create(store, "a red circle").where("width > 400").limit(10).to_list()
     assert wide and all(hit["width"] > 400 for hit in wide)
     scores = [hit["score"] for hit in wide]
     assert scores == sorted(scores, reverse=True)
-    png_only = store.search("a star").where("path LIKE '%.png'").where("height < 500").limit(50).to_list()
+    png_only = Query.create(store, "a star").where("path LIKE '%.png'").where("height < 500").limit(50).to_list()
     assert png_only and all(h["path"].endswith(".png") and h["height"] < 500 for h in png_only)
-    assert store.search("a star").where("width < 0").to_list() == []
+    assert Query.create(store, "a star").where("width < 0").to_list() == []
 
     truth = {row["path"]: row for row in rows}
-    blue = store.search("a circle").add("2:blue").subtract("red").limit(5).to_list()
+    blue = Query.create(store, "a circle").add("2:blue").subtract("red").limit(5).to_list()
     assert sum(truth[h["path"]]["colour"] == "blue" for h in blue) >= 4
     example = rows[0]["path"]
-    assert store.search(image=example).limit(1).to_list()[0]["path"] == example
+    assert Query.create(store, image=example).limit(1).to_list()[0]["path"] == example
 
 
 def test_process_decoder_matches_threads(library, tmp_path):

@@ -136,14 +136,14 @@ def test_cache_blend_matches_the_library(client, served_library, weighting):
 
 
 BAD_REQUESTS = [
-    ("/search", {"text": ""}, 422, "text"),
+    ("/search", {"text": ""}, 400, "the search text is empty"),
     ("/search", {"text": "   "}, 400, "empty"),
     ("/search", {}, 422, "exactly one"),
     ("/search", {"text": "a", "id": 1}, 422, "exactly one"),
     ("/search", {"embedding": [0.1] * 63}, 400, "64"),
     ("/search", {"embedding": [0.0] * 64}, 400, "cancel out"),
     ("/search", {"embedding": [1e39] * 64}, 400, "float32"),
-    ("/search", {"text": "a", "k": 0}, 422, "k"),
+    ("/search", {"text": "a", "k": 0}, 400, "k must be at least 1"),
     ("/search", {"text": "a", "k": 51}, 400, "maximum of 50"),
     ("/search", {"text": "a", "k": "ten"}, 422, "k"),
     ("/search", {"id": 987654321}, 404, "no image with id"),
@@ -154,6 +154,8 @@ BAD_REQUESTS = [
     ("/search", {"image": base64.b64encode(b"GIF89a but not really").decode()}, 400, "not an image"),
     ("/search", {"text": "a", "color": "red"}, 422, "color"),
     ("/classify", {"id": 1, "labels": []}, 422, "labels"),
+    ("/classify", {"id": 1, "labels": ["a"], "k": 0}, 400, "k must be at least 1"),
+    ("/classify", {"id": 1, "labels": ["a"], "k": 51}, 400, "maximum of 50"),
     ("/classify", {"id": 1, "labels": ["a"], "template": "no slot"}, 400, "{}"),
     ("/classify", {"labels": ["a"]}, 422, "exactly one"),
     ("/classify", {"id": 987654321, "labels": ["a"]}, 404, "no image with id"),
@@ -166,7 +168,8 @@ BAD_REQUESTS = [
     ("/cache/blend", {"queries": [[0.1] * 64], "alpha": 1.5}, 422, "alpha"),
     ("/cache/blend", {"queries": [[0.1] * 64], "weighting": "magic"}, 422, "weighting"),
     ("/cache/blend", {"queries": [[0.1] * 64], "temperature": 0}, 422, "temperature"),
-    ("/cache/blend", {"queries": [[0.1] * 64], "k": 0}, 422, "k"),
+    ("/cache/blend", {"queries": [[0.1] * 64], "k": 0}, 400, "k must be at least 1"),
+    ("/cache/blend", {"queries": [[0.1] * 64], "k": 51}, 400, "maximum of 50"),
 ]
 
 
@@ -205,7 +208,7 @@ def test_uploads_too_large_or_not_images_are_refused(client):
     status, error = upload({"image": ("a.jpg", b"x")}, {"k": "3", "colour": "red"})
     assert status == 422 and "colour" in error
     status, error = upload({"image": ("a.jpg", b"x")}, {"k": "0"})
-    assert status == 422 and "k" in error
+    assert status == 400 and "k must be at least 1" in error
     status, error = upload({"image": ("a.jpg", b"x")}, url="/classify")
     assert status == 422 and "labels" in error
     response = client.post("/search", content=b"text=a red circle", headers={"Content-Type": "text/plain"})

@@ -12,8 +12,8 @@ from pathlib import Path
 
 from fastapi.testclient import TestClient
 
+from demo.shapes import write_library
 from indexer.run import IndexConfig, index_paths
-from indexer.shapes import write_library
 from server import ServeConfig, create_app
 
 REPO = Path(__file__).resolve().parents[1]

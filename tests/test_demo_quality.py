@@ -1,22 +1,6 @@
 """The bundled model must retrieve for real on data it never saw (the Foundation quality bar)."""
 
-import numpy as np
-import pytest
-
-from search.quality import precision_at_k, shapes_library_quality, zero_shot_accuracy
-
-
-def test_precision_at_k_counts_matching_labels():
-    images = np.eye(4, dtype=np.float32)
-    labels = ["a", "a", "b", "b"]
-    queries = np.array([[1, 0.9, 0.1, 0], [1, 0, 0.9, 0]], dtype=np.float32)
-    assert precision_at_k(images, labels, queries, ["a", "a"], k=2) == pytest.approx((1.0 + 0.5) / 2)
-
-
-def test_zero_shot_accuracy_uses_argmax():
-    images = np.array([[1, 0], [0, 1], [1, 0]], dtype=np.float32)
-    classes = np.array([[1, 0], [0, 1]], dtype=np.float32)
-    assert zero_shot_accuracy(images, [0, 1, 1], classes) == pytest.approx(2 / 3)
+from demo.quality import shapes_library_quality
 
 
 def test_bundled_model_meets_quality_bar(demo_model, heldout_library):
@@ -34,7 +18,7 @@ def test_random_weights_fail_the_bar(tmp_path, heldout_library):
     import open_clip
     import torch
 
-    from indexer.models import load_model
+    from encoder import load_model
 
     model = load_model("clipdex-shapes", device="cpu")  # registers the config
     torch.manual_seed(0)

@@ -2,7 +2,7 @@ import csv
 
 from PIL import Image
 
-from indexer.shapes import BACKGROUNDS, COLOURS, LABEL_FIELDS, POSITIONS, SHAPES, sample, write_library
+from demo.shapes import BACKGROUNDS, COLOURS, LABEL_FIELDS, POSITIONS, SHAPES, sample
 
 
 def test_vocabulary_is_at_least_what_was_asked():

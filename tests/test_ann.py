@@ -9,8 +9,9 @@ import faiss
 import numpy as np
 import pytest
 
+from search import Query
+from store.ann import AnnConfig, build_index, choose_kind, load_index, memory_bytes, save_index
 from store.errors import InputError
-from store.faiss_io import AnnConfig, build_index, choose_kind, load_index, memory_bytes, save_index
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.synthetic import clustered  # noqa: E402
@@ -66,7 +67,7 @@ def test_autofaiss_index_agrees_with_exact(data):
 
 def assert_restricted_search(index, vectors, ids, queries):
     """A prefiltered search returns only allowed ids, and the same best hits as exact over them."""
-    from store.faiss_io import search
+    from store.ann import search
 
     allowed = ids[::3]
     _, found = search(index, queries[:5], 10, allowed_ids=allowed)
@@ -112,6 +113,6 @@ def test_store_above_threshold_serves_from_ivf(data, tmp_path):
                     ann=AnnConfig(ann_threshold=5_000))
     store = Store.open(tmp_path / "store")
     assert store.manifest.index.type == "ivf" and store.manifest.index.recall_at_10 >= 0.98
-    hits = store.search(vector=queries[0]).limit(10).to_list()
+    hits = Query.create(store, vector=queries[0]).limit(10).to_list()
     exact = np.argsort(-(vectors @ (queries[0] / np.linalg.norm(queries[0]))))[:10] + 1  # import ids start at 1
     assert len({h["id"] for h in hits} & set(exact.tolist())) >= 9

@@ -5,29 +5,40 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable, Iterator
 
+from demo.plots import plot_classification, plot_similarity
+from demo.quality import store_quality
+from demo.shapes import SHAPES, read_labels, write_library
+from encoder import MODELS, load_image
+from indexer import IndexConfig, index_paths
+from search import Query, classify, similarity
+from store import InputError, Store
+
 DEMO_MODEL = "clipdex-shapes"
 DEMO_SEED = 7  # the bundled model was trained on seed 0: the demo library is unseen data
+DEMO_COUNT = 300
+DEMO_DIR = "clipdex-demo"
 TEXT_QUERIES = ("a red circle", "a blue star", "a green triangle")
 
 
-def demo_lines(directory: Path, count: int, write_library: Callable[[Path, int, int], Path]) -> Iterator[str]:
-    """Run the demo step by step, yielding what to show the user."""
-    from indexer.images import load_image
-    from indexer.run import IndexConfig, index_paths
-    from indexer.shapes import SHAPES, read_labels
-    from search.plots import plot_classification, plot_similarity
-    from search.quality import store_quality
-    from search.query import encoder_for
-    from search.zeroshot import classify, similarity
-    from store.store import Store
+def write_demo_library(directory: Path, count: int, seed: int = DEMO_SEED,
+                       progress: Callable[[int], object] | None = None) -> Path:
+    """A new demo library in *directory*, which must be empty or new (nothing is overwritten)."""
+    if directory.exists() and any(directory.iterdir()):
+        raise InputError(f"{directory} is not empty: choose a new directory so nothing in it is overwritten")
+    return write_library(directory, count, seed, progress=progress)
 
+
+def demo_lines(directory: Path, count: int,
+               write: Callable[[Path, int, int], Path] = write_demo_library) -> Iterator[str]:
+    """Run the demo step by step, yielding what to show the user; *write* makes the library
+    (the CLI's draws a progress bar)."""
     directory = directory.resolve()  # the store records absolute paths; compare like with like
     library, store_dir = directory / "library", directory / "store"
     labels_path = library / "labels.csv"
     if labels_path.is_file():
         yield f"1. reusing the demo library in {library}"
     else:
-        write_library(library, count, DEMO_SEED)
+        write(library, count, DEMO_SEED)
         yield f"1. generated {count} images of coloured shapes in {library} (truth in {labels_path})"
     rows = read_labels(labels_path)
     truth = {row["path"]: row for row in rows}
@@ -39,7 +50,7 @@ def demo_lines(directory: Path, count: int, write_library: Callable[[Path, int, 
 
     store = Store.open(store_dir)
     for text in TEXT_QUERIES:
-        hits = store.search(text).limit(3).to_list()
+        hits = Query.create(store, text).limit(3).to_list()
         yield f'3. clipdex search "{text}" -k 3   (✓ = the picture really is a {text[2:]})'
         for hit in hits:
             row = truth.get(hit["path"], {})
@@ -47,17 +58,18 @@ def demo_lines(directory: Path, count: int, write_library: Callable[[Path, int, 
             yield f"   {mark} {hit['score']:.3f}  {Path(hit['path']).relative_to(library)}  ({row.get('caption', '?')})"
 
     example = rows[0]
-    hits = store.search(image=example["path"]).limit(4).to_list()[1:]
-    yield f"4. clipdex search --image {Path(example['path']).relative_to(library)}  ({example['caption']}): nearest others"
+    hits = Query.create(store, image=example["path"]).limit(4).to_list()[1:]
+    shown = Path(example["path"]).relative_to(library)
+    yield f"4. clipdex search --image {shown}  ({example['caption']}): nearest others"
     for hit in hits:
         yield f"   {hit['score']:.3f}  {truth.get(hit['path'], {}).get('caption', hit['path'])}"
 
-    hits = store.search("a yellow square").where("width > 500").limit(3).to_list()
+    hits = Query.create(store, "a yellow square").where("width > 500").limit(3).to_list()
     yield '5. clipdex search "a yellow square" --where "width > 500"'
     for hit in hits:
         yield f"   {hit['score']:.3f}  {hit['width']}x{hit['height']}  {truth.get(hit['path'], {}).get('caption', '')}"
 
-    model = encoder_for(store)
+    model = MODELS.for_manifest(store.manifest)
     samples = [next(r for r in rows if r["shape"] == shape) for shape in SHAPES]
     pictures = [load_image(r["path"]) for r in samples]
     names = [Path(r["path"]).name for r in samples]

@@ -3,8 +3,8 @@ import time
 import numpy as np
 import pytest
 
-from indexer import models
-from indexer.models import BUNDLED_TAG, list_models, load_model, resolve_pretrained
+from encoder import BUNDLED_TAG, list_models, load_model, resolve_pretrained
+from encoder import model as models
 from store.errors import ClipdexError, ModelLoadError
 
 

@@ -31,6 +31,7 @@ from store.errors import InputError
 
 LOG = logging.getLogger(__name__)
 RECALL_K = 10
+ANN_KINDS = ("auto", "flat", "ivf", "autofaiss")
 
 
 def memory_bytes(text: str) -> int:
@@ -51,7 +52,7 @@ class AnnConfig:
     use_gpu: bool | None = None  # None: when faiss sees a GPU
 
     def __post_init__(self) -> None:
-        if self.kind not in ("auto", "flat", "ivf", "autofaiss"):
+        if self.kind not in ANN_KINDS:
             raise InputError(f"unknown index type '{self.kind}': use auto, flat, ivf or autofaiss")
         if not 0 < self.target_recall <= 1:
             raise InputError(f"target recall must be within (0, 1], got {self.target_recall}")

@@ -1,5 +1,6 @@
-"""Every way clipdex gets a CLIP model: open_clip registry names with hub tags, local checkpoint
-files, and the bundled ``clipdex-shapes`` demo model, all through ``open_clip.create_model_and_transforms``.
+"""Loading a CLIP model and embedding with it: open_clip registry names with hub tags, local
+checkpoint files and the bundled models, all through ``open_clip.create_model_and_transforms``.
+Embeddings come out L2-normalised, so cosine similarity is a dot product.
 """
 
 from __future__ import annotations
@@ -8,13 +9,12 @@ import contextlib
 import logging
 import os
 import socket
-from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 from urllib.parse import urlparse
 
 import numpy as np
 
+from encoder.registry import DEFAULT_MODEL, open_clip_module, pretrained_label, resolve_pretrained
 from store.errors import InputError, ModelLoadError, first_line
 
 if TYPE_CHECKING:
@@ -22,102 +22,12 @@ if TYPE_CHECKING:
     from PIL import Image
 
 LOG = logging.getLogger(__name__)
-MODEL_DATA = Path(__file__).resolve().parent / "model_data"
-DEFAULT_MODEL = "ViT-B-32"
-DEFAULT_PRETRAINED = "laion2b_s34b_b79k"
-BUNDLED_TAG = "bundled"
-CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
-
-
-@dataclass(frozen=True)
-class BundledModel:
-    config: Path
-    weights: Path
-    description: str
-
-
-# Registry as data: models whose config and weights ship inside the package.
-BUNDLED_MODELS: dict[str, BundledModel] = {
-    "clipdex-shapes": BundledModel(
-        config=MODEL_DATA / "clipdex-shapes.json",
-        weights=MODEL_DATA / "clipdex-shapes.pt",
-        description="demo CLIP trained by clipdex on generated coloured shapes (64x64, 64-d, offline)",
-    ),
-}
-
-
-@dataclass(frozen=True)
-class ModelInfo:
-    name: str
-    tags: tuple[str, ...]
-    bundled: bool = False
-    description: str = ""
-
-
-def _open_clip():
-    import open_clip
-
-    for name, bundled in BUNDLED_MODELS.items():
-        if name not in open_clip.list_models():
-            open_clip.add_model_config(bundled.config)
-    return open_clip
-
-
-def list_models() -> list[ModelInfo]:
-    """Bundled models first, then every open_clip architecture with its pretrained tags."""
-    open_clip = _open_clip()
-    infos = [ModelInfo(name, (BUNDLED_TAG,), True, b.description) for name, b in BUNDLED_MODELS.items()]
-    for name in open_clip.list_models():
-        if name not in BUNDLED_MODELS:
-            infos.append(ModelInfo(name, tuple(open_clip.list_pretrained_tags_by_model(name))))
-    return infos
-
-
-def resolve_pretrained(name: str, pretrained: str | None) -> str:
-    """The checkpoint file or hub tag to load for *name*, or a ModelLoadError saying what to pass."""
-    open_clip = _open_clip()
-    schema = name.startswith(("hf-hub:", "local-dir:"))
-    if not schema and name not in open_clip.list_models():
-        raise ModelLoadError(f"unknown model '{name}': run `clipdex models` to list the models clipdex knows")
-    if name in BUNDLED_MODELS and pretrained in (None, BUNDLED_TAG):
-        weights = BUNDLED_MODELS[name].weights
-        if not weights.is_file():
-            raise ModelLoadError(f"the bundled weights of '{name}' are missing ({weights}); reinstall clipdex")
-        return str(weights)
-    if schema:
-        return pretrained or ""
-    if pretrained is None:
-        tags = open_clip.list_pretrained_tags_by_model(name)
-        if name == DEFAULT_MODEL:
-            return DEFAULT_PRETRAINED
-        if not tags:
-            raise ModelLoadError(f"model '{name}' has no published weights: pass a checkpoint with --pretrained FILE")
-        return tags[0]
-    if os.path.isfile(pretrained):
-        return pretrained
-    looks_like_path = os.sep in pretrained or pretrained.endswith(CHECKPOINT_SUFFIXES)
-    if looks_like_path:
-        raise ModelLoadError(f"checkpoint file not found: {pretrained}")
-    if not open_clip.get_pretrained_cfg(name, pretrained):
-        tags = ", ".join(open_clip.list_pretrained_tags_by_model(name)) or "none"
-        raise ModelLoadError(
-            f"unknown pretrained tag '{pretrained}' for model '{name}' (known tags: {tags}); "
-            "or pass a local checkpoint file")
-    return pretrained
-
-
-def pretrained_label(name: str, pretrained: str | None) -> str:
-    """How a store records these weights: 'bundled', a hub tag, or a checkpoint's absolute path."""
-    checkpoint = resolve_pretrained(name, pretrained)
-    if name in BUNDLED_MODELS and checkpoint == str(BUNDLED_MODELS[name].weights):
-        return BUNDLED_TAG
-    return os.path.abspath(checkpoint) if checkpoint and os.path.isfile(checkpoint) else checkpoint
 
 
 def _weights_host(name: str, tag: str) -> str | None:
     import huggingface_hub.constants as hub
 
-    cfg = _open_clip().get_pretrained_cfg(name, tag)
+    cfg = open_clip_module().get_pretrained_cfg(name, tag)
     if cfg.get("hf_hub"):
         return urlparse(hub.ENDPOINT).hostname
     return urlparse(cfg.get("url", "")).hostname
@@ -225,7 +135,7 @@ def load_model(name: str = DEFAULT_MODEL, pretrained: str | None = None, device:
     """
     device = resolve_device(device)
     checkpoint = resolve_pretrained(name, pretrained)
-    open_clip = _open_clip()
+    open_clip = open_clip_module()
     is_tag = bool(checkpoint) and not os.path.isfile(checkpoint)
     host = _weights_host(name, checkpoint) if is_tag else None
     offline = bool(host) and not _reachable(host)
@@ -241,7 +151,8 @@ def load_model(name: str = DEFAULT_MODEL, pretrained: str | None = None, device:
                 f"could not get pretrained weights '{checkpoint}' for '{name}': {where}. "
                 "Pass a local checkpoint with --pretrained /path/to/weights.pt, "
                 "or use the bundled demo model with --model clipdex-shapes") from error
-        raise ModelLoadError(f"could not load '{name}' from {checkpoint or 'its config'}: {first_line(error)}") from error
+        source = checkpoint or "its config"
+        raise ModelLoadError(f"could not load '{name}' from {source}: {first_line(error)}") from error
     model.eval()
     label = pretrained_label(name, pretrained)
     LOG.info("loaded %s (%s) on %s", name, label, device)

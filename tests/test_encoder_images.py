@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from indexer.images import is_image_path, load_image
+from encoder.images import is_image_path, load_image
 from store.errors import ImageError
 
 

@@ -1,33 +1,17 @@
-"""Retrieval-quality measures over L2-normalised embeddings (free functions over arrays)."""
+"""Quality of a model, or of an indexed store, on a generated shapes library: the demo's numbers
+and the bundled model's quality bar."""
 
 from __future__ import annotations
 
-from typing import Hashable, Sequence
+from collections import Counter
 
 import numpy as np
 
-
-def precision_at_k(
-    image_embeddings: np.ndarray,
-    image_labels: Sequence[Hashable],
-    query_embeddings: np.ndarray,
-    query_labels: Sequence[Hashable],
-    k: int = 5,
-) -> float:
-    """Mean fraction of each query's top-*k* images (by cosine) whose label equals the query's."""
-    labels = np.asarray(image_labels, dtype=object)
-    scores = np.asarray(query_embeddings) @ np.asarray(image_embeddings).T
-    top = np.argsort(-scores, axis=1, kind="stable")[:, :k]
-    hits = [np.mean(labels[row] == np.array([want], dtype=object)) for row, want in zip(top, query_labels)]
-    return float(np.mean(hits))
-
-
-def zero_shot_accuracy(
-    image_embeddings: np.ndarray, true_class: Sequence[int], class_embeddings: np.ndarray
-) -> float:
-    """Fraction of images whose highest-cosine class embedding is their true class."""
-    predicted = np.argmax(np.asarray(image_embeddings) @ np.asarray(class_embeddings).T, axis=1)
-    return float(np.mean(predicted == np.asarray(true_class)))
+from demo.shapes import SHAPES
+from encoder import MODELS, load_image
+from search.metrics import precision_at_k, zero_shot_accuracy
+from search.query import Query
+from store.tables import column_vectors
 
 
 def shapes_library_quality(model, rows, min_count: int = 5, template: str = "a photo of a {}") -> dict[str, float]:
@@ -36,11 +20,6 @@ def shapes_library_quality(model, rows, min_count: int = 5, template: str = "a p
     ``precision_at_5``: text->image "a {colour} {shape}" over combinations present at least
     *min_count* times; ``zero_shot_shape``: accuracy of "a photo of a {shape}" classification.
     """
-    from collections import Counter
-
-    from indexer.images import load_image
-    from indexer.shapes import SHAPES
-
     images = model.encode_images([load_image(row["path"]) for row in rows])
     pairs = [(row["colour"], row["shape"]) for row in rows]
     combos = sorted(combo for combo, n in Counter(pairs).items() if n >= min_count)
@@ -56,21 +35,15 @@ def shapes_library_quality(model, rows, min_count: int = 5, template: str = "a p
 
 def store_quality(store, rows, min_count: int = 5, template: str = "a photo of a {}") -> dict[str, float]:
     """Like :func:`shapes_library_quality`, measured through an indexed store: precision@5 of
-    ``store.search("a {colour} {shape}")`` and zero-shot accuracy on the stored embeddings."""
-    from collections import Counter
-
-    from indexer.shapes import SHAPES
-    from search.query import encoder_for
-    from store.tables import column_vectors
-
+    ``Query.create(store, "a {colour} {shape}")`` and zero-shot accuracy on the stored embeddings."""
     truth = {row["path"]: (row["colour"], row["shape"]) for row in rows}
     combos = sorted(combo for combo, n in Counter(truth.values()).items() if n >= min_count)
-    hits = [[truth.get(hit["path"]) == combo for hit in store.search(f"a {combo[0]} {combo[1]}").limit(5).to_list()]
+    hits = [[truth.get(hit["path"]) == combo for hit in Query.create(store, f"a {combo[0]} {combo[1]}").limit(5).to_list()]
             for combo in combos]
     table = store.tables.images.search().select(["path", "embedding"]).to_arrow()
     known = [i for i, path in enumerate(table.column("path").to_pylist()) if path in truth]
     paths = table.column("path").to_pylist()
-    shapes = encoder_for(store).encode_texts([template.format(shape) for shape in SHAPES])
+    shapes = MODELS.for_manifest(store.manifest).encode_texts([template.format(shape) for shape in SHAPES])
     return {
         "images": len(known),
         "queries": len(combos),
