@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -39,12 +40,20 @@ from search.zeroshot import DEFAULT_TOP_K, check_template
 from server.config import MIB, ServeConfig
 from store import AnnConfig, ClipdexError, InputError, Store, import_features
 from store.ann import ANN_KINDS
+from store.errors import os_error_line
 from store.importer import IMPORTED
+from store.report import inspect
 
 INDEX = IndexConfig()  # option defaults come from the config objects, never re-declared here
 BLEND = BlendParams()
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+EXIT_UNAVAILABLE = 3  # finished, but some given paths could not be seen; their rows were kept
+
+
+def shown(path: str) -> str:
+    """A path as one printable line: newlines, tabs and other control characters escaped."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in path)
 
 
 def model_options(command: Callable | None = None, *, default_model: str | None = DEFAULT_MODEL) -> Callable:
@@ -257,23 +266,35 @@ def demo_command(directory: str, count: int) -> None:
               help="IVF-Flat: the smallest nprobe whose measured recall@10 reaches this.")
 @click.option("--max-query-ms", default=INDEX.ann.max_query_ms, show_default=True, type=float,
               help="Query-time budget of an autofaiss index.")
+@click.option("--wait", is_flag=True,
+              help="If another run is writing to the store, wait for it instead of stopping at once.")
+@click.option("--prune", is_flag=True,
+              help="Remove the rows of PATHS that are missing, unreadable or empty (kept by default: an unmounted "
+                   "drive looks exactly like an empty folder).")
 @click.option("--json", "as_json", is_flag=True,
-              help='Print {"scanned", "embedded", "reused", "removed", "failed", "seconds", ...} at the end.')
+              help='Print {"scanned", "embedded", "reused", "moved", "removed", "failed", "unavailable", ...} at the end.')
 def index_command(paths, store_dir, model_name, pretrained, device, batch_size, workers, decoder, captions, max_pixels,
-                  commit_every, index_type, ann_threshold, index_memory, target_recall, max_query_ms, as_json) -> None:
+                  commit_every, index_type, ann_threshold, index_memory, target_recall, max_query_ms, wait, prune,
+                  as_json) -> None:
     """Embed the images under PATHS into the store, incrementally.
 
     \b
     Reruns embed only new or changed files, drop rows of deleted files, and recognise moved or
-    copied files by content hash without re-embedding them. Bad files are recorded in the store's
-    failures table and never stop the run. Safe to interrupt: rerun to finish.
+    copied files (a renamed library folder too) by content hash without re-embedding them. Bad
+    files are recorded in the store's failures table and never stop the run. Safe to interrupt:
+    rerun to finish. One run writes to a store at a time.
+
+    \b
+    A path that is missing, cannot be listed, or lists no image while the store holds images from
+    it is reported as unavailable and its rows are kept (exit code 3); --prune removes them.
 
     \b
     Example:
       clipdex index ~/Pictures --store pictures.clipdex --model clipdex-shapes
     """
     config = IndexConfig(model=model_name, pretrained=pretrained, device=device, batch_size=batch_size,
-                         workers=workers, decoder=decoder, captions=tuple(captions), max_pixels=max_pixels, commit_every=commit_every,
+                         workers=workers, decoder=decoder, captions=tuple(captions), max_pixels=max_pixels,
+                         commit_every=commit_every, wait=wait, prune=prune,
                          ann=AnnConfig(kind=index_type, ann_threshold=ann_threshold, max_memory=index_memory,
                                        max_query_ms=max_query_ms, target_recall=target_recall))
     summary = index_paths(paths, store_dir, config)
@@ -282,38 +303,62 @@ def index_command(paths, store_dir, model_name, pretrained, device, batch_size, 
     else:
         recall = "" if summary.recall_at_10 is None else f", recall@10 {summary.recall_at_10:.3f}"
         click.echo(f"{summary.scanned} images scanned in {summary.seconds:.1f}s: {summary.embedded} embedded, "
-                   f"{summary.reused} reused, {summary.unchanged} unchanged, {summary.removed} removed, "
-                   f"{summary.failed} failed. Store: {summary.count} images, {summary.index} index{recall}.")
+                   f"{summary.reused} reused ({summary.moved} moved), {summary.unchanged} unchanged, "
+                   f"{summary.removed} removed, {summary.failed} failed. "
+                   f"Store: {summary.count} images, {summary.index} index{recall}.")
+    for root, kept in summary.unavailable.items():
+        click.echo(f"warning: {shown(root)} is missing, unreadable or empty; its {kept} images are kept "
+                   "(pass --prune to remove them)", err=True)
     if summary.indexed == 0 and summary.failed:
         raise InputError(f"nothing could be indexed: all {summary.failed} files failed "
                          f"(see `clipdex info --store {store_dir} --failures`)")
+    if summary.unavailable:
+        raise SystemExit(EXIT_UNAVAILABLE)
 
 
 @cli.command("info", context_settings=CONTEXT)
 @click.option("--store", "store_dir", required=True, type=click.Path(file_okay=False))
-@click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
+@click.option("--json", "as_json", is_flag=True, help="Print the manifest and the counts as JSON.")
 @click.option("--failures", "show_failures", is_flag=True, help="Also list the files that could not be indexed.")
 def info_command(store_dir, as_json, show_failures) -> None:
-    """Show what a store holds: model, dimensions, counts, index type and its measured recall@10."""
+    """Show what a store holds, counted from its tables: model, images, captions, failures, the
+    indexed folders, disk use, and the index with its measured recall@10. Problems are flagged."""
     store = Store.open(store_dir)
     manifest = store.manifest.to_dict()
-    failures = store.tables.failures.search().to_arrow().to_pylist() if show_failures else []
+    report = inspect(store)
+    failures = store.tables.failures.search().to_arrow().to_pylist() if show_failures and report.failures else []
     if as_json:
-        payload = {"store": str(store.directory), **manifest}
+        payload = {"store": str(store.directory), **manifest, "count": report.rows, "failures": report.failures,
+                   "report": report.to_dict()}
         if show_failures:
             payload["failure_list"] = [{**f, "time": str(f["time"])} for f in failures]
         click.echo(json.dumps(payload))
         return
     index = manifest["index"]
-    recall = "not measured" if index["recall_at_10"] is None else f"{index['recall_at_10']:.3f}"
+    if report.has_index:
+        recall = "not measured" if index["recall_at_10"] is None else f"{index['recall_at_10']:.3f}"
+        index_line = (f"{index['type']} {index['key']} over {index['count']} vectors, recall@10 {recall} "
+                      f"({index['recall_queries']} queries), built in {index['build_seconds']}s")
+    else:
+        index_line = "no index yet (run `clipdex index` on the store to build one)"
+    roots = "".join(f"\n           {shown(root)} ({count} images)" for root, count in report.roots.items())
     click.echo(f"store:     {store.directory}\n"
                f"model:     {manifest['model']} ({manifest['pretrained']}), {manifest['dim']}-d\n"
-               f"images:    {manifest['count']}\nfailures:  {manifest['failures']}\n"
-               f"index:     {index['type']} {index['key']} over {index['count']} vectors, recall@10 {recall} "
-               f"({index['recall_queries']} queries), built in {index['build_seconds']}s\n"
+               f"images:    {report.rows} ({report.captioned} with captions)\nfailures:  {report.failures}\n"
+               f"folders:   {len(report.roots) or 'none recorded'}{roots}\n"
+               f"index:     {index_line}\n"
+               f"disk:      {_size(report.disk_bytes)}\n"
                f"updated:   {manifest['updated']} (created {manifest['created']})")
+    if report.duplicate_rows:
+        click.echo(f"warning: {report.duplicate_rows} rows repeat a path that another row already has "
+                   "(a damaged store: re-create it, or remove the duplicates)", err=True)
+    if report.has_index and not report.index_is_current:
+        click.echo(f"warning: the index covers {report.index_rows} rows of table version {report.index_version}; "
+                   f"the table is at version {report.table_version} with {report.rows} rows (an interrupted or "
+                   "running write): run `clipdex index` to bring the index up to date", err=True)
     for failure in failures:
-        click.echo(f"  {failure['reason']:<13} {failure['path']}" + (f"  ({failure['detail']})" if failure['detail'] else ""))
+        detail = f"  ({failure['detail']})" if failure["detail"] else ""
+        click.echo(f"  {failure['reason']:<13} {shown(failure['path'])}{detail}")
 
 
 @cli.command("search", context_settings=CONTEXT)
@@ -354,7 +399,7 @@ def search_command(query, store_dir, k, image, adds, subtracts, where, device, a
     if not results:
         click.echo("no results")
     for rank, row in enumerate(results, 1):
-        click.echo(f"{rank:>3}  {row['score']:.3f}  {row['path']}")
+        click.echo(f"{rank:>3}  {row['score']:.3f}  {shown(row['path'])}")
 
 
 @cli.command("import", context_settings=CONTEXT)
@@ -367,27 +412,30 @@ def search_command(query, store_dir, k, image, adds, subtracts, where, device, a
               help="The embedding space, e.g. imagebind_huge. An open_clip name (with --pretrained) keeps text "
                    "search working on the store.")
 @click.option("--pretrained", default=IMPORTED, show_default=True, help="The weights the features came from.")
+@click.option("--wait", is_flag=True,
+              help="If another run is writing to the store, wait for it instead of stopping at once.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
-def import_command(features, store_dir, metadata, model_name, pretrained, as_json) -> None:
+def import_command(features, store_dir, metadata, model_name, pretrained, wait, as_json) -> None:
     """Create or extend a store from features computed elsewhere.
 
     \b
     FEATURES: a .npy file [N, C]; a folder of .npy shards with matching metadata (clip-retrieval's
     img_emb/img_emb_N.npy + metadata/metadata_N.parquet); a Parquet file with an embedding column;
-    or a Lance table. Features are L2-normalised on import. Rows already in the store (same path or
-    row key) are skipped, so importing twice changes nothing.
+    or a Lance table. Features are L2-normalised on import. A row already in the store (same path
+    or row key) keeps its id: skipped when its features are unchanged, updated when they changed,
+    so importing twice changes nothing.
 
     \b
     Example:
       clipdex import cc3m_imagebind/ --store cc3m.clipdex --model-name imagebind_huge
     """
     summary = import_features(features, store_dir, metadata, model_name, pretrained,
-                              has_text_encoder=can_load(model_name, pretrained))
+                              has_text_encoder=can_load(model_name, pretrained), wait=wait)
     if as_json:
         click.echo(json.dumps(summary))
     else:
-        click.echo(f"imported {summary['imported']} of {summary['read']} features ({summary['skipped']} already "
-                   f"there) in {summary['seconds']:.1f}s. Store: {summary['count']} x {summary['dim']}-d "
+        click.echo(f"imported {summary['imported']} of {summary['read']} features ({summary['updated']} updated, "
+                   f"{summary['skipped']} already there) in {summary['seconds']:.1f}s. Store: {summary['count']} x {summary['dim']}-d "
                    f"'{summary['space']}', {summary['index']} index.")
 
 
@@ -414,19 +462,21 @@ def cache_group() -> None:
 def cache_query_command(store_dir, queries_path, k, alpha, weighting, temperature, device, out_path,
                         neighbours_out) -> None:
     """Blend each query feature with its k nearest cache features; write the result as .npy."""
+    for out in (out_path, neighbours_out):
+        _check_output(out)
     try:
-        queries = np.load(queries_path)
+        queries = np.load(os.path.expanduser(queries_path))
     except (OSError, ValueError) as error:
         raise InputError(f"cannot read {queries_path} as a .npy array: {error}") from error
     retriever = CacheRetriever.open(store_dir, device=device)
     result = retriever.blend(queries, k=k, alpha=alpha, weighting=weighting, temperature=temperature,
                              return_neighbours=True)
-    np.save(out_path, result.features)
+    np.save(os.path.expanduser(out_path), result.features)
     if neighbours_out:
         ids, scores = np.atleast_2d(result.ids), np.atleast_2d(result.scores)
         pq.write_table(pa.table({"query": np.repeat(np.arange(len(ids)), ids.shape[1]),
                                  "rank": np.tile(np.arange(1, ids.shape[1] + 1), len(ids)),
-                                 "id": ids.reshape(-1), "score": scores.reshape(-1)}), neighbours_out)
+                                 "id": ids.reshape(-1), "score": scores.reshape(-1)}), os.path.expanduser(neighbours_out))
     click.echo(f"blended {np.atleast_2d(queries).shape[0]} queries with k={min(k, retriever.size)} "
                f"({weighting}, alpha {alpha}) -> {out_path}")
 
@@ -474,6 +524,23 @@ def serve_command(store_dir, host, port, api_key, max_k, max_batch, max_body_mb,
     serve(config, app)
 
 
+def _check_output(path: str | None) -> None:
+    """Refuse an output file in a folder that does not exist before any work is done."""
+    if path is None:
+        return
+    folder = os.path.dirname(os.path.abspath(os.path.expanduser(path)))
+    if not os.path.isdir(folder):
+        raise InputError(f"cannot write {path}: the folder {folder} does not exist")
+
+
+def _size(count: float) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if count < 1024 or unit == "GiB":
+            return f"{count:.0f} {unit}" if unit == "bytes" else f"{count:.1f} {unit}"
+        count /= 1024
+    return f"{count:.1f} TiB"
+
+
 def _check_port_free(host: str, port: int) -> None:
     import socket
 
@@ -491,7 +558,8 @@ def _check_port_free(host: str, port: int) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """Console entry point: one line per error, exit codes 0 ok, 1 failed, 2 usage, 130 interrupted."""
+    """Console entry point: one line per error, never a traceback. Exit codes: 0 ok, 1 failed, 2 usage,
+    3 finished but some paths were unavailable (their rows kept), 130 interrupted."""
     try:
         code = cli.main(args=argv, prog_name="clipdex", standalone_mode=False)
     except click.UsageError as error:
@@ -503,6 +571,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         sys.exit(error.exit_code)
     except ClipdexError as error:
         click.echo(f"error: {error}", err=True)
+        sys.exit(1)
+    except OSError as error:  # a full disk, a read-only folder, a file that vanished: the OS's words
+        click.echo(f"error: {shown(os_error_line(error))}", err=True)
         sys.exit(1)
     except (click.Abort, KeyboardInterrupt):
         click.echo("interrupted", err=True)

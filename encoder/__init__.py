@@ -14,10 +14,12 @@ from encoder.registry import (
     list_models,
     pretrained_label,
     resolve_pretrained,
+    weights_sha256,
 )
 
 __all__ = [
     "BUNDLED_MODELS", "BUNDLED_TAG", "DEFAULT_MAX_PIXELS", "DEFAULT_MODEL", "DEFAULT_PRETRAINED", "IMAGE_EXTENSIONS",
     "MODELS", "ClipModel", "ModelInfo", "ModelPool", "can_load", "decode_bytes", "decode_image", "is_image_path",
     "list_models", "load_image", "load_model", "pretrained_label", "resolve_device", "resolve_pretrained",
+    "weights_sha256",
 ]

@@ -5,6 +5,7 @@ loads weights; :mod:`encoder.model` does.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -111,3 +112,15 @@ def can_load(name: str, pretrained: str | None) -> bool:
         return True
     except ModelLoadError:
         return False
+
+
+def weights_sha256(label: str) -> str:
+    """The SHA-256 of a local checkpoint file (what a store records, so the same weights are
+    recognised at a new path); empty for hub tags and bundled weights, which are named, not files."""
+    if not label or not os.path.isfile(label):
+        return ""
+    digest = hashlib.sha256()
+    with open(label, "rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -15,8 +15,9 @@ from typing import Callable, Iterable
 
 import pyarrow as pa
 
-from indexer.scanner import Failure, FoundFile, Scan
+from indexer.scanner import Failure, FoundFile, Scan, is_under
 from store.errors import InputError, first_line
+from store.tables import file_path
 
 HASH_CHUNK = 1 << 20
 
@@ -49,6 +50,7 @@ class Plan:
     recaption: list[Job] = field(default_factory=list)  # unchanged file whose caption changed
     removed_ids: list[int] = field(default_factory=list)
     failures: list[Failure] = field(default_factory=list)
+    unavailable: dict[str, int] = field(default_factory=dict)  # root -> rows kept because it could not be seen
     first_new_id: int = 1  # ids from here on are new in this run; below, they are rows already stored
     next_id: int = 1
 
@@ -57,49 +59,76 @@ class Plan:
         return self.next_id - self.first_new_id
 
     @property
+    def moved(self) -> int:
+        """Files found at a new path with the content of a row whose old path is gone."""
+        return sum(1 for job in self.moves if job.source_id is not None)
+
+    @property
     def reused(self) -> int:
-        return len(self.copies) + sum(1 for job in self.moves if job.source_id is not None)
+        return len(self.copies) + self.moved
 
 
 def make_plan(scan: Scan, rows: pa.Table, first_new_id: int, captions: Callable[[str], str | None],
-              workers: int = 4, progress: Callable[[int], None] | None = None) -> Plan:
-    """Decide what to embed, move, copy and remove. *rows* has id, hash, path, bytes, mtime, caption.
+              workers: int = 4, progress: Callable[[int], None] | None = None, prune: bool = False) -> Plan:
+    """Decide what to embed, move, copy and remove. *rows* has id, hash, path, path_bytes, bytes,
+    mtime, caption.
 
     New files get ids from *first_new_id* on (the store's first free id); the caller reserves
-    ``plan.new_ids`` of them before writing any row.
+    ``plan.new_ids`` of them before writing any row. *captions* gives a file's caption, or None
+    when no source says anything (a stored caption is then kept).
+
+    A row is removed only when its folder was listed and its file is gone. A root that is missing,
+    could not be listed, or lists no file while rows lie under it is *unavailable* (an unmounted
+    drive looks exactly like an empty folder): its rows are kept unless *prune*. A file whose
+    content matches a row whose old path no longer exists, inside the roots or not (a renamed
+    library folder), is a move: same id, no new embedding.
     """
-    existing = {path: row for path, row in zip(rows.column("path").to_pylist(), rows.to_pylist())}
+    existing = {file_path(row["path"], row.get("path_bytes")): row for row in rows.to_pylist()}
     found = {f.path for f in scan.files}
     plan = Plan(first_new_id=first_new_id, next_id=first_new_id)
+    blind = _unavailable_roots(scan, existing)
+    plan.unavailable = {root: sum(1 for path in existing if is_under(path, root)) for root in blind}
+
+    def caption_of(path: str, row: dict | None) -> str | None:
+        caption = captions(path)
+        return caption if caption is not None or row is None else row["caption"]
+
+    def removable(path: str) -> bool:
+        return prune if _in_any(path, blind) else scan.covers(path)
 
     changed: list[FoundFile] = []
     for file in scan.files:
         row = existing.get(file.path)
         if row is not None and row["bytes"] == file.bytes and row["mtime"] == file.mtime:
             plan.unchanged += 1
-            caption = captions(file.path)
+            caption = caption_of(file.path, row)
             if caption != row["caption"]:
                 plan.recaption.append(Job(row["id"], file, row["hash"], caption))
         else:
             changed.append(file)
 
-    gone = {path: row for path, row in existing.items() if path not in found and scan.covers(path)}
-    gone_by_hash: dict[str, list[dict]] = {}
-    for row in gone.values():
-        gone_by_hash.setdefault(row["hash"], []).append(row)
+    absent = {path: row for path, row in existing.items() if path not in found}
+    absent_by_hash: dict[str, list[str]] = {}
+    for path, row in absent.items():
+        absent_by_hash.setdefault(row["hash"], []).append(path)
     present_by_hash = {row["hash"]: row["id"] for path, row in existing.items() if path in found}
 
+    def take_moved(digest: str) -> dict | None:
+        """A row with this content whose old path no longer exists, under the roots or anywhere else."""
+        for path in absent_by_hash.get(digest, ()):
+            if path in absent and not os.path.lexists(path):
+                return absent.pop(path)
+        return None
+
     for file, digest in _hash_all(changed, workers, plan.failures, progress):
-        caption = captions(file.path)
         row = existing.get(file.path)
+        caption = caption_of(file.path, row)
         if row is not None and row["hash"] == digest:  # touched, not changed
             plan.moves.append(Job(row["id"], file, digest, caption))
         elif row is not None:  # modified in place: keeps its id
             plan.embed.append(Job(row["id"], file, digest, caption))
-        elif gone_by_hash.get(digest):
-            moved = gone_by_hash[digest].pop()
-            del gone[moved["path"]]
-            plan.moves.append(Job(moved["id"], file, digest, caption, source_id=moved["id"]))
+        elif (moved := take_moved(digest)) is not None:
+            plan.moves.append(Job(moved["id"], file, digest, caption_of(file.path, moved), source_id=moved["id"]))
         elif digest in present_by_hash:
             plan.copies.append(Job(plan.next_id, file, digest, caption, source_id=present_by_hash[digest]))
             plan.next_id += 1
@@ -107,8 +136,20 @@ def make_plan(scan: Scan, rows: pa.Table, first_new_id: int, captions: Callable[
             plan.embed.append(Job(plan.next_id, file, digest, caption))
             present_by_hash[digest] = plan.next_id  # a second copy in this run is embedded once
             plan.next_id += 1
-    plan.removed_ids = sorted(row["id"] for row in gone.values())
+    plan.removed_ids = sorted(row["id"] for path, row in absent.items() if removable(path))
     return _defer_copies_of_new_files(plan)
+
+
+def _unavailable_roots(scan: Scan, existing: dict[str, dict]) -> list[str]:
+    """Roots that hold rows but could not be seen: missing, not listable, or listing no file."""
+    stored = list(existing)
+    candidates = list(scan.missing) + [root for root in scan.roots
+                                       if root in scan.unlisted or scan.files_under(root) == 0]
+    return [root for root in candidates if any(is_under(path, root) for path in stored)]
+
+
+def _in_any(path: str, folders: list[str]) -> bool:
+    return any(is_under(path, folder) for folder in folders)
 
 
 def _defer_copies_of_new_files(plan: Plan) -> Plan:
@@ -149,7 +190,7 @@ def read_captions(sources: Iterable[str | os.PathLike]) -> dict[str, str]:
 
     mapping: dict[str, str] = {}
     for source in sources:
-        source = os.fspath(source)
+        source = os.path.expanduser(os.fspath(source))
         try:
             table = pq.read_table(source) if source.lower().endswith(".parquet") else pacsv.read_csv(source)
         except (OSError, pa.ArrowInvalid) as error:
@@ -160,8 +201,14 @@ def read_captions(sources: Iterable[str | os.PathLike]) -> dict[str, str]:
         base = os.path.dirname(os.path.abspath(source))
         for path, caption in zip(table.column("path").to_pylist(), table.column("caption").to_pylist()):
             if path and caption is not None:
-                mapping[os.path.normpath(os.path.join(base, str(path)))] = str(caption)
+                mapping[_real_folder(os.path.join(base, os.path.expanduser(str(path))))] = str(caption)
     return mapping
+
+
+def _real_folder(path: str) -> str:
+    """*path* with its folder resolved like the scanner's roots (the file itself may be a link)."""
+    path = os.path.normpath(path)
+    return os.path.join(os.path.realpath(os.path.dirname(path)), os.path.basename(path))
 
 
 def sidecar_caption(path: str) -> str | None:

@@ -20,14 +20,15 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from encoder import DEFAULT_MAX_PIXELS, DEFAULT_MODEL, MODELS, ClipModel, pretrained_label
+from encoder import DEFAULT_MAX_PIXELS, DEFAULT_MODEL, MODELS, ClipModel, pretrained_label, weights_sha256
 from indexer.decode import decoded_batches
 from indexer.plan import Job, Plan, make_plan, read_captions, sidecar_caption
-from indexer.scanner import Failure, scan
+from indexer.scanner import Failure, Scan, scan
 from store.ann import AnnConfig
 from store.errors import InputError
-from store.store import Store
-from store.tables import FAILURE_SCHEMA, column_vectors, image_rows
+from store.lock import writer_lock
+from store.store import Store, expand
+from store.tables import FAILURE_SCHEMA, column_vectors, image_rows, split_path
 
 LOG = logging.getLogger(__name__)
 
@@ -45,6 +46,8 @@ class IndexConfig:
     commit_every: int = 1024
     ann: AnnConfig = field(default_factory=AnnConfig)
     progress: bool = True
+    wait: bool = False  # another writer holds the store: wait for it (False: fail at once, naming it)
+    prune: bool = False  # remove the rows of roots that are missing, unreadable or empty
 
 
 @dataclass(frozen=True)
@@ -59,6 +62,8 @@ class IndexSummary:
     count: int
     index: str
     recall_at_10: float | None
+    moved: int = 0  # files recognised by content at a new path (renamed folders included)
+    unavailable: dict[str, int] = field(default_factory=dict)  # root -> rows kept, not seen this run
 
     @property
     def indexed(self) -> int:
@@ -79,27 +84,48 @@ def choose_model(existing: Store | None, config: IndexConfig) -> tuple[str, str 
 
 def index_paths(paths: Sequence[str | os.PathLike], store_dir: str | Path,
                 config: IndexConfig = IndexConfig()) -> IndexSummary:
+    """Embed the images under *paths* into the store at *store_dir*, incrementally (see module doc).
+
+    Holds the store's writer lock for the whole run: a second writer fails at once (or waits with
+    ``config.wait``), so two runs never hand one id to two files.
+    """
     started = time.perf_counter()
-    found = scan(paths)
+    store_dir = expand(store_dir)
+    found = scan(paths, exclude=[store_dir])
     LOG.info("scanned %d files in %.2fs", len(found.files), time.perf_counter() - started)
+    if not Store.exists(store_dir):
+        if found.missing:
+            raise InputError(f"no such file or folder: {found.missing[0]}")
+        if not found.files and not found.failures:
+            raise InputError(f"no image files found under {', '.join(map(str, paths))}")
+    with writer_lock(store_dir, wait=config.wait):
+        return _index(found, store_dir, config, started)
+
+
+def _index(found: Scan, store_dir: Path, config: IndexConfig, started: float) -> IndexSummary:
     existing = Store.open(store_dir) if Store.exists(store_dir) else None
-    if not found.files and not found.failures and existing is None:
-        raise InputError(f"no image files found under {', '.join(map(str, paths))}")
     name, pretrained = choose_model(existing, config)
+    label = pretrained_label(name, pretrained)
+    weights = weights_sha256(label)
     if existing is not None:  # refuse a mismatch before spending time on loading a model
-        existing.check_model(name, pretrained_label(name, pretrained))
+        existing.check_model(name, label, weights_sha256=weights)
     model = MODELS.get(name, pretrained, device=config.device)
     LOG.info("model loaded at %.2fs", time.perf_counter() - started)
     if existing is not None:
-        existing.check_model(model.name, model.pretrained, model.embed_dim)
+        existing.check_model(model.name, model.pretrained, model.embed_dim, weights)
+        existing.record_weights(model.pretrained, weights)
+        existing.tables.upgrade()
     store = existing or Store.create(store_dir, model.name, model.pretrained, model.embed_dim,
-                                     preprocess=model.preprocess_cfg)
+                                     preprocess=model.preprocess_cfg, weights_sha256=weights)
     captions = _caption_lookup(config.captions)
     workers = config.workers if config.workers is not None else min(8, os.cpu_count() or 1)
 
     with _bar(config, len(found.files), "checking") as bar:
         plan = make_plan(found, store.tables.file_rows(), store.next_free_id(), captions, max(4, workers),
-                         bar.update)
+                         bar.update, prune=config.prune)
+    unknown = [root for root in found.missing if root not in plan.unavailable]
+    if unknown:
+        raise InputError(f"no such file or folder: {unknown[0]} (and the store holds nothing from there)")
     store.reserve_ids(plan.new_ids, first=plan.first_new_id)
     LOG.info("planned at %.2fs: %d to embed, %d moves, %d copies, %d removed", time.perf_counter() - started,
              len(plan.embed), len(plan.moves), len(plan.copies), len(plan.removed_ids))
@@ -116,8 +142,13 @@ def index_paths(paths: Sequence[str | os.PathLike], store_dir: str | Path,
 
     changed = embedded or plan.moves or plan.copies or plan.recaption or plan.removed_ids or failed_modified
     if changed:
-        store.tables.images.optimize()
+        store.tables.compact()
         LOG.info("compacted at %.2fs", time.perf_counter() - started)
+    roots = set(store.manifest.roots) | set(found.roots)
+    if config.prune:
+        roots -= set(plan.unavailable)
+    if roots != set(store.manifest.roots):
+        store.update_manifest(roots=tuple(sorted(roots)))
     info = store.manifest.index
     if changed or not info.file or info.table_version != store.tables.version():
         info = store.rebuild_index(config.ann)
@@ -127,7 +158,8 @@ def index_paths(paths: Sequence[str | os.PathLike], store_dir: str | Path,
         scanned=len(found.files) + len(found.failures), embedded=embedded, reused=plan.reused,
         removed=len(plan.removed_ids) + len(failed_modified), failed=len(failures), unchanged=plan.unchanged,
         seconds=round(time.perf_counter() - started, 3), count=store.manifest.count, index=info.type,
-        recall_at_10=info.recall_at_10)
+        recall_at_10=info.recall_at_10, moved=plan.moved,
+        unavailable={} if config.prune else dict(plan.unavailable))
 
 
 def _caption_lookup(sources: Sequence[str]):
@@ -235,6 +267,6 @@ def _embed(store: Store, model: ClipModel, jobs: list[Job], config: IndexConfig,
 def _failure_rows(failures: Sequence[Failure]) -> pa.Table:
     when = datetime.now(timezone.utc).replace(microsecond=0)
     return pa.table({
-        "path": [f.path for f in failures], "reason": [f.reason for f in failures],
+        "path": [split_path(f.path)[0] for f in failures], "reason": [f.reason for f in failures],
         "detail": [f.detail for f in failures], "time": pa.array([when] * len(failures), FAILURE_SCHEMA.field("time").type),
     }, schema=FAILURE_SCHEMA)

@@ -1,4 +1,9 @@
-"""Stage 1: walk the given paths and list candidate image files with their size and mtime."""
+"""Stage 1: walk the given paths and list candidate image files with their size and mtime.
+
+Roots are resolved to real paths (``~`` expanded, symlinks followed), so ``./lib``, its absolute
+path and a symlink to it are one library. What could not be listed is reported, never taken for
+empty: a missing root, and every folder the walk could not read, whose rows must be kept.
+"""
 
 from __future__ import annotations
 
@@ -8,12 +13,11 @@ from pathlib import Path
 from typing import Iterable
 
 from encoder.images import is_image_path
-from store.errors import InputError
 
 
 @dataclass(frozen=True)
 class FoundFile:
-    path: str  # absolute; symlinked files keep the link's path
+    path: str  # absolute, under a real root; symlinked files keep the link's path
     bytes: int
     mtime: float
 
@@ -27,38 +31,59 @@ class Failure:
 
 @dataclass(frozen=True)
 class Scan:
-    roots: tuple[str, ...]
+    roots: tuple[str, ...]  # real paths that exist
     files: tuple[FoundFile, ...]
     failures: tuple[Failure, ...]
+    missing: tuple[str, ...] = ()  # roots that do not exist (an unmounted drive, a typo)
+    unlisted: tuple[str, ...] = ()  # folders that could not be listed: what is under them is unknown
 
     def covers(self, path: str) -> bool:
-        """True if *path* lies under one of the scanned roots (so its absence means it is gone)."""
-        return any(path == root or path.startswith(root.rstrip(os.sep) + os.sep) for root in self.roots)
+        """True if *path* lies under a scanned root in a folder that was listed, so its absence
+        from this scan means the file is gone."""
+        return (any(is_under(path, root) for root in self.roots)
+                and not any(is_under(path, folder) for folder in self.unlisted))
+
+    def files_under(self, root: str) -> int:
+        return sum(1 for f in self.files if is_under(f.path, root))
 
 
-def scan(paths: Iterable[str | os.PathLike]) -> Scan:
+def is_under(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def resolve_root(given: str | os.PathLike) -> str:
+    return os.path.realpath(os.path.expanduser(os.fspath(given)))
+
+
+def scan(paths: Iterable[str | os.PathLike], exclude: Iterable[str | os.PathLike] = ()) -> Scan:
     """Recursively list image files (by extension, any case) under *paths*, sorted.
 
     Non-image files are skipped silently; dangling symlinks and unreadable folders become failures.
-    Folder symlinks are not followed, so a link loop cannot hang a run.
+    Folder symlinks are not followed, so a link loop cannot hang a run. Folders in *exclude* (the
+    store itself) are never entered.
     """
-    roots, files, failures = [], {}, []
+    excluded = {resolve_root(p) for p in exclude}
+    roots, missing, unlisted, files, failures = [], [], [], {}, []
     for given in paths:
-        root = os.path.abspath(os.fspath(given))
+        root = resolve_root(given)
         if not os.path.lexists(root):
-            raise InputError(f"no such file or folder: {given}")
+            missing.append(root)
+            continue
         roots.append(root)
         if os.path.isdir(root):
             walk_errors: list[OSError] = []
             for folder, dirs, names in os.walk(root, onerror=walk_errors.append):
-                dirs.sort()
+                dirs[:] = sorted(d for d in dirs if os.path.join(folder, d) not in excluded)
                 for name in names:
                     if is_image_path(name):
                         _stat(os.path.join(folder, name), files, failures)
-            failures += [Failure(e.filename or root, "unreadable", e.strerror or str(e)) for e in walk_errors]
+            for error in walk_errors:
+                folder = error.filename or root
+                unlisted.append(os.fsdecode(folder))
+                failures.append(Failure(os.fsdecode(folder), "unreadable", error.strerror or str(error)))
         elif is_image_path(root):
             _stat(root, files, failures)
-    return Scan(tuple(roots), tuple(files[p] for p in sorted(files)), tuple(failures))
+    return Scan(tuple(roots), tuple(files[p] for p in sorted(files)), tuple(failures), tuple(missing), tuple(unlisted))
 
 
 def _stat(path: str, files: dict[str, FoundFile], failures: list[Failure]) -> None:

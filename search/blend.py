@@ -16,7 +16,8 @@ The weights are the raw cosines, the aggregate is not normalised and the output 
     agg = normalise(sum_j w_j * F_value_j)
     out = normalise(alpha * agg + (1 - alpha) * q) * ||F_M||
 
-Free functions over torch tensors (float32 math, any device); validation is the caller's job.
+Free functions over torch tensors (float32 math, any device) that take the queries already split
+into unit directions and norms; validation is the caller's job.
 """
 
 from __future__ import annotations
@@ -45,27 +46,28 @@ class BlendParams:
         return astuple(self)
 
 
-def blend_paper(queries: "torch.Tensor", scores: "torch.Tensor", values: "torch.Tensor", alpha: float) -> "torch.Tensor":
+def blend_paper(unit: "torch.Tensor", scores: "torch.Tensor", values: "torch.Tensor", alpha: float) -> "torch.Tensor":
+    """eq. 4 as printed, on unit queries q (so the output never depends on the query's scale)."""
     import torch
 
-    q = torch.nn.functional.normalize(queries, dim=-1)
     aggregate = torch.einsum("bk,bkc->bc", scores, values)
-    return alpha * aggregate + (1.0 - alpha) * q
+    return alpha * aggregate + (1.0 - alpha) * unit
 
 
-def blend_reference(queries: "torch.Tensor", scores: "torch.Tensor", values: "torch.Tensor", alpha: float,
-                    temperature: float) -> "torch.Tensor":
+def blend_reference(unit: "torch.Tensor", norm: "torch.Tensor", scores: "torch.Tensor", values: "torch.Tensor",
+                    alpha: float, temperature: float) -> "torch.Tensor":
+    """The released code's blend of unit queries q, scaled back to the query norms ``[B, 1]``."""
     import torch
 
-    norm = queries.norm(dim=-1, keepdim=True)
-    q = queries / norm
     weights = torch.softmax(temperature * scores, dim=-1)
     aggregate = torch.nn.functional.normalize(torch.einsum("bk,bkc->bc", weights, values), dim=-1)
-    return torch.nn.functional.normalize(alpha * aggregate + (1.0 - alpha) * q, dim=-1) * norm
+    return torch.nn.functional.normalize(alpha * aggregate + (1.0 - alpha) * unit, dim=-1) * norm
 
 
-def blend(queries: "torch.Tensor", scores: "torch.Tensor", values: "torch.Tensor", alpha: float,
+def blend(unit: "torch.Tensor", norm: "torch.Tensor", scores: "torch.Tensor", values: "torch.Tensor", alpha: float,
           weighting: Weighting, temperature: float) -> "torch.Tensor":
+    """*unit*: the queries divided by their norms *norm* ``[B, 1]`` (computed in float64 by the
+    caller, so tiny queries keep their direction); validation is the caller's job."""
     if weighting == "paper":
-        return blend_paper(queries, scores, values, alpha)
-    return blend_reference(queries, scores, values, alpha, temperature)
+        return blend_paper(unit, scores, values, alpha)
+    return blend_reference(unit, norm, scores, values, alpha, temperature)

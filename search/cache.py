@@ -27,6 +27,8 @@ if TYPE_CHECKING:
     import torch
 
 LOG = logging.getLogger(__name__)
+# The smallest normal float32: below it a query's norm and its output cannot be represented.
+SMALLEST_NORM = float(np.finfo(np.float32).tiny)
 GPU_CHUNK_ROWS = 1 << 20  # keys scored per matmul on CUDA, bounding the [B, chunk] score buffer
 
 
@@ -139,12 +141,14 @@ class CacheRetriever:
         original = torch.from_numpy(queries) if is_numpy else queries
         single = original.dim() == 1
         work = original.reshape(1, -1) if single else original
-        work = work.detach().to(device=self.device, dtype=torch.float32)
-        unit = torch.nn.functional.normalize(work, dim=-1)
+        # float64 for the split into direction and norm: float32 squares of a 1e-25 query underflow to 0.
+        work = work.detach().to(device=self.device, dtype=torch.float64)
+        norm = work.norm(dim=-1, keepdim=True)
+        unit = (work / norm).float()
         positions = self._search(unit, k).to(self.values.device)
         values = self.values[positions].float()  # [B, k, C]: one gather, no per-neighbour loop
         scores = torch.einsum("bc,bkc->bk", unit, values)
-        out = blend(work, scores, values, alpha, weighting, temperature)
+        out = blend(unit, norm.float(), scores, values, alpha, weighting, temperature)
         features = _like(out[0] if single else out, original, is_numpy)
         if not return_neighbours:
             return features
@@ -172,10 +176,13 @@ class CacheRetriever:
             else bool(np.isfinite(queries).all())
         if not finite:
             raise InputError("queries contain NaN or infinite values")
-        norms = queries.float().norm(dim=-1) if isinstance(queries, torch.Tensor) \
+        norms = queries.double().norm(dim=-1) if isinstance(queries, torch.Tensor) \
             else np.linalg.norm(queries.astype(np.float64), axis=-1)
         if bool((norms == 0).any()):
             raise InputError("a query is all zeros: it has no direction to search in")
+        if bool((norms < SMALLEST_NORM).any()):
+            raise InputError(f"a query's norm is below {SMALLEST_NORM:.1e}: too small to carry a direction "
+                             "(rescale the features)")
         if weighting not in WEIGHTINGS:
             raise InputError(f"unknown weighting '{weighting}': use {' or '.join(WEIGHTINGS)}")
         if not 0.0 <= float(alpha) <= 1.0:

@@ -15,6 +15,7 @@ model pool for the store's model, when a text or image term first needs it.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Protocol, Sequence
 
@@ -115,7 +116,7 @@ class Query:
             return vector / (np.linalg.norm(vector) or 1.0)
         if term.text is not None:
             return self._encoder().encode_texts([term.text])[0]
-        picture = term.picture if term.picture is not None else load_image(term.image)
+        picture = term.picture if term.picture is not None else load_image(os.path.expanduser(term.image))
         return self._encoder().encode_images([picture])[0]
 
     def _stored(self, image_id: int) -> np.ndarray:

@@ -71,18 +71,35 @@ class Term:
 
 
 def parse_term(spec: str, weight: float = 1.0) -> Term:
-    """'cat', '2:cat', '0.5:photo.jpg' -> Term; an existing image file path is an image term."""
+    """A term as the CLI writes it: ``cat``, ``2:cat``, ``0.5:~/photo.jpg``, ``-1:red``.
+
+    ``W:`` must be a number; a colon followed by a space is text (``"note: cat"``). A term that
+    looks like a path (ends in an image extension, or starts with ``/``, ``./``, ``../`` or ``~``)
+    must name an existing image file; anything else is text.
+    """
     head, sep, tail = spec.partition(":")
-    if sep:
+    if sep and not tail[:1].isspace():
+        if not head.strip():
+            raise InputError(f"'{spec}': nothing before the colon; write WEIGHT:TERM, e.g. 2:sunset")
         try:
             weight, spec = weight * float(head), tail
         except ValueError:
-            pass  # a colon inside the text itself ("note: cat")
+            raise InputError(f"'{spec}': the weight '{head}' is not a number; write WEIGHT:TERM, e.g. 2:sunset, "
+                             "or put a space after the colon to search for the text") from None
+        if not math.isfinite(weight):
+            raise InputError(f"the weight '{head}' must be a finite number")
     if not spec.strip():
         raise InputError("a query term is empty: give some text or an image path")
-    if is_image_path(spec) and os.path.exists(spec):
-        return Term(weight, image=spec)
+    if _looks_like_path(spec):
+        path = os.path.expanduser(spec)
+        if not os.path.isfile(path):
+            raise InputError(f"no such image file: {spec}")
+        return Term(weight, image=path)
     return Term(weight, text=spec)
+
+
+def _looks_like_path(spec: str) -> bool:
+    return is_image_path(spec.strip()) or spec.startswith(("/", "./", "../", "~"))
 
 
 def vector_term(values: Any, weight: float = 1.0) -> Term:

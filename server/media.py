@@ -5,13 +5,12 @@ from __future__ import annotations
 import base64
 import binascii
 import io
-import os
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from encoder.images import decode_bytes, decode_image
 from store.errors import InputError
+from store.files import write_atomically
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -42,18 +41,11 @@ def thumbnail(store_dir: Path, path: str, content_hash: str, size: int) -> Path 
         return target
     image, _ = decode_image(path, draft=(size, size))
     image.thumbnail((size, size))
+    out = io.BytesIO()
+    image.save(out, "JPEG", quality=85)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        handle, temporary = tempfile.mkstemp(dir=target.parent, suffix=".tmp")
-    except OSError:
-        out = io.BytesIO()
-        image.save(out, "JPEG", quality=85)
+        write_atomically(target, out.getvalue())  # concurrent requests: last rename wins, same bytes
+    except OSError:  # a read-only store still serves thumbnails, made each time
         return out.getvalue()
-    try:
-        with os.fdopen(handle, "wb") as out:
-            image.save(out, "JPEG", quality=85)
-        os.replace(temporary, target)  # concurrent requests for one thumbnail: last rename wins, same bytes
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
     return target

@@ -38,6 +38,7 @@ from server.schemas import (
 )
 from server.security import PageAccess, page_access
 from store.errors import ImageError, InputError, NotFoundError
+from store.tables import file_path
 
 # Routes that need the API key (when one is set); /health and the page are on `public`.
 router = APIRouter(responses=ERROR_RESPONSES)
@@ -119,11 +120,12 @@ def _search(ctx: ServerContext, body: SearchRequest | SearchForm) -> list[dict]:
             responses={200: {"content": {"image/*": {}}}})
 def image_file(image_id: ImageIdPath, ctx: Context) -> FileResponse:
     """Only files recorded in the store are served: the id is looked up, no path comes from the URL."""
-    path = stored_row(ctx.live.current(), image_id, ["path"])["path"]
+    row = stored_row(ctx.live.current(), image_id, ["path", "path_bytes"])
+    path = file_path(row["path"], row["path_bytes"])
     if not FilePath(path).is_file():
-        raise NotFoundError(f"image {image_id} was indexed from {path}, which is no longer there")
+        raise NotFoundError(f"image {image_id} was indexed from {row['path']}, which is no longer there")
     if not os.access(path, os.R_OK):
-        raise NotFoundError(f"image {image_id} is at {path}, which the server is not allowed to read")
+        raise NotFoundError(f"image {image_id} is at {row['path']}, which the server is not allowed to read")
     return FileResponse(path, media_type=mimetypes.guess_type(path)[0] or "application/octet-stream")
 
 
@@ -131,9 +133,10 @@ def image_file(image_id: ImageIdPath, ctx: Context) -> FileResponse:
             responses={200: {"content": {"image/jpeg": {}}}})
 def image_thumbnail(image_id: ImageIdPath, ctx: Context) -> Response:
     snapshot = ctx.live.current()
-    row = stored_row(snapshot, image_id, ["path", "hash"])
+    row = stored_row(snapshot, image_id, ["path", "path_bytes", "hash"])
     try:
-        made = thumbnail(snapshot.store.directory, row["path"], row["hash"], ctx.config.thumbnail_size)
+        made = thumbnail(snapshot.store.directory, file_path(row["path"], row["path_bytes"]), row["hash"],
+                         ctx.config.thumbnail_size)
     except ImageError as error:
         if error.reason == "missing":
             raise NotFoundError(f"image {image_id} was indexed from {row['path']}, which is no longer there") from error

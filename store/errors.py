@@ -47,3 +47,17 @@ class StoreError(ClipdexError, RuntimeError):
 
 class ModelMismatchError(StoreError):
     """The store was built with another model (or embedding space) than the one asked for."""
+
+
+class StoreBusyError(StoreError):
+    """Another process is writing to the store (it holds the writer lock)."""
+
+
+class ReadOnlyStoreError(StoreError):
+    """The store cannot be written by this process (read-only mount, permissions, another owner)."""
+
+
+def os_error_line(error: OSError) -> str:
+    """An OSError as one line naming the file: ``Permission denied: /path``."""
+    what = error.strerror or type(error).__name__
+    return f"{what}: {error.filename}" if error.filename else what

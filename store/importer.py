@@ -27,13 +27,15 @@ import pyarrow as pa
 
 from store.ann import AnnConfig
 from store.errors import InputError, first_line
-from store.store import Store
+from store.lock import writer_lock
+from store.store import Store, expand
 from store.tables import image_rows
 
 EMBEDDING_COLUMNS = ("embedding", "embeddings", "emb", "vector", "image_embedding", "img_emb")
 PATH_COLUMNS = ("path", "image_path", "url", "filepath")
 CAPTION_COLUMNS = ("caption", "text")
 IMPORTED = "imported"  # model and weights of features whose origin the user did not name
+IMPORT_CHUNK = 100_000  # rows per commit
 
 
 def _shard_number(path: Path) -> int:
@@ -92,7 +94,7 @@ def read_sources(sources: Sequence[str | os.PathLike], metadata: str | None = No
     if metadata and len(sources) != 1:
         raise InputError("--metadata goes with exactly one features file")
     for given in sources:
-        path = Path(given)
+        path = Path(os.path.expanduser(os.fspath(given)))
         if not path.exists():
             raise InputError(f"no such features file or folder: {given}")
         if path.is_dir() and (path / "img_emb").is_dir():  # clip-retrieval output folder
@@ -110,7 +112,7 @@ def read_sources(sources: Sequence[str | os.PathLike], metadata: str | None = No
                 meta = next((shard.with_suffix(s) for s in (".parquet", ".csv") if shard.with_suffix(s).exists()), None)
                 yield str(shard), _load_npy(shard), _read_table(meta) if meta else None
         elif path.suffix.lower() == ".npy":
-            yield str(path), _load_npy(path), _read_table(Path(metadata)) if metadata else None
+            yield str(path), _load_npy(path), _read_table(Path(os.path.expanduser(metadata))) if metadata else None
         else:
             features, meta = _split_embedding(_read_table(path), path)
             yield str(path), features, meta
@@ -141,37 +143,65 @@ def feature_hash(vector: np.ndarray) -> str:
 
 def import_features(sources: Sequence[str | os.PathLike], store_dir: str | os.PathLike, metadata: str | None = None,
                     model_name: str = IMPORTED, pretrained: str = IMPORTED, ann: AnnConfig | None = None,
-                    has_text_encoder: bool = False) -> dict:
+                    has_text_encoder: bool = False, wait: bool = False) -> dict:
     """Add the features of *sources* to the store at *store_dir* (created if new); returns a summary.
 
-    *has_text_encoder*: whether clipdex can load *model_name* with *pretrained*, so the store takes
-    text and image queries; the caller knows (the store knows nothing of models).
+    A row whose key is already stored keeps its id: skipped when its features are the same,
+    updated (new vector) when they changed. *has_text_encoder*: whether clipdex can load
+    *model_name* with *pretrained*, so the store takes text and image queries; the caller knows
+    (the store knows nothing of models). Holds the store's writer lock (see :func:`writer_lock`).
     """
+    for given in sources:  # before the lock, so a typo creates no store folder
+        if not os.path.exists(os.path.expanduser(os.fspath(given))):
+            raise InputError(f"no such features file or folder: {given}")
+    with writer_lock(expand(store_dir), wait=wait):
+        return _import(sources, expand(store_dir), metadata, model_name, pretrained, ann, has_text_encoder)
+
+
+def _import(sources, store_dir: Path, metadata, model_name, pretrained, ann, has_text_encoder) -> dict:
     started = time.perf_counter()
-    store, known = None, set()
-    read = imported = 0
+    store, known = None, {}
+    read = imported = updated = 0
     for source, raw, meta in read_sources(sources, metadata):
         features, keys, captions = rows_for(source, raw, meta)
         if store is None:
             store = Store.create(store_dir, model_name, pretrained, features.shape[1], space=model_name,
                                  has_text_encoder=has_text_encoder)
-            known = set(store.tables.file_rows().column("path").to_pylist())
+            store.tables.upgrade()
+            rows = store.tables.file_rows()
+            known = dict(zip(rows.column("path").to_pylist(), zip(rows.column("id").to_pylist(),
+                                                                  rows.column("hash").to_pylist(),
+                                                                  rows.column("caption").to_pylist())))
         if features.shape[1] != store.manifest.dim:
-            raise InputError(f"{source} has {features.shape[1]}-d features; the store holds {store.manifest.dim}-d")
+            raise InputError(f"{source} has {features.shape[1]}-d features; the store holds "
+                             f"{store.manifest.dim}-d features of '{store.manifest.space}'")
         read += len(features)
-        fresh = [i for i, key in enumerate(keys) if key not in known]
-        known.update(keys[i] for i in fresh)
-        for start in range(0, len(fresh), 100_000):
-            chunk = np.asarray(fresh[start:start + 100_000], np.int64)
+        hashes = [feature_hash(vector) for vector in features]
+        last = {key: i for i, key in enumerate(keys)}  # a key given twice: its last features win
+        fresh = [i for key, i in last.items() if key not in known]
+        changed = [i for key, i in last.items() if key in known and known[key][1] != hashes[i]]
+        for start in range(0, len(fresh), IMPORT_CHUNK):
+            chunk = np.asarray(fresh[start:start + IMPORT_CHUNK], np.int64)
             first = store.reserve_ids(len(chunk))
             store.tables.add(image_rows(
                 store.manifest.dim, id=np.arange(first, first + len(chunk), dtype=np.int64),
-                hash=[feature_hash(features[i]) for i in chunk], path=[keys[i] for i in chunk],
+                hash=[hashes[i] for i in chunk], path=[keys[i] for i in chunk],
                 caption=[captions[i] for i in chunk], embedding=features[chunk]))
+            known.update((keys[i], (first + n, hashes[i], captions[i])) for n, i in enumerate(chunk))
             imported += len(chunk)
+        for start in range(0, len(changed), IMPORT_CHUNK):
+            chunk = np.asarray(changed[start:start + IMPORT_CHUNK], np.int64)
+            store.tables.upsert(image_rows(  # same id, new vector: one atomic commit
+                store.manifest.dim, id=[known[keys[i]][0] for i in chunk], hash=[hashes[i] for i in chunk],
+                path=[keys[i] for i in chunk], embedding=features[chunk],
+                caption=[captions[i] if captions[i] is not None else known[keys[i]][2] for i in chunk]))
+            known.update((keys[i], (known[keys[i]][0], hashes[i], captions[i])) for i in chunk)
+            updated += len(chunk)
     if store is None:
         raise InputError("no features to import")
-    info = store.rebuild_index(ann or AnnConfig()) if imported or not store.manifest.index.file else store.manifest.index
-    return {"read": read, "imported": imported, "skipped": read - imported, "count": store.manifest.count,
-            "dim": store.manifest.dim, "space": store.manifest.space, "index": info.type,
-            "recall_at_10": info.recall_at_10, "seconds": round(time.perf_counter() - started, 3)}
+    changed_any = imported or updated or not store.manifest.index.file
+    info = store.rebuild_index(ann or AnnConfig()) if changed_any else store.manifest.index
+    return {"read": read, "imported": imported, "updated": updated, "skipped": read - imported - updated,
+            "count": store.manifest.count, "dim": store.manifest.dim, "space": store.manifest.space,
+            "index": info.type, "recall_at_10": info.recall_at_10,
+            "seconds": round(time.perf_counter() - started, 3)}

@@ -7,17 +7,16 @@ migrations so an old store opens in a new clipdex.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
 from store.errors import StoreError
+from store.files import write_atomically
 
 MANIFEST_NAME = "manifest.json"
-MANIFEST_VERSION = 2
+MANIFEST_VERSION = 3
 
 
 def now() -> str:
@@ -45,6 +44,8 @@ class Manifest:
     dim: int
     space: str  # embedding space: the model for stores clipdex embedded, or what an import names
     has_text_encoder: bool = True
+    weights_sha256: str = ""  # content of a local checkpoint: the same weights at a new path are accepted
+    roots: tuple[str, ...] = ()  # folders indexed into this store (real paths)
     preprocess: dict[str, Any] = field(default_factory=dict)
     count: int = 0
     failures: int = 0
@@ -68,7 +69,14 @@ def _v1_to_v2(data: dict[str, Any]) -> dict[str, Any]:
     return data
 
 
-MIGRATIONS: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {1: _v1_to_v2}
+def _v2_to_v3(data: dict[str, Any]) -> dict[str, Any]:
+    # v3 records a checkpoint's hash and the indexed roots; both are filled by the next index run.
+    data.setdefault("weights_sha256", "")
+    data.setdefault("roots", [])
+    return data
+
+
+MIGRATIONS: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {1: _v1_to_v2, 2: _v2_to_v3}
 
 
 def migrate(data: dict[str, Any]) -> dict[str, Any]:
@@ -87,18 +95,14 @@ def read_manifest(directory: str | Path) -> Manifest:
     try:
         data = migrate(json.loads(path.read_text()))
         index = IndexInfo(**data.pop("index", {}))
-        return Manifest(index=index, **data)
+        return Manifest(index=index, **{**data, "roots": tuple(data.get("roots", ()))})
     except FileNotFoundError as error:
         raise StoreError(f"{directory} is not a clipdex store (no {MANIFEST_NAME}); create one with `clipdex index`") from error
+    except PermissionError as error:
+        raise StoreError(f"cannot read {path}: permission denied") from error
     except (json.JSONDecodeError, TypeError) as error:
         raise StoreError(f"{path} is damaged ({error}); re-create the store with `clipdex index`") from error
 
 
 def write_manifest(directory: str | Path, manifest: Manifest) -> None:
-    directory = Path(directory)
-    handle, temporary = tempfile.mkstemp(dir=directory, prefix=".manifest-", suffix=".json")
-    with os.fdopen(handle, "w") as out:
-        json.dump(manifest.to_dict(), out, indent=2)
-        out.flush()
-        os.fsync(out.fileno())
-    os.replace(temporary, directory / MANIFEST_NAME)
+    write_atomically(Path(directory) / MANIFEST_NAME, json.dumps(manifest.to_dict(), indent=2).encode(), sync=True)

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
 from store.ann import AnnConfig, build_index, load_index, save_index
 from store.errors import ModelMismatchError, StoreError
+from store.files import writing
 from store.manifest import MANIFEST_NAME, IndexInfo, Manifest, now, read_manifest, write_manifest
 from store.tables import Tables
 
@@ -27,30 +29,32 @@ class Store:
 
     @classmethod
     def open(cls, directory: str | Path) -> "Store":
-        directory = Path(directory)
+        directory = expand(directory)
         if not directory.is_dir():
             raise StoreError(f"no store at {directory}: create one with `clipdex index PATH --store {directory}`")
         return cls(directory, read_manifest(directory))
 
     @classmethod
     def exists(cls, directory: str | Path) -> bool:
-        return (Path(directory) / MANIFEST_NAME).is_file()
+        return (expand(directory) / MANIFEST_NAME).is_file()
 
     @classmethod
     def create(cls, directory: str | Path, model: str, pretrained: str, dim: int,
                preprocess: dict[str, Any] | None = None, space: str | None = None,
-               has_text_encoder: bool = True) -> "Store":
-        """Open the store at *directory*, creating it if needed; refuse one made with another model."""
-        directory = Path(directory)
+               has_text_encoder: bool = True, weights_sha256: str = "") -> "Store":
+        """Open the store at *directory*, creating it if needed; refuse one made with another model.
+        A writer calls it holding :func:`store.lock.writer_lock`."""
+        directory = expand(directory)
         if cls.exists(directory):
             store = cls.open(directory)
-            store.check_model(model, pretrained, dim)
+            store.check_model(model, pretrained, dim, weights_sha256)
             return store
         if directory.exists() and not directory.is_dir():
             raise StoreError(f"{directory} is a file, not a store folder")
         directory.mkdir(parents=True, exist_ok=True)
         manifest = Manifest(model=model, pretrained=pretrained, dim=dim, space=space or model,
-                            has_text_encoder=has_text_encoder, preprocess=_jsonable(preprocess or {}))
+                            has_text_encoder=has_text_encoder, weights_sha256=weights_sha256,
+                            preprocess=_jsonable(preprocess or {}))
         write_manifest(directory, manifest)
         return cls(directory, manifest)
 
@@ -70,13 +74,24 @@ class Store:
         store.faiss_index()
         return store
 
-    def check_model(self, model: str, pretrained: str, dim: int | None = None) -> None:
+    def check_model(self, model: str, pretrained: str, dim: int | None = None, weights_sha256: str = "") -> None:
+        """Refuse vectors of another model. A checkpoint is recognised by its content: the same
+        weights at a new path are accepted, and the manifest then records the new path."""
         m = self._manifest
-        if (m.model, m.pretrained) != (model, pretrained) or (dim is not None and m.dim != dim):
+        same_file = bool(weights_sha256) and weights_sha256 == m.weights_sha256
+        if m.model != model or (m.pretrained != pretrained and not same_file) or (dim is not None and m.dim != dim):
+            hashes = (f" The checkpoints differ: sha256 {m.weights_sha256[:16]} in the store, "
+                      f"{weights_sha256[:16]} given." if m.weights_sha256 and weights_sha256 else "")
             raise ModelMismatchError(
                 f"the store {self.directory} holds {m.dim}-d embeddings of {m.model} ({m.pretrained}); "
-                f"it cannot take {model} ({pretrained}). Use --model {m.model} --pretrained {m.pretrained}, "
-                "or another --store")
+                f"it cannot take {model} ({pretrained}).{hashes} Use --model {m.model} --pretrained "
+                f"{m.pretrained}, or another --store")
+
+    def record_weights(self, pretrained: str, weights_sha256: str) -> None:
+        """After :meth:`check_model` accepted them: where the weights are now, and their hash."""
+        m = self._manifest
+        if weights_sha256 and (m.pretrained, m.weights_sha256) != (pretrained, weights_sha256):
+            self.update_manifest(pretrained=pretrained, weights_sha256=weights_sha256)
 
     @property
     def manifest(self) -> Manifest:
@@ -89,9 +104,11 @@ class Store:
         return self._manifest
 
     def update_manifest(self, **changes: Any) -> Manifest:
-        self._manifest = self._manifest.evolve(**changes)
-        write_manifest(self.directory, self._manifest)
-        return self._manifest
+        manifest = self._manifest.evolve(**changes)
+        with writing(self.directory):
+            write_manifest(self.directory, manifest)
+        self._manifest = manifest
+        return manifest
 
     def next_free_id(self) -> int:
         """The first id no row has and no run has reserved."""
@@ -113,7 +130,8 @@ class Store:
         ids, vectors = self.tables.vectors()
         built = build_index(ids, vectors, config)
         relative = f"{INDEX_DIR}/index-v{table_version}.faiss"
-        save_index(built.index, self.directory / relative)
+        with writing(self.directory):
+            save_index(built.index, self.directory / relative)
         old = self._manifest.index.file
         info = IndexInfo(type=built.kind, key=built.key, params=built.params, file=relative, count=len(ids),
                          table_version=table_version, recall_at_10=built.recall_at_10,
@@ -135,6 +153,11 @@ class Store:
                 raise StoreError(f"the index file {path} is missing: run `clipdex index` again to rebuild it")
             self._index, self._index_file = load_index(path, info.params), info.file
         return self._index
+
+
+def expand(directory: str | Path) -> Path:
+    """A store folder as given, with ``~`` expanded."""
+    return Path(os.path.expanduser(os.fspath(directory)))
 
 
 def _jsonable(value: Any) -> Any:

@@ -3,6 +3,7 @@ and ``failures`` (files that could not be indexed, and why)."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
@@ -10,16 +11,37 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from store.files import writing
+
 if TYPE_CHECKING:
     import lancedb
 
 IMAGES = "images"
 FAILURES = "failures"
 TABLE_DIR = "lance"
-# Null caption embeddings are legitimate (no caption); LanceDB would call them bad vectors.
 # Columns the indexer needs to decide what changed; never the vectors.
-FILE_COLUMNS = ["id", "hash", "path", "bytes", "mtime", "caption"]
-METADATA_COLUMNS = ["id", "path", "hash", "bytes", "mtime", "width", "height", "caption"]
+FILE_COLUMNS = ["id", "hash", "path", "path_bytes", "bytes", "mtime", "caption"]
+METADATA_COLUMNS = ["id", "path", "path_bytes", "hash", "bytes", "mtime", "width", "height", "caption"]
+
+
+def split_path(path: str) -> tuple[str, bytes | None]:
+    """A file system path as (text to store and show, exact bytes or None).
+
+    Names that are not UTF-8 (any byte string the OS allows) cannot be Arrow strings: their text
+    shows the odd bytes escaped (``\\xff``) and the bytes keep the name without loss. Valid names
+    need no bytes.
+    """
+    raw = os.fsencode(path)
+    try:
+        raw.decode("utf-8")
+        return path, None
+    except UnicodeDecodeError:
+        return raw.decode("utf-8", "backslashreplace"), raw
+
+
+def file_path(path: str, raw: bytes | None) -> str:
+    """The file system path of a row (the inverse of :func:`split_path`)."""
+    return os.fsdecode(raw) if raw is not None else path
 
 
 def image_schema(dim: int) -> pa.Schema:
@@ -28,6 +50,7 @@ def image_schema(dim: int) -> pa.Schema:
         pa.field("id", pa.int64(), nullable=False),
         pa.field("hash", pa.string(), nullable=False),
         pa.field("path", pa.string(), nullable=False),
+        pa.field("path_bytes", pa.binary()),  # the exact name where it is not UTF-8 (see split_path)
         pa.field("bytes", pa.int64()),
         pa.field("mtime", pa.float64()),
         pa.field("width", pa.int32()),
@@ -52,11 +75,15 @@ VECTOR_COLUMNS = ("embedding", "caption_embedding")
 def image_rows(dim: int, *, partial: bool = False, **columns: Any) -> pa.Table:
     """Rows of the images table: the one builder every writer (indexer, importer) goes through.
 
-    Columns are named as in :func:`image_schema`; vectors may be ``[n, dim]`` arrays. A full row
-    set (the default) gets nulls for the optional columns not given; ``partial=True`` builds just
-    the given columns, for an update of existing ids.
+    Columns are named as in :func:`image_schema`; vectors may be ``[n, dim]`` arrays; ``path`` may
+    hold any file system path (``path_bytes`` is derived from it). A full row set (the default)
+    gets nulls for the optional columns not given; ``partial=True`` builds just the given columns,
+    for an update of existing ids.
     """
     schema = image_schema(dim)
+    if "path" in columns and "path_bytes" not in columns and not isinstance(columns["path"], (pa.Array, pa.ChunkedArray)):
+        texts, raws = zip(*(split_path(p) for p in columns["path"])) if len(columns["path"]) else ((), ())
+        columns = {**columns, "path": list(texts), "path_bytes": list(raws)}
     unknown = set(columns) - set(schema.names)
     if unknown:
         raise TypeError(f"images table has no column(s) {sorted(unknown)}")
@@ -93,8 +120,8 @@ def column_vectors(table: pa.Table, column: str = "embedding") -> np.ndarray:
 class Tables:
     """Open handles on the store's tables, created on first use and kept for the process."""
 
-    def __init__(self, db: "lancedb.DBConnection", dim: int) -> None:
-        self.db, self.dim = db, dim
+    def __init__(self, db: "lancedb.DBConnection", dim: int, directory: Path | None = None) -> None:
+        self.db, self.dim, self.directory = db, dim, directory
         self._handles: dict[str, object] = {}
         self._pinned: pa.Table | None = None  # metadata of a pinned version, sorted by id
         self._pinned_version: int | None = None
@@ -103,7 +130,7 @@ class Tables:
     def open(cls, directory: str | Path, dim: int) -> "Tables":
         import lancedb
 
-        return cls(lancedb.connect(str(Path(directory) / TABLE_DIR)), dim)
+        return cls(lancedb.connect(str(Path(directory) / TABLE_DIR)), dim, Path(directory))
 
     def _table(self, name: str, schema: pa.Schema):
         if name not in self._handles:
@@ -115,6 +142,31 @@ class Tables:
                     table.create_scalar_index("id")
                 self._handles[name] = table
         return self._handles[name]
+
+    def exists(self, name: str) -> bool:
+        return name in self._handles or name in self.db.list_tables().tables
+
+    def upgrade(self) -> None:
+        """Add the columns a newer clipdex writes to tables an older one made (a writer's step)."""
+        images = self.images
+        missing = [f for f in image_schema(self.dim) if f.name not in images.schema.names]
+        if missing:
+            with writing(self.directory):
+                images.add_columns({f.name: f"CAST(NULL AS {_SQL_TYPES[f.type]})" for f in missing})
+
+    def _present(self, columns: Sequence[str]) -> list[str]:
+        """*columns* that the images table has (an older store may lack newer, nullable ones)."""
+        names = set(self.images.schema.names)
+        return [c for c in columns if c in names]
+
+    def _select(self, columns: Sequence[str], where: str | None = None, limit: int | None = None) -> pa.Table:
+        query = self.images.search()
+        if where is not None:
+            query = query.where(where)
+        query = query.select(self._present(columns))
+        if limit is not None:
+            query = query.limit(limit)
+        return _with_columns(query.to_arrow(), columns, image_schema(self.dim))
 
     @property
     def images(self):
@@ -138,7 +190,7 @@ class Tables:
         self.images.checkout(version)
         self._pinned_version = version
         if cache_rows and self.images.count_rows() <= cache_rows:
-            self._pinned = self.images.search().select(METADATA_COLUMNS).to_arrow().sort_by("id")
+            self._pinned = self._select(METADATA_COLUMNS).sort_by("id")
 
     def max_id(self) -> int:
         """The largest id in the table (0 when empty)."""
@@ -146,7 +198,7 @@ class Tables:
         return int(pc.max(ids).as_py() or 0) if len(ids) else 0
 
     def file_rows(self) -> pa.Table:
-        return self.images.search().select(FILE_COLUMNS).to_arrow()
+        return self._select(FILE_COLUMNS)
 
     def vectors(self) -> tuple[np.ndarray, np.ndarray]:
         """Every row's (id ``[n]`` int64, embedding ``[n, dim]`` float32), in table order."""
@@ -165,45 +217,65 @@ class Tables:
             found = positions[known[positions] == wanted] if len(known) else positions[:0]
             return self._pinned.select(list(columns)).take(pa.array(found, pa.int64()))
         listed = ",".join(str(int(i)) for i in ids)
-        return self.images.search().where(f"id IN ({listed})").select(list(columns)).limit(len(ids)).to_arrow()
+        return self._select(columns, where=f"id IN ({listed})", limit=len(ids))
 
     def add(self, rows: pa.Table) -> None:
         if rows.num_rows:
-            self.images.add(rows, on_bad_vectors="null")
+            with writing(self.directory):
+                self.images.add(rows, on_bad_vectors="null")
 
     def upsert(self, rows: pa.Table) -> None:
         """Insert new ids and replace the rows of existing ones, in one atomic commit."""
         if rows.num_rows:
-            (self.images.merge_insert("id").when_matched_update_all().when_not_matched_insert_all()
-             .execute(rows, on_bad_vectors="null"))
+            with writing(self.directory):
+                (self.images.merge_insert("id").when_matched_update_all().when_not_matched_insert_all()
+                 .execute(rows, on_bad_vectors="null"))
 
     def update_files(self, rows: pa.Table) -> None:
         """Rewrite path/hash/bytes/mtime of existing ids (moves and touched files) in one commit."""
         if rows.num_rows:
-            self.images.merge_insert("id").when_matched_update_all().execute(rows, on_bad_vectors="null")
+            with writing(self.directory):
+                self.images.merge_insert("id").when_matched_update_all().execute(rows, on_bad_vectors="null")
 
     def delete_ids(self, ids: Iterable[int]) -> None:
-        _delete_in(self.images, "id", [str(int(i)) for i in ids])
+        with writing(self.directory):
+            _delete_in(self.images, "id", [str(int(i)) for i in ids])
+
+    def compact(self) -> None:
+        """Merge small fragments and drop old versions' files (after a run that changed rows)."""
+        with writing(self.directory):
+            self.images.optimize()
 
     def replace_failures(self, rows: pa.Table, forget: Callable[[str], bool]) -> None:
         """Record this run's failures; forget earlier ones whose path *forget* accepts (rescanned now)."""
-        table = self.failures
-        earlier = table.search().select(["path"]).to_arrow().column("path").to_pylist()
-        paths = {p for p in earlier if forget(p)} | set(rows.column("path").to_pylist())
-        _delete_in(table, "path", [_quote(p) for p in paths])
-        if rows.num_rows:
-            table.add(rows)
+        with writing(self.directory):
+            table = self.failures
+            earlier = table.search().select(["path"]).to_arrow().column("path").to_pylist()
+            paths = {p for p in earlier if forget(p)} | set(rows.column("path").to_pylist())
+            _delete_in(table, "path", [_quote(p) for p in paths])
+            if rows.num_rows:
+                table.add(rows)
 
     def count(self) -> int:
         return self.images.count_rows()
 
     def failure_count(self) -> int:
-        return self.failures.count_rows()
+        return self.failures.count_rows() if self.exists(FAILURES) else 0
 
     def version(self) -> int:
         if self._pinned_version is not None:  # asking Lance costs a round trip to its event loop
             return self._pinned_version
         return self.images.version
+
+
+_SQL_TYPES = {pa.binary(): "BINARY", pa.string(): "STRING", pa.int64(): "BIGINT", pa.int32(): "INT",
+              pa.float64(): "DOUBLE"}
+
+
+def _with_columns(table: pa.Table, columns: Sequence[str], schema: pa.Schema) -> pa.Table:
+    """*table* with *columns* in that order, nulls for those the stored table lacks."""
+    return pa.table({c: table.column(c) if c in table.column_names else pa.nulls(table.num_rows, schema.field(c).type)
+                     for c in columns})
 
 
 def _delete_in(table, column: str, literals: Sequence[str], chunk: int = 2_000) -> None:

@@ -156,3 +156,20 @@ def test_ann_index_short_of_k_falls_back_to_exact(keys, queries):
     out = cache.blend(queries, k=k, weighting="reference")
     short = (index.search(queries, k)[1] < 0).any(axis=1)
     np.testing.assert_allclose(out[short], reference(queries[short], keys, k, 0.5, "reference"), atol=1e-5)
+
+
+@pytest.mark.parametrize("weighting", ["paper", "reference"])
+def test_tiny_queries_blend_like_unit_ones_and_underflow_is_refused(weighting):
+    """A query of norm 1e-25 squares to 1e-50, below float32: the split into direction and norm must
+    not underflow into NaN, and the paper weighting must not depend on the query's scale."""
+    keys = features()
+    cache = CacheRetriever.from_arrays(np.arange(SIZE), keys, device="cpu", dtype="float32")
+    unit = features(4, seed=3)
+    tiny = unit * np.float32(1e-25)
+    got = cache.blend(tiny, k=10, weighting=weighting)
+    assert np.isfinite(got).all()
+    expected = reference(unit, keys, 10, 0.5, weighting)
+    scale = 1.0 if weighting == "paper" else 1e-25  # the released code restores the query's norm
+    np.testing.assert_allclose(got / scale, expected, atol=1e-5)
+    with pytest.raises(InputError, match="too small to carry a direction"):
+        cache.blend(unit * np.float32(1e-39), k=10, weighting=weighting)

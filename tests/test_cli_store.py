@@ -83,13 +83,20 @@ def test_nothing_indexable_exits_nonzero(capsys, tmp_path):
     assert code == 1 and "no image files found" in err and not (tmp_path / "s2").exists()
 
 
-def test_emptied_library_removes_every_row(capsys, small_library, tmp_path):
+def test_an_emptied_library_keeps_its_rows_until_pruned(capsys, small_library, tmp_path):
+    """An unmounted drive looks exactly like an empty folder: nothing is deleted unless asked."""
     library = tmp_path / "lib"
     shutil.copytree(small_library[0], library)
     code, _, _ = run(capsys, "index", library, "--store", tmp_path / "s", "--model", "clipdex-shapes", "--workers", "0")
     for image in library.rglob("shape_*"):
         image.unlink()
-    code, out, _ = run(capsys, "index", library, "--store", tmp_path / "s", "--json")
+    code, out, err = run(capsys, "index", library, "--store", tmp_path / "s", "--json")
+    summary = json.loads(out)
+    assert code == 3 and summary["removed"] == 0 and summary["count"] == 12
+    assert summary["unavailable"] == {str(library.resolve()): 12}
+    assert err.strip() == (f"warning: {library.resolve()} is missing, unreadable or empty; its 12 images are kept "
+                           "(pass --prune to remove them)")
+    code, out, _ = run(capsys, "index", library, "--store", tmp_path / "s", "--json", "--prune")
     assert code == 0 and json.loads(out)["removed"] == 12 and json.loads(out)["count"] == 0
 
 

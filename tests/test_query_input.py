@@ -78,3 +78,54 @@ def test_the_pool_loads_a_model_once_for_every_caller(served_library):
     assert pool.get("clipdex-shapes", None, "cpu") is first  # the default weights are the bundled ones
     assert pool.get("clipdex-shapes", "bundled", "cpu") is first
     assert len(loads) == 1
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("1:/nonexistent.jpg", "no such image file: /nonexistent.jpg"),
+    ("./missing.png", "no such image file: ./missing.png"),
+    ("abc:red", "the weight 'abc' is not a number"),
+    (":", "nothing before the colon"),
+    (":red", "nothing before the colon"),
+    ("2:", "a query term is empty"),
+])
+def test_malformed_terms_are_errors_not_text(spec, message, capsys, served_library):
+    from search import parse_term
+
+    with pytest.raises(InputError, match=message.replace(".", r"\.")):
+        parse_term(spec)
+    assert message in cli_error(capsys, "search", "a circle", "--add", spec, "--store", served_library[0])
+
+
+def test_terms_that_are_text_or_files(tmp_path, monkeypatch):
+    from search import parse_term
+
+    assert parse_term("note: cat").text == "note: cat"  # a colon followed by a space is text
+    assert parse_term("AC/DC poster").text == "AC/DC poster"
+    assert (parse_term("-0.5:red").weight, parse_term("-0.5:red").text) == (-0.5, "red")
+    (tmp_path / "photo.jpg").write_bytes(b"x")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    term = parse_term("2:~/photo.jpg")
+    assert (term.weight, term.image) == (2.0, str(tmp_path / "photo.jpg"))
+
+
+def test_tilde_is_expanded_for_libraries_and_stores(tmp_path, monkeypatch, small_library):
+    import shutil
+
+    from indexer import IndexConfig, index_paths
+
+    shutil.copytree(small_library[0], tmp_path / "Pictures")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.chdir(tmp_path)  # where an unexpanded "~" folder would appear
+    summary = index_paths(["~/Pictures"], "~/pictures.clipdex",
+                          IndexConfig(model="clipdex-shapes", device="cpu", workers=0, progress=False))
+    assert summary.embedded == 12 and (tmp_path / "pictures.clipdex" / "manifest.json").is_file()
+    assert not (tmp_path / "~").exists()
+    assert Store.open("~/pictures.clipdex").manifest.roots == (str((tmp_path / "Pictures").resolve()),)
+
+
+def test_a_tiny_query_over_http_is_refused_not_nan(served_library):
+    with TestClient(create_app(ServeConfig(store=served_library[0]))) as client:
+        response = client.post("/cache/blend", json={"queries": [[1e-40] * 64]})
+        assert response.status_code == 400 and "too small" in response.json()["error"]
+        scaled = client.post("/cache/blend", json={"queries": [[1e-25] * 64], "weighting": "reference"})
+        assert scaled.status_code == 200 and all(v is not None for v in scaled.json()["features"][0])

@@ -1,0 +1,68 @@
+"""Small file helpers every writer of the store shares: atomic replacement with the permissions a
+normally created file would get (the process umask, not mkstemp's 0600)."""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+from store.errors import ReadOnlyStoreError, StoreError
+
+
+def _umask() -> int:
+    mask = os.umask(0)  # the only portable way to read it is to set it; restored at once
+    os.umask(mask)
+    return mask
+
+
+FILE_MODE = 0o666 & ~_umask()
+
+
+def write_atomically(path: str | os.PathLike, data: bytes, sync: bool = False) -> None:
+    """Write *data* to *path* so that a reader sees the old content or the new, never half."""
+    path = Path(path)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "wb") as out:
+            out.write(data)
+            if sync:
+                out.flush()
+                os.fsync(out.fileno())
+        os.chmod(temporary, FILE_MODE)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+# Lance (Rust) and FAISS (C++) report OS failures as RuntimeError text: "... (os error 28) ...".
+_OS_ERROR = re.compile(r"os error (\d+)")
+_READ_ONLY = (errno.EACCES, errno.EPERM, errno.EROFS)
+
+
+@contextmanager
+def writing(directory: str | os.PathLike) -> Iterator[None]:
+    """Turn an OS failure while writing the store (a full disk, a read-only file) into one line;
+    every commit is atomic, so the store keeps its last commit."""
+    try:
+        yield
+    except (OSError, RuntimeError) as error:
+        code = error.errno if isinstance(error, OSError) else _os_error(str(error))
+        if code is None:
+            raise
+        if code in _READ_ONLY:
+            raise ReadOnlyStoreError(f"the store {directory} is read-only: {os.strerror(code)}") from error
+        raise StoreError(f"could not write to the store {directory}: {os.strerror(code)}. It keeps its last "
+                         "commit; fix that and rerun to finish") from error
+
+
+def _os_error(text: str) -> int | None:
+    match = _OS_ERROR.search(text)
+    if match:
+        return int(match.group(1))
+    return errno.ENOSPC if "No space left on device" in text else None

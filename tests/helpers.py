@@ -1,0 +1,36 @@
+"""Helpers shared by the tests that drive the command line in-process or as a process of its own."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import cli
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL = ["--model", "clipdex-shapes", "--device", "cpu", "--workers", "0"]
+CAN_DROP_PRIVILEGES = hasattr(os, "geteuid") and os.geteuid() == 0 and shutil.which("setpriv") is not None
+
+
+def run(capsys, *args):
+    with pytest.raises(SystemExit) as caught:
+        cli.main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return caught.value.code, out, err
+
+
+def clipdex(*args, wait=True, unprivileged=False, **kwargs) -> subprocess.Popen | subprocess.CompletedProcess:
+    """`clipdex ARGS` in a process of its own (as root without capabilities if *unprivileged*)."""
+    command = [sys.executable, "-c", "import cli; cli.main()", *map(str, args)]
+    if unprivileged:
+        command = ["setpriv", "--inh-caps=-all", "--bounding-set=-all", *command]
+    if not wait:
+        return subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
+    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300, **kwargs)
+
+
