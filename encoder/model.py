@@ -128,6 +128,13 @@ class ClipModel:
         return np.concatenate(out) if out else np.zeros((0, self.embed_dim), np.float32)
 
 
+def _cause(error: BaseException) -> str:
+    """The first sentence of a library's error (torch's run on for paragraphs of advice)."""
+    text = first_line(error)
+    sentence = text.split(". ")[0].rstrip(".")
+    return f"{type(error).__name__}: {sentence}" if sentence else type(error).__name__
+
+
 def load_model(name: str = DEFAULT_MODEL, pretrained: str | None = None, device: str = "auto") -> ClipModel:
     """Load *name* with *pretrained* (hub tag, checkpoint file, or None for the model's default).
 
@@ -151,8 +158,11 @@ def load_model(name: str = DEFAULT_MODEL, pretrained: str | None = None, device:
                 f"could not get pretrained weights '{checkpoint}' for '{name}': {where}. "
                 "Pass a local checkpoint with --pretrained /path/to/weights.pt, "
                 "or use the bundled demo model with --model clipdex-shapes") from error
-        source = checkpoint or "its config"
-        raise ModelLoadError(f"could not load '{name}' from {source}: {first_line(error)}") from error
+        if checkpoint and os.path.isfile(checkpoint):
+            raise ModelLoadError(f"could not load '{name}' from {checkpoint}: it is not a checkpoint of this model "
+                                 f"that open_clip can read ({_cause(error)}); pass a .pt/.bin/.safetensors state_dict "
+                                 "saved from this architecture") from error
+        raise ModelLoadError(f"could not load '{name}' from {checkpoint or 'its config'}: {_cause(error)}") from error
     model.eval()
     label = pretrained_label(name, pretrained)
     LOG.info("loaded %s (%s) on %s", name, label, device)

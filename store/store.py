@@ -82,10 +82,12 @@ class Store:
         if m.model != model or (m.pretrained != pretrained and not same_file) or (dim is not None and m.dim != dim):
             hashes = (f" The checkpoints differ: sha256 {m.weights_sha256[:16]} in the store, "
                       f"{weights_sha256[:16]} given." if m.weights_sha256 and weights_sha256 else "")
+            given = f"{dim}-d embeddings of " if dim is not None else ""
+            advice = (f"Use another --store for {dim}-d features" if m.model == model and dim is not None
+                      else f"Use --model {m.model} --pretrained {m.pretrained}, or another --store")
             raise ModelMismatchError(
                 f"the store {self.directory} holds {m.dim}-d embeddings of {m.model} ({m.pretrained}); "
-                f"it cannot take {model} ({pretrained}).{hashes} Use --model {m.model} --pretrained "
-                f"{m.pretrained}, or another --store")
+                f"it cannot take {given}{model} ({pretrained}).{hashes} {advice}")
 
     def record_weights(self, pretrained: str, weights_sha256: str) -> None:
         """After :meth:`check_model` accepted them: where the weights are now, and their hash."""

@@ -145,3 +145,24 @@ def test_a_full_disk_is_one_line_and_the_store_keeps_its_last_commit(capsys, sma
     assert code == 0
     report = json.loads(run(capsys, "info", "--store", store, "--json")[1])
     assert report["count"] == report["report"]["distinct_paths"] == 162 and report["report"]["index_is_current"]
+
+
+def test_a_broken_checkpoint_is_one_whole_sentence(capsys, tmp_path, small_library):
+    broken = tmp_path / "broken.pt"
+    broken.write_bytes(b"not a checkpoint")
+    code, _, err = run(capsys, "compare", next(small_library[0].rglob("*.png")), "--text", "x",
+                       "--model", "clipdex-shapes", "--pretrained", broken)
+    assert code == 1 and len(err.strip().splitlines()) == 1
+    assert f"could not load 'clipdex-shapes' from {broken}: it is not a checkpoint" in err
+    assert err.strip().endswith("saved from this architecture") and "PyTorch 2.6" not in err
+
+
+def test_an_import_of_another_dimension_names_both(capsys, tmp_path):
+    import numpy as np
+
+    np.save(tmp_path / "f8.npy", np.ones((3, 8), np.float32))
+    np.save(tmp_path / "f16.npy", np.ones((3, 16), np.float32))
+    run(capsys, "import", tmp_path / "f8.npy", "--store", tmp_path / "s", "--model-name", "imagebind_huge")
+    code, _, err = run(capsys, "import", tmp_path / "f16.npy", "--store", tmp_path / "s", "--model-name",
+                       "imagebind_huge")
+    assert code == 1 and "holds 8-d embeddings" in err and "cannot take 16-d embeddings" in err
