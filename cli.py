@@ -496,8 +496,15 @@ def cache_query_command(store_dir, queries_path, k, alpha, weighting, temperatur
               help="Most queries in one /cache/blend request.")
 @click.option("--max-body-mb", default=ServeConfig.max_body_bytes / MIB, show_default=True,
               type=click.FloatRange(min=0.001), help="Largest request body (uploads, base64 images, query batches).")
+@click.option("--allow-host", "allow_hosts", multiple=True, metavar="NAME",
+              help="Also answer requests whose Host header is NAME (repeatable; '*' for any). Others are refused: "
+                   "that stops web pages from reaching the API through DNS rebinding.")
+@click.option("--cors-origin", "cors_origins", multiple=True, metavar="ORIGIN",
+              help="Let pages from ORIGIN (e.g. https://app.example) call the API from a browser (repeatable).")
+@click.option("--access-log", metavar="FILE", help="Append one line per request to FILE ('-': standard output).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
-def serve_command(store_dir, host, port, api_key, max_k, max_batch, max_body_mb, device) -> None:
+def serve_command(store_dir, host, port, api_key, max_k, max_batch, max_body_mb, allow_hosts, cors_origins, access_log,
+                  device) -> None:
     """Serve a store over HTTP: the search page at /, the API described at /openapi.json.
 
     The server follows the store: when `clipdex index` publishes a new version, it is served from
@@ -512,12 +519,18 @@ def serve_command(store_dir, host, port, api_key, max_k, max_batch, max_body_mb,
 
     if api_key is not None and not api_key.strip():
         raise InputError("--api-key is empty: give a key, or leave the option out")
+    if access_log and access_log != "-":
+        _check_output(access_log)
     config = ServeConfig(store=Path(store_dir), host=host, port=port, api_key=api_key, max_k=max_k,
-                         max_batch=max_batch, max_body_bytes=int(max_body_mb * MIB), device=device)
+                         max_batch=max_batch, max_body_bytes=int(max_body_mb * MIB), device=device,
+                         allow_hosts=tuple(allow_hosts), cors_origins=tuple(cors_origins), access_log=access_log)
     _check_port_free(host, port)
     if api_key is None and host not in ("127.0.0.1", "localhost", "::1"):
         click.echo(f"warning: listening on {host} without --api-key: anyone who can reach it can search this store",
                    err=True)
+    if host in ("0.0.0.0", "::") and not allow_hosts:
+        click.echo("warning: other machines reach this server under a name or address: give it with --allow-host "
+                   "(requests under any other Host are refused)", err=True)
     app = create_app(config)
     shown = f"[{host}]" if ":" in host else host
     click.echo(f"serving {store_dir} on http://{shown}:{port}/  (API: http://{shown}:{port}/openapi.json; Ctrl-C stops)")

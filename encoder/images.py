@@ -54,6 +54,12 @@ def decode_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS,
         return _decode(handle, name, max_pixels, draft)
 
 
+def decode_file(handle: BinaryIO, name: str, max_pixels: int = DEFAULT_MAX_PIXELS,
+                draft: tuple[int, int] | None = None) -> tuple[Image.Image, tuple[int, int]]:
+    """:func:`decode_image` of a file already opened (and checked) by the caller."""
+    return _decode(handle, name, max_pixels, draft)
+
+
 def decode_bytes(data: bytes, name: str = "upload", max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     """Decode image file content held in memory (an HTTP upload) with the same checks as a file."""
     if not data:

@@ -15,8 +15,9 @@ from typing import Callable, Iterable
 
 import pyarrow as pa
 
-from indexer.scanner import Failure, FoundFile, Scan, is_under
+from indexer.scanner import Failure, FoundFile, Scan
 from store.errors import InputError, first_line
+from store.files import is_under
 from store.tables import file_path
 
 HASH_CHUNK = 1 << 20
@@ -99,7 +100,7 @@ def make_plan(scan: Scan, rows: pa.Table, first_new_id: int, captions: Callable[
     changed: list[FoundFile] = []
     for file in scan.files:
         row = existing.get(file.path)
-        if row is not None and row["bytes"] == file.bytes and row["mtime"] == file.mtime:
+        if row is not None and (row["bytes"], row["mtime"], row.get("link_target")) == (file.bytes, file.mtime, _raw(file.link_target)):
             plan.unchanged += 1
             caption = caption_of(file.path, row)
             if caption != row["caption"]:
@@ -146,6 +147,10 @@ def _unavailable_roots(scan: Scan, existing: dict[str, dict]) -> list[str]:
     candidates = list(scan.missing) + [root for root in scan.roots
                                        if root in scan.unlisted or scan.files_under(root) == 0]
     return [root for root in candidates if any(is_under(path, root) for path in stored)]
+
+
+def _raw(path: str | None) -> bytes | None:
+    return os.fsencode(path) if path is not None else None
 
 
 def _in_any(path: str, folders: list[str]) -> bool:

@@ -26,6 +26,7 @@ from indexer.plan import Job, Plan, make_plan, read_captions, sidecar_caption
 from indexer.scanner import Failure, Scan, scan
 from store.ann import AnnConfig
 from store.errors import InputError
+from store.files import prune_thumbnails
 from store.lock import writer_lock
 from store.store import Store, expand
 from store.tables import FAILURE_SCHEMA, column_vectors, image_rows, split_path
@@ -103,7 +104,7 @@ def index_paths(paths: Sequence[str | os.PathLike], store_dir: str | Path,
 
 
 def _index(found: Scan, store_dir: Path, config: IndexConfig, started: float) -> IndexSummary:
-    existing = Store.open(store_dir) if Store.exists(store_dir) else None
+    existing = Store.open(store_dir, writable=True) if Store.exists(store_dir) else None
     name, pretrained = choose_model(existing, config)
     label = pretrained_label(name, pretrained)
     weights = weights_sha256(label)
@@ -143,6 +144,8 @@ def _index(found: Scan, store_dir: Path, config: IndexConfig, started: float) ->
     changed = embedded or plan.moves or plan.copies or plan.recaption or plan.removed_ids or failed_modified
     if changed:
         store.tables.compact()
+    if plan.removed_ids or failed_modified or any(job.id < plan.first_new_id for job in plan.embed):
+        prune_thumbnails(store.directory, set(store.tables.file_rows().column("hash").to_pylist()))
         LOG.info("compacted at %.2fs", time.perf_counter() - started)
     roots = set(store.manifest.roots) | set(found.roots)
     if config.prune:
@@ -196,6 +199,7 @@ def _caption_vectors(model: ClipModel, jobs: Sequence[Job]) -> pa.Array:
 def _file_columns(jobs: Sequence[Job]) -> dict[str, list]:
     return {
         "id": [j.id for j in jobs], "hash": [j.hash for j in jobs], "path": [j.file.path for j in jobs],
+        "link_target": [os.fsencode(j.file.link_target) if j.file.link_target else None for j in jobs],
         "bytes": [j.file.bytes for j in jobs], "mtime": [j.file.mtime for j in jobs],
         "caption": [j.caption for j in jobs],
     }

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Iterable
 
 from encoder.images import is_image_path
+from store.files import is_under
 
 
 @dataclass(frozen=True)
@@ -20,6 +21,7 @@ class FoundFile:
     path: str  # absolute, under a real root; symlinked files keep the link's path
     bytes: int
     mtime: float
+    link_target: str | None = None  # the real file a symlinked path leads to
 
 
 @dataclass(frozen=True)
@@ -45,10 +47,6 @@ class Scan:
 
     def files_under(self, root: str) -> int:
         return sum(1 for f in self.files if is_under(f.path, root))
-
-
-def is_under(path: str, folder: str) -> bool:
-    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
 
 
 def resolve_root(given: str | os.PathLike) -> str:
@@ -97,4 +95,5 @@ def _stat(path: str, files: dict[str, FoundFile], failures: list[Failure]) -> No
         return
     if not Path(path).is_file():
         return
-    files[path] = FoundFile(path, info.st_size, info.st_mtime)
+    target = os.path.realpath(path) if os.path.islink(path) else None
+    files[path] = FoundFile(path, info.st_size, info.st_mtime, target)

@@ -23,6 +23,7 @@ import numpy as np
 import pyarrow as pa
 
 from encoder import MODELS, load_image
+from search.filters import combine, parse_filter
 from search.terms import Term, check_k, parse_term
 from store.ann import search as ann_search
 from store.errors import InputError, NotFoundError, first_line
@@ -79,10 +80,9 @@ class Query:
         return replace(self, terms=self.terms + (term.negated(),))
 
     def where(self, sql: str) -> "Self":
-        """A LanceDB SQL prefilter on the metadata columns; several are AND-ed."""
-        if not sql or not sql.strip():
-            raise InputError("the where filter is empty")
-        return replace(self, filters=self.filters + (sql.strip(),))
+        """A SQL prefilter on the metadata columns, one condition (``"width > 500"``); several are
+        AND-ed. Parsed, never pasted: see :mod:`search.filters`."""
+        return replace(self, filters=self.filters + (parse_filter(sql, self.store.tables.filter_columns()),))
 
     def limit(self, k: int, maximum: int | None = None) -> "Self":
         return replace(self, k=check_k(k, maximum))
@@ -128,7 +128,7 @@ class Query:
     def _allowed_ids(self) -> np.ndarray | None:
         if not self.filters:
             return None
-        sql = " AND ".join(f"({f})" for f in self.filters)
+        sql = combine(self.filters)
         try:
             rows = self.store.tables.images.search().where(sql).select(["id"]).to_arrow()
         except Exception as error:  # lance reports SQL problems as ValueError/RuntimeError/its own

@@ -9,6 +9,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
@@ -19,8 +20,8 @@ from server.context import Encoder, ServerContext
 from server.live import LiveStore
 from server.routes import public, router
 from server.schemas import ClassifyForm, ClassifyRequest, SearchForm, SearchRequest
-from server.security import BodyLimit, key_guard
-from store.errors import ClipdexError, InputError, NotFoundError
+from server.security import KEY_HEADER, AccessLog, BodyLimit, HostCheck, key_guard
+from store.errors import ClipdexError, GoneError, InputError, NotFoundError
 
 LOG = logging.getLogger(__name__)
 
@@ -41,7 +42,14 @@ def create_app(config: ServeConfig, live: LiveStore | None = None) -> FastAPI:
     app = FastAPI(title="clipdex", version=_version(), lifespan=lifespan, docs_url=None, redoc_url=None,
                   openapi_url=None, description="Search and cache retrieval over one clipdex store.")
     app.state.context = ctx
+    # Added last runs first: the log sees every request, the Host check precedes everything else.
     app.add_middleware(BodyLimit, max_bytes=config.max_body_bytes)
+    if config.cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=list(config.cors_origins), allow_methods=["GET", "POST"],
+                           allow_headers=["Content-Type", "Authorization", KEY_HEADER], allow_credentials=False)
+    app.add_middleware(HostCheck, hosts=config.hosts)
+    if config.access_log:
+        app.add_middleware(AccessLog, target=config.access_log)
     _install_error_handlers(app)
     generate = app.openapi
 
@@ -66,7 +74,8 @@ def serve(config: ServeConfig, app: FastAPI | None = None) -> None:
 def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ClipdexError)
     async def clipdex_error(_: Request, error: ClipdexError) -> JSONResponse:
-        status = 404 if isinstance(error, NotFoundError) else 400 if isinstance(error, InputError) else 503
+        status = (410 if isinstance(error, GoneError) else 404 if isinstance(error, NotFoundError)
+                  else 400 if isinstance(error, InputError) else 503)
         return JSONResponse({"error": str(error)}, status_code=status)
 
     @app.exception_handler(RequestValidationError)

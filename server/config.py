@@ -22,3 +22,12 @@ class ServeConfig:
     thumbnail_size: int = 256
     metadata_cache_rows: int = 1_000_000  # up to this many rows, result metadata is served from memory
     refresh_seconds: float = 0.5  # how often the store's manifest is checked for a newer index
+    allow_hosts: tuple[str, ...] = ()  # Host names answered besides the bound address and localhost ("*": any)
+    cors_origins: tuple[str, ...] = ()  # browser origins allowed to call the API (none by default)
+    access_log: str | None = None  # a file to append one line per request to, "-" for stdout
+
+    @property
+    def hosts(self) -> frozenset[str]:
+        """Host header names this server answers to: its address, localhost, and --allow-host."""
+        bound = () if self.host in ("0.0.0.0", "::", "") else (self.host.strip("[]"),)
+        return frozenset((*bound, "localhost", "127.0.0.1", "::1", *self.allow_hosts))

@@ -59,6 +59,7 @@ class LiveStore:
         self.device = device
         self.cache_rows = cache_rows
         self._snapshot = self._load()
+        self._last_problem: str | None = None
         self._poll_lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -72,6 +73,9 @@ class LiveStore:
             old = self._snapshot.store.manifest.index
             try:
                 stamp = _stamp(self.directory)
+                if self._last_problem is not None:
+                    LOG.warning("store %s is readable again", self.directory)
+                    self._last_problem = None
                 if stamp == self._snapshot.stamp:
                     return False
                 new = read_manifest(self.directory).index
@@ -79,8 +83,11 @@ class LiveStore:
                     self._snapshot.stamp = stamp  # manifest touched (ids reserved), same index
                     return False
                 snapshot = self._load()
-            except StoreError as error:  # keep serving the last good version
-                LOG.warning("store %s changed but cannot be loaded: %s", self.directory, first_line(error))
+            except StoreError as error:  # keep serving the last good version; say so once, not twice a second
+                if first_line(error) != self._last_problem:
+                    self._last_problem = first_line(error)
+                    LOG.warning("store %s cannot be read (%s): still serving version %d", self.directory,
+                                self._last_problem, self._snapshot.version)
                 return False
             if self._snapshot.has_cache:
                 snapshot.cache()  # build it before the swap: blend requests never wait for it

@@ -7,12 +7,11 @@ from __future__ import annotations
 import mimetypes
 import os
 from importlib import resources
-from pathlib import Path as FilePath
 from typing import Annotated, Any
 
 import numpy as np
 from fastapi import APIRouter, Depends, Path, Request
-from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse, Response
+from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from search.blend import BlendParams
@@ -22,13 +21,14 @@ from search.zeroshot import classify_features
 from server.blending import BlendJob
 from server.bodies import body_openapi, read_body
 from server.context import ServerContext, stored_row
-from server.media import image_from_base64, image_from_upload, thumbnail
+from server.media import image_from_base64, image_from_upload, open_indexed, thumbnail
 from server.schemas import (
     ERROR_RESPONSES,
     BlendRequest,
     BlendResponse,
     ClassifyForm,
     ClassifyRequest,
+    ErrorBody,
     Health,
     Hit,
     LabelProb,
@@ -37,14 +37,14 @@ from server.schemas import (
     Source,
 )
 from server.security import PageAccess, page_access
-from store.errors import ImageError, InputError, NotFoundError
-from store.tables import file_path
+from store.errors import InputError
 
 # Routes that need the API key (when one is set); /health and the page are on `public`.
 router = APIRouter(responses=ERROR_RESPONSES)
 public = APIRouter()
 ImageIdPath = Annotated[int, Path(ge=0, le=2**63 - 1, description="A stable image id of this store.")]
 HIT_COLUMNS = ("id", "path", "width", "height", "caption")
+SERVED_COLUMNS = ["path", "path_bytes", "link_target", "bytes", "mtime", "hash"]
 
 
 def context(request: Request) -> ServerContext:
@@ -116,35 +116,36 @@ def _search(ctx: ServerContext, body: SearchRequest | SearchForm) -> list[dict]:
     return query.to_list()
 
 
-@router.get("/images/{image_id}", response_class=FileResponse, summary="The indexed file itself",
-            responses={200: {"content": {"image/*": {}}}})
-def image_file(image_id: ImageIdPath, ctx: Context) -> FileResponse:
-    """Only files recorded in the store are served: the id is looked up, no path comes from the URL."""
-    row = stored_row(ctx.live.current(), image_id, ["path", "path_bytes"])
-    path = file_path(row["path"], row["path_bytes"])
-    if not FilePath(path).is_file():
-        raise NotFoundError(f"image {image_id} was indexed from {row['path']}, which is no longer there")
-    if not os.access(path, os.R_OK):
-        raise NotFoundError(f"image {image_id} is at {row['path']}, which the server is not allowed to read")
-    return FileResponse(path, media_type=mimetypes.guess_type(path)[0] or "application/octet-stream")
+@router.get("/images/{image_id}", response_class=StreamingResponse, summary="The indexed file itself",
+            responses={200: {"content": {"image/*": {}}}, 410: {"model": ErrorBody}})
+def image_file(image_id: ImageIdPath, ctx: Context) -> StreamingResponse:
+    """Only a row's own file is served (see ``open_indexed``): the id is looked up, no path comes
+    from the URL, and a file swapped or changed since indexing is refused with 410."""
+    snapshot = ctx.live.current()
+    row = stored_row(snapshot, image_id, SERVED_COLUMNS)
+    handle = open_indexed(row, snapshot.store.manifest.roots)
+    name = os.fsdecode(row["link_target"]) if row["link_target"] is not None else row["path"]
+    return StreamingResponse(_chunks(handle), media_type=mimetypes.guess_type(name)[0] or "application/octet-stream",
+                             headers={"Content-Length": str(os.fstat(handle.fileno()).st_size)})
 
 
 @router.get("/thumbnails/{image_id}", response_class=Response, summary="A JPEG thumbnail, cached in the store",
-            responses={200: {"content": {"image/jpeg": {}}}})
+            responses={200: {"content": {"image/jpeg": {}}}, 410: {"model": ErrorBody}})
 def image_thumbnail(image_id: ImageIdPath, ctx: Context) -> Response:
     snapshot = ctx.live.current()
-    row = stored_row(snapshot, image_id, ["path", "path_bytes", "hash"])
-    try:
-        made = thumbnail(snapshot.store.directory, file_path(row["path"], row["path_bytes"]), row["hash"],
-                         ctx.config.thumbnail_size)
-    except ImageError as error:
-        if error.reason == "missing":
-            raise NotFoundError(f"image {image_id} was indexed from {row['path']}, which is no longer there") from error
-        raise
+    row = stored_row(snapshot, image_id, SERVED_COLUMNS)
+    with open_indexed(row, snapshot.store.manifest.roots) as handle:
+        made = thumbnail(snapshot.store.directory, handle, row["hash"], ctx.config.thumbnail_size)
     headers = {"Cache-Control": "private, max-age=86400"}
     if isinstance(made, bytes):
         return Response(made, media_type="image/jpeg", headers=headers)
     return FileResponse(made, media_type="image/jpeg", headers=headers)
+
+
+def _chunks(handle, size: int = 1 << 16):
+    with handle:
+        while chunk := handle.read(size):
+            yield chunk
 
 
 @router.post("/classify", response_model=list[LabelProb], summary="Zero-shot classification of one image",

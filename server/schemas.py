@@ -20,6 +20,14 @@ SOURCES = ("text", "image", "id", "embedding")
 
 
 class Strict(BaseModel):
+    """JSON bodies: unknown fields refused, and no coercion ("5" and true are not numbers)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class FormFields(BaseModel):
+    """Multipart bodies: every field arrives as text, so numbers are parsed from it."""
+
     model_config = ConfigDict(extra="forbid")
 
 
@@ -54,7 +62,7 @@ class SearchRequest(Source):
     model_config = ConfigDict(json_schema_extra={"examples": [{"text": "a red circle", "k": 5}]})
 
 
-class SearchForm(Strict):
+class SearchForm(FormFields):
     """``POST /search`` as a multipart upload: ``-F image=@photo.jpg [-F k=5] [-F where=...]``."""
 
     image: bytes = Field(description="An image file (JPEG, PNG, ...).")
@@ -84,11 +92,11 @@ class ClassifyRequest(Strict):
             raise ValueError("give exactly one of image, id")
         return self
 
-    model_config = ConfigDict(extra="forbid", json_schema_extra={
+    model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra={
         "examples": [{"id": 1, "labels": ["circle", "square", "star"], "k": 2}]})
 
 
-class ClassifyForm(Strict):
+class ClassifyForm(FormFields):
     """``POST /classify`` as a multipart upload: ``-F image=@photo.jpg -F labels=cat -F labels=dog``."""
 
     image: bytes = Field(description="An image file (JPEG, PNG, ...).")

@@ -1,12 +1,16 @@
-"""Who may ask what: the API key (header, bearer token or the page's cookie) and a request body
-size limit enforced before the body is read. All authentication lives here."""
+"""Who may ask what: the Host check (DNS rebinding), the API key (header, bearer token or the
+page's cookie), and a request body size limit enforced before the body is read; plus the access
+log. All authentication lives here."""
 
 from __future__ import annotations
 
 import hmac
 import json
+import sys
+import threading
+import time
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, TextIO
 
 from fastapi import Depends, Request, Security
 from fastapi.security import APIKeyHeader
@@ -70,11 +74,16 @@ class BodyLimit:
                 await self._refuse(send)
 
     async def _refuse(self, send: Send) -> None:
-        body = json.dumps({"error": too_large_message(self.max_bytes)}).encode()
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                                (b"connection", b"close")]})
-        await send({"type": "http.response.body", "body": body})
+        await _json(send, 413, too_large_message(self.max_bytes))
+
+
+async def _json(send: Send, status: int, message: str) -> None:
+    """Answer ``{"error": message}`` straight from a middleware and close the connection."""
+    body = json.dumps({"error": message}).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                            (b"connection", b"close")]})
+    await send({"type": "http.response.body", "body": body})
 
 
 def presented_key(headers: Any, cookies: dict[str, str]) -> str | None:
@@ -131,3 +140,58 @@ def page_access(request: Request, key: str | None = None) -> PageAccess:
     if key is not None and key_matches(expected, key):
         return PageAccess(False, KeyCookie(key))
     return PageAccess(False)
+
+
+class HostCheck:
+    """ASGI middleware: refuse a request whose Host header names another server.
+
+    With no key on 127.0.0.1, this is what stops DNS rebinding: a web page the user opens makes
+    the browser send requests to 127.0.0.1 under the attacker's host name, which is refused here.
+    """
+
+    def __init__(self, app: Callable, hosts: frozenset[str]) -> None:
+        self.app, self.hosts = app, hosts
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and "*" not in self.hosts:
+            given = dict(scope.get("headers") or []).get(b"host", b"").decode("latin-1")
+            if host_name(given) not in self.hosts:
+                return await _json(send, 400, f"this server does not answer to the host '{given[:100]}' "
+                                               "(start it with --allow-host NAME to allow one)")
+        await self.app(scope, receive, send)
+
+
+def host_name(header: str) -> str:
+    """The name in a Host header, without its port: ``[::1]:8000`` -> ``::1``."""
+    if header.startswith("["):
+        return header[1:].split("]", 1)[0]
+    return header.rsplit(":", 1)[0] if header.count(":") == 1 else header
+
+
+class AccessLog:
+    """ASGI middleware: one line per request, ``time client "METHOD path" status ms``."""
+
+    def __init__(self, app: Callable, target: str) -> None:
+        self.app = app
+        self.out: TextIO = sys.stdout if target == "-" else open(target, "a", buffering=1, encoding="utf-8")
+        self.lock = threading.Lock()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started, status = time.perf_counter(), 500
+
+        async def noted_send(message: dict[str, Any]) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, noted_send)
+        finally:
+            client = (scope.get("client") or ("-",))[0]
+            line = (f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {client} \"{scope['method']} {scope['path']}\" {status} "
+                    f"{(time.perf_counter() - started) * 1000:.1f}ms\n")
+            with self.lock:
+                self.out.write(line)

@@ -37,6 +37,10 @@ class NoEncoderError(InputError):
     """A text or image query on a store of imported features that clipdex has no encoder for."""
 
 
+class GoneError(NotFoundError):
+    """What the caller names existed, but it changed since it was indexed (a file swapped or edited)."""
+
+
 class ModelLoadError(ClipdexError, RuntimeError):
     """A model or its weights could not be loaded."""
 

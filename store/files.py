@@ -66,3 +66,27 @@ def _os_error(text: str) -> int | None:
     if match:
         return int(match.group(1))
     return errno.ENOSPC if "No space left on device" in text else None
+
+
+def is_under(path: str, folder: str) -> bool:
+    """*path* is *folder* or lies inside it (textually: both already absolute and resolved)."""
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+THUMBNAIL_DIR = "thumbnails"
+
+
+def thumbnail_file(store_dir: str | os.PathLike, content_hash: str, size: int) -> Path:
+    """Where the thumbnail of some content lives: keyed by the content, never by a path."""
+    return Path(store_dir) / THUMBNAIL_DIR / content_hash[:2] / f"{content_hash}-{size}.jpg"
+
+
+def prune_thumbnails(store_dir: str | os.PathLike, keep: set[str]) -> int:
+    """Delete the thumbnails of content no row has any more; returns how many went."""
+    removed = 0
+    for folder in (Path(store_dir) / THUMBNAIL_DIR).glob("??"):
+        for thumb in folder.glob("*.jpg"):
+            if thumb.name.rsplit("-", 1)[0] not in keep:
+                thumb.unlink(missing_ok=True)
+                removed += 1
+    return removed

@@ -20,19 +20,20 @@ INDEX_DIR = "faiss"
 class Store:
     """Open with :meth:`open` (existing store) or :meth:`create` (new or matching store)."""
 
-    def __init__(self, directory: Path, manifest: Manifest) -> None:
+    def __init__(self, directory: Path, manifest: Manifest, writable: bool = False) -> None:
         self.directory = directory
         self._manifest = manifest
-        self.tables = Tables.open(directory, manifest.dim)
+        self.tables = Tables.open(directory, manifest.dim, writable)
         self._index = None
         self._index_file = ""
 
     @classmethod
-    def open(cls, directory: str | Path) -> "Store":
+    def open(cls, directory: str | Path, writable: bool = False) -> "Store":
+        """An existing store; *writable* for a writer holding :func:`store.lock.writer_lock`."""
         directory = expand(directory)
         if not directory.is_dir():
             raise StoreError(f"no store at {directory}: create one with `clipdex index PATH --store {directory}`")
-        return cls(directory, read_manifest(directory))
+        return cls(directory, read_manifest(directory), writable)
 
     @classmethod
     def exists(cls, directory: str | Path) -> bool:
@@ -46,7 +47,7 @@ class Store:
         A writer calls it holding :func:`store.lock.writer_lock`."""
         directory = expand(directory)
         if cls.exists(directory):
-            store = cls.open(directory)
+            store = cls.open(directory, writable=True)
             store.check_model(model, pretrained, dim, weights_sha256)
             return store
         if directory.exists() and not directory.is_dir():
@@ -56,7 +57,7 @@ class Store:
                             has_text_encoder=has_text_encoder, weights_sha256=weights_sha256,
                             preprocess=_jsonable(preprocess or {}))
         write_manifest(directory, manifest)
-        return cls(directory, manifest)
+        return cls(directory, manifest, writable=True)
 
     @classmethod
     def snapshot(cls, directory: str | Path, cache_rows: int = 0) -> "Store":

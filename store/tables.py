@@ -11,6 +11,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from store.errors import StoreError
 from store.files import writing
 
 if TYPE_CHECKING:
@@ -20,8 +21,8 @@ IMAGES = "images"
 FAILURES = "failures"
 TABLE_DIR = "lance"
 # Columns the indexer needs to decide what changed; never the vectors.
-FILE_COLUMNS = ["id", "hash", "path", "path_bytes", "bytes", "mtime", "caption"]
-METADATA_COLUMNS = ["id", "path", "path_bytes", "hash", "bytes", "mtime", "width", "height", "caption"]
+FILE_COLUMNS = ["id", "hash", "path", "path_bytes", "link_target", "bytes", "mtime", "caption"]
+METADATA_COLUMNS = ["id", "path", "path_bytes", "link_target", "hash", "bytes", "mtime", "width", "height", "caption"]
 
 
 def split_path(path: str) -> tuple[str, bytes | None]:
@@ -51,6 +52,9 @@ def image_schema(dim: int) -> pa.Schema:
         pa.field("hash", pa.string(), nullable=False),
         pa.field("path", pa.string(), nullable=False),
         pa.field("path_bytes", pa.binary()),  # the exact name where it is not UTF-8 (see split_path)
+        # Where `path` was a symbolic link when indexed: the real file it led to (exact bytes). The
+        # server serves a row only while its path still leads there.
+        pa.field("link_target", pa.binary()),
         pa.field("bytes", pa.int64()),
         pa.field("mtime", pa.float64()),
         pa.field("width", pa.int32()),
@@ -120,22 +124,27 @@ def column_vectors(table: pa.Table, column: str = "embedding") -> np.ndarray:
 class Tables:
     """Open handles on the store's tables, created on first use and kept for the process."""
 
-    def __init__(self, db: "lancedb.DBConnection", dim: int, directory: Path | None = None) -> None:
-        self.db, self.dim, self.directory = db, dim, directory
+    def __init__(self, db: "lancedb.DBConnection", dim: int, directory: Path | None = None,
+                 writable: bool = False) -> None:
+        self.db, self.dim, self.directory, self.writable = db, dim, directory, writable
         self._handles: dict[str, object] = {}
         self._pinned: pa.Table | None = None  # metadata of a pinned version, sorted by id
         self._pinned_version: int | None = None
 
     @classmethod
-    def open(cls, directory: str | Path, dim: int) -> "Tables":
+    def open(cls, directory: str | Path, dim: int, writable: bool = False) -> "Tables":
+        """Handles on the tables; only a *writable* one (a writer holding the lock) creates a missing
+        table, so a reader never leaves anything behind (not even in a store moved away meanwhile)."""
         import lancedb
 
-        return cls(lancedb.connect(str(Path(directory) / TABLE_DIR)), dim, Path(directory))
+        return cls(lancedb.connect(str(Path(directory) / TABLE_DIR)), dim, Path(directory), writable)
 
     def _table(self, name: str, schema: pa.Schema):
         if name not in self._handles:
             if name in self.db.list_tables().tables:
                 self._handles[name] = self.db.open_table(name)
+            elif not self.writable:
+                raise StoreError(f"the store {self.directory} has no {name} table yet: nothing was written to it")
             else:
                 table = self.db.create_table(name, schema=schema, exist_ok=True)
                 if name == IMAGES:
@@ -153,6 +162,11 @@ class Tables:
         if missing:
             with writing(self.directory):
                 images.add_columns({f.name: f"CAST(NULL AS {_SQL_TYPES[f.type]})" for f in missing})
+
+    def filter_columns(self) -> list[str]:
+        """Columns a `where` filter may name: every stored column but vectors and raw bytes."""
+        return [f.name for f in self.images.schema
+                if not (pa.types.is_fixed_size_list(f.type) or pa.types.is_binary(f.type))]
 
     def _present(self, columns: Sequence[str]) -> list[str]:
         """*columns* that the images table has (an older store may lack newer, nullable ones)."""

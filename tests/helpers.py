@@ -34,3 +34,12 @@ def clipdex(*args, wait=True, unprivileged=False, **kwargs) -> subprocess.Popen 
     return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300, **kwargs)
 
 
+
+
+LOCAL = "http://127.0.0.1:8000"  # a Host the server answers to (the test client's own is "testserver")
+
+
+def local_client(app, **kwargs):
+    from fastapi.testclient import TestClient
+
+    return TestClient(app, base_url=LOCAL, **kwargs)

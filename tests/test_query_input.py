@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from fastapi.testclient import TestClient
 
 import cli
 from encoder import MODELS, ModelPool
 from search import Query
 from server import ServeConfig, create_app
 from store import InputError, NoEncoderError, Store, import_features
+from tests.helpers import local_client
 
 CASES = {  # name: (python call on a store, CLI arguments, HTTP body, error class, message)
     "empty text": (lambda s: Query.create(s, "   "), ["search", "   "], {"text": "   "},
@@ -47,7 +47,7 @@ def test_the_same_mistake_reads_the_same_everywhere(case, capsys, served_library
         python_call(Store.open(store_dir))
     assert str(caught.value) == message
     assert cli_error(capsys, *cli_args, "--store", store_dir, "--device", "cpu") == message
-    with TestClient(create_app(ServeConfig(store=store_dir))) as client:
+    with local_client(create_app(ServeConfig(store=store_dir))) as client:
         response = client.post("/search", json=body)
     assert (response.status_code, response.json()) == (400, {"error": message})
 
@@ -58,7 +58,7 @@ def test_a_store_without_encoder_refuses_text_alike_everywhere(capsys, vector_st
     message = str(caught.value)
     assert "'imagebind_huge' features, which have no text or image encoder" in message
     assert cli_error(capsys, "search", "a dog", "--store", vector_store) == message
-    with TestClient(create_app(ServeConfig(store=vector_store))) as client:
+    with local_client(create_app(ServeConfig(store=vector_store))) as client:
         response = client.post("/search", json={"text": "a dog"})
         assert (response.status_code, response.json()) == (400, {"error": message})
         vector = client.post("/search", json={"embedding": [0.1] * 8, "k": 3})
@@ -124,7 +124,7 @@ def test_tilde_is_expanded_for_libraries_and_stores(tmp_path, monkeypatch, small
 
 
 def test_a_tiny_query_over_http_is_refused_not_nan(served_library):
-    with TestClient(create_app(ServeConfig(store=served_library[0]))) as client:
+    with local_client(create_app(ServeConfig(store=served_library[0]))) as client:
         response = client.post("/cache/blend", json={"queries": [[1e-40] * 64]})
         assert response.status_code == 400 and "too small" in response.json()["error"]
         scaled = client.post("/cache/blend", json={"queries": [[1e-25] * 64], "weighting": "reference"})

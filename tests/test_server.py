@@ -8,12 +8,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from fastapi.testclient import TestClient
 from PIL import Image
 
 from search.cache import CacheRetriever
 from server import ServeConfig, create_app
 from store.store import Store
+from tests.helpers import local_client
 
 KEY = "test-key"
 MAX_BODY = 1 << 20
@@ -23,7 +23,7 @@ MAX_BODY = 1 << 20
 def client(served_library):
     store_dir, _ = served_library
     app = create_app(ServeConfig(store=store_dir, api_key=KEY, max_body_bytes=MAX_BODY, max_k=50, max_batch=8))
-    with TestClient(app, headers={"X-API-Key": KEY}) as client:
+    with local_client(app, headers={"X-API-Key": KEY}) as client:
         yield client
 
 
@@ -219,7 +219,7 @@ def test_uploads_too_large_or_not_images_are_refused(client):
 
 def test_api_key_guards_everything_but_health(served_library):
     app = create_app(ServeConfig(store=served_library[0], api_key=KEY))
-    with TestClient(app) as anonymous:
+    with local_client(app) as anonymous:
         assert anonymous.get("/health").status_code == 200
         for method, url in [("GET", "/info"), ("GET", "/openapi.json"), ("POST", "/search"), ("GET", "/images/1"),
                             ("GET", "/thumbnails/1"), ("POST", "/classify"), ("POST", "/cache/blend")]:
@@ -235,7 +235,7 @@ def test_api_key_guards_everything_but_health(served_library):
         assert anonymous.get("/").status_code == 200  # the cookie now carries the key
         assert anonymous.post("/search", json=ok).status_code == 200
     open_app = create_app(ServeConfig(store=served_library[0]))
-    with TestClient(open_app) as client:
+    with local_client(open_app) as client:
         assert client.get("/info").status_code == 200 and client.get("/").status_code == 200
 
 

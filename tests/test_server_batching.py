@@ -8,11 +8,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-from fastapi.testclient import TestClient
 
 from search.cache import CacheRetriever
 from server import ServeConfig, create_app
 from server.batching import MicroBatcher
+from tests.helpers import local_client
 
 
 def test_micro_batcher_batches_and_routes_results():
@@ -51,7 +51,7 @@ def test_micro_batcher_passes_errors_to_every_waiter_and_lives_on():
 
 @pytest.fixture(scope="module")
 def client(served_library):
-    with TestClient(create_app(ServeConfig(store=served_library[0]))) as client:
+    with local_client(create_app(ServeConfig(store=served_library[0]))) as client:
         yield client
 
 

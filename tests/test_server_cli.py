@@ -16,11 +16,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from fastapi.testclient import TestClient
 
 import cli
 from server import ServeConfig, create_app
 from store.importer import import_features
+from tests.helpers import local_client
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -105,7 +105,7 @@ def test_imported_features_serve_vectors_and_the_cache(tmp_path):
     features /= np.linalg.norm(features, axis=1, keepdims=True)
     np.save(tmp_path / "f.npy", features)
     import_features([tmp_path / "f.npy"], tmp_path / "store", model_name="imagebind_huge")
-    with TestClient(create_app(ServeConfig(store=tmp_path / "store"))) as client:
+    with local_client(create_app(ServeConfig(store=tmp_path / "store"))) as client:
         text = client.post("/search", json={"text": "a dog"})
         assert text.status_code == 400 and "no text or image encoder" in text.json()["error"]
         hits = client.post("/search", json={"embedding": features[4].tolist(), "k": 3}).json()

@@ -15,6 +15,7 @@ from fastapi.testclient import TestClient
 from demo.shapes import write_library
 from indexer.run import IndexConfig, index_paths
 from server import ServeConfig, create_app
+from tests.helpers import local_client
 
 REPO = Path(__file__).resolve().parents[1]
 BEFORE, ADDED, REMOVED = 20, 16, 4
@@ -38,7 +39,7 @@ def test_indexing_while_querying(tmp_path):
             response = client.get("/health")
             seen.append(("health", response.status_code, response.json()))
 
-    with TestClient(app) as client:
+    with local_client(app) as client:
         first_version = client.get("/health").json()["version"]
         worker = threading.Thread(target=query_in_a_loop, args=(client,))
         worker.start()
@@ -81,7 +82,7 @@ def test_a_server_started_mid_run_serves_the_indexed_version(tmp_path):
     gone = writer.tables.file_rows().column("id").to_pylist()[:5]
     writer.tables.delete_ids(gone)  # committed, but not yet indexed or published
     app = create_app(ServeConfig(store=store_dir, refresh_seconds=3600))
-    with TestClient(app) as client:
+    with local_client(app) as client:
         hits = client.post("/search", json={"text": "a shape", "k": 100}).json()
         assert len(hits) == 12 and set(gone) <= {hit["id"] for hit in hits}
         assert client.post("/search", json={"id": gone[0], "k": 1}).status_code == 200
@@ -103,7 +104,7 @@ def test_a_damaged_or_missing_manifest_keeps_the_last_good_version(tmp_path, cap
     live = app.state.context.live
     manifest = store_dir / "manifest.json"
     good = manifest.read_text()
-    with TestClient(app) as client:
+    with local_client(app) as client:
         manifest.write_text("{ half a manifest")
         assert not live.poll() and "damaged" in caplog.text
         manifest.unlink()

@@ -19,7 +19,9 @@ OPERATIONS = ["GET /health", "GET /info", "POST /search", "GET /images/{image_id
 
 @pytest.fixture(scope="module")
 def api_schema(served_library):
-    app = create_app(ServeConfig(store=served_library[0], api_key=KEY, max_k=100, max_batch=16))
+    # schemathesis' in-process client names itself "testserver", which the Host check must allow
+    app = create_app(ServeConfig(store=served_library[0], api_key=KEY, max_k=100, max_batch=16,
+                                 allow_hosts=("testserver",)))
     return schemathesis.openapi.from_asgi("/openapi.json", app, headers={"X-API-Key": KEY})
 
 

@@ -20,7 +20,7 @@ from store import Store, import_features
 from store.errors import StoreBusyError
 from store.lock import writer_lock
 from store.tables import file_path
-from tests.helpers import CAN_DROP_PRIVILEGES, MODEL, clipdex, run
+from tests.helpers import CAN_DROP_PRIVILEGES, MODEL, clipdex, local_client, run
 
 
 def rows_of(store_dir) -> list[dict]:
@@ -218,7 +218,6 @@ def test_hostile_file_names_are_indexed_and_printed_escaped(capsys, library, tmp
 
 
 def test_a_non_utf8_file_is_served_by_id(library, tmp_path):
-    from fastapi.testclient import TestClient
 
     from server import ServeConfig, create_app
 
@@ -229,7 +228,7 @@ def test_a_non_utf8_file_is_served_by_id(library, tmp_path):
 
     index_paths([library], tmp_path / "s", IndexConfig(model="clipdex-shapes", device="cpu", workers=0, progress=False))
     row = next(r for r in rows_of(tmp_path / "s") if r["path_bytes"] is not None)
-    with TestClient(create_app(ServeConfig(store=tmp_path / "s"))) as client:
+    with local_client(create_app(ServeConfig(store=tmp_path / "s"))) as client:
         response = client.get(f"/images/{row['id']}")
     assert response.status_code == 200 and response.content == data + b"\0"
 
