@@ -11,6 +11,7 @@ import logging
 import os
 import sys
 import warnings
+from dataclasses import asdict
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -39,10 +40,11 @@ from search.query import DEFAULT_K
 from search.zeroshot import DEFAULT_TOP_K, check_template
 from server.config import MIB, ServeConfig
 from store import AnnConfig, ClipdexError, InputError, Store, import_features
-from store.ann import ANN_KINDS
+from store.ann import ANN_KINDS, memory_bytes
 from store.errors import os_error_line
 from store.importer import IMPORTED
 from store.report import inspect
+from store.store import reindex
 
 INDEX = IndexConfig()  # option defaults come from the config objects, never re-declared here
 BLEND = BlendParams()
@@ -54,6 +56,33 @@ EXIT_UNAVAILABLE = 3  # finished, but some given paths could not be seen; their 
 def shown(path: str) -> str:
     """A path as one printable line: newlines, tabs and other control characters escaped."""
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in path)
+
+
+def ann_options(command: Callable) -> Callable:
+    """The index options of every command that (re)builds a store's index."""
+    options = [
+        click.option("--index-type", type=click.Choice(list(ANN_KINDS)), default=INDEX.ann.kind, show_default=True,
+                     help="auto: exact search up to --ann-threshold vectors; above, IVF-Flat tuned to --target-recall "
+                          "while the vectors fit --index-memory, else the compressed index autofaiss picks for it."),
+        click.option("--ann-threshold", default=INDEX.ann.ann_threshold, show_default=True,
+                     type=click.IntRange(min=0)),
+        click.option("--index-memory", default=INDEX.ann.max_memory, show_default=True,
+                     help=f"Memory budget of the whole index build, e.g. 4G, 512M; auto: a third of this machine's "
+                          f"memory ({memory_bytes('auto') / 2**30:.1f}G here)."),
+        click.option("--target-recall", default=INDEX.ann.target_recall, show_default=True,
+                     type=click.FloatRange(0, 1, min_open=True),
+                     help="ANN indexes: the smallest nprobe whose measured recall@10 reaches this."),
+        click.option("--max-query-ms", default=INDEX.ann.max_query_ms, show_default=True, type=float,
+                     help="ANN indexes: never tune nprobe past this time per query."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def _ann(index_type, ann_threshold, index_memory, target_recall, max_query_ms) -> AnnConfig:
+    return AnnConfig(kind=index_type, ann_threshold=ann_threshold, max_memory=index_memory,
+                     max_query_ms=max_query_ms, target_recall=target_recall)
 
 
 def model_options(command: Callable | None = None, *, default_model: str | None = DEFAULT_MODEL) -> Callable:
@@ -255,17 +284,7 @@ def demo_command(directory: str, count: int) -> None:
               help="Refuse images above this many pixels (decompression bombs).")
 @click.option("--commit-every", default=INDEX.commit_every, show_default=True, type=click.IntRange(min=1),
               help="Rows per commit: an interrupted run loses at most this much work.")
-@click.option("--index-type", type=click.Choice(list(ANN_KINDS)), default=INDEX.ann.kind, show_default=True,
-              help="auto: exact search up to --ann-threshold vectors; above, IVF-Flat tuned to --target-recall while "
-                   "the vectors fit --index-memory, else an autofaiss-tuned compressed index.")
-@click.option("--ann-threshold", default=INDEX.ann.ann_threshold, show_default=True, type=click.IntRange(min=0))
-@click.option("--index-memory", default=INDEX.ann.max_memory, show_default=True,
-              help="Memory budget of the index (e.g. 4G, 512M).")
-@click.option("--target-recall", default=INDEX.ann.target_recall, show_default=True,
-              type=click.FloatRange(0, 1, min_open=True),
-              help="IVF-Flat: the smallest nprobe whose measured recall@10 reaches this.")
-@click.option("--max-query-ms", default=INDEX.ann.max_query_ms, show_default=True, type=float,
-              help="Query-time budget of an autofaiss index.")
+@ann_options
 @click.option("--wait", is_flag=True,
               help="If another run is writing to the store, wait for it instead of stopping at once.")
 @click.option("--prune", is_flag=True,
@@ -295,8 +314,7 @@ def index_command(paths, store_dir, model_name, pretrained, device, batch_size, 
     config = IndexConfig(model=model_name, pretrained=pretrained, device=device, batch_size=batch_size,
                          workers=workers, decoder=decoder, captions=tuple(captions), max_pixels=max_pixels,
                          commit_every=commit_every, wait=wait, prune=prune,
-                         ann=AnnConfig(kind=index_type, ann_threshold=ann_threshold, max_memory=index_memory,
-                                       max_query_ms=max_query_ms, target_recall=target_recall))
+                         ann=_ann(index_type, ann_threshold, index_memory, target_recall, max_query_ms))
     summary = index_paths(paths, store_dir, config)
     if as_json:
         click.echo(json.dumps(summary.to_dict()))
@@ -412,10 +430,12 @@ def search_command(query, store_dir, k, image, adds, subtracts, where, device, a
               help="The embedding space, e.g. imagebind_huge. An open_clip name (with --pretrained) keeps text "
                    "search working on the store.")
 @click.option("--pretrained", default=IMPORTED, show_default=True, help="The weights the features came from.")
+@ann_options
 @click.option("--wait", is_flag=True,
               help="If another run is writing to the store, wait for it instead of stopping at once.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
-def import_command(features, store_dir, metadata, model_name, pretrained, wait, as_json) -> None:
+def import_command(features, store_dir, metadata, model_name, pretrained, index_type, ann_threshold, index_memory,
+                   target_recall, max_query_ms, wait, as_json) -> None:
     """Create or extend a store from features computed elsewhere.
 
     \b
@@ -430,6 +450,7 @@ def import_command(features, store_dir, metadata, model_name, pretrained, wait, 
       clipdex import cc3m_imagebind/ --store cc3m.clipdex --model-name imagebind_huge
     """
     summary = import_features(features, store_dir, metadata, model_name, pretrained,
+                              ann=_ann(index_type, ann_threshold, index_memory, target_recall, max_query_ms),
                               has_text_encoder=can_load(model_name, pretrained), wait=wait)
     if as_json:
         click.echo(json.dumps(summary))
@@ -437,6 +458,30 @@ def import_command(features, store_dir, metadata, model_name, pretrained, wait, 
         click.echo(f"imported {summary['imported']} of {summary['read']} features ({summary['updated']} updated, "
                    f"{summary['skipped']} already there) in {summary['seconds']:.1f}s. Store: {summary['count']} x {summary['dim']}-d "
                    f"'{summary['space']}', {summary['index']} index.")
+
+
+@cli.command("reindex", context_settings=CONTEXT)
+@click.option("--store", "store_dir", required=True, type=click.Path(file_okay=False))
+@ann_options
+@click.option("--wait", is_flag=True,
+              help="If another run is writing to the store, wait for it instead of stopping at once.")
+@click.option("--json", "as_json", is_flag=True, help="Print the new index's description as JSON.")
+def reindex_command(store_dir, index_type, ann_threshold, index_memory, target_recall, max_query_ms, wait,
+                    as_json) -> None:
+    """Build the store's index again from its rows.
+
+    \b
+    For a store whose last index build died (`clipdex info` says the index is older than the
+    table), or to change the index's kind or budget. `index` and `import` also rebuild a stale
+    index on their next run.
+    """
+    info = reindex(store_dir, _ann(index_type, ann_threshold, index_memory, target_recall, max_query_ms), wait)
+    if as_json:
+        click.echo(json.dumps(asdict(info)))
+        return
+    recall = "" if info.recall_at_10 is None else f", recall@10 {info.recall_at_10:.3f}"
+    click.echo(f"indexed {info.count} vectors in {info.build_seconds:.1f}s: {info.type} {info.key} {info.params}"
+               f"{recall}")
 
 
 @cli.group("cache", context_settings=CONTEXT)

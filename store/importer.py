@@ -35,7 +35,7 @@ EMBEDDING_COLUMNS = ("embedding", "embeddings", "emb", "vector", "image_embeddin
 PATH_COLUMNS = ("path", "image_path", "url", "filepath")
 CAPTION_COLUMNS = ("caption", "text")
 IMPORTED = "imported"  # model and weights of features whose origin the user did not name
-IMPORT_CHUNK = 100_000  # rows per commit
+IMPORT_CHUNK = 32_768  # rows read, normalised, hashed and committed at a time (128 MiB at 1024-d)
 
 
 def _shard_number(path: Path) -> int:
@@ -118,23 +118,35 @@ def read_sources(sources: Sequence[str | os.PathLike], metadata: str | None = No
             yield str(path), features, meta
 
 
-def rows_for(source: str, features: np.ndarray, meta: pa.Table | None) -> tuple[np.ndarray, list[str], list[str | None]]:
-    """Normalised features plus each row's key (path) and caption."""
-    features = np.asarray(features, np.float32)
-    if meta is not None and meta.num_rows != len(features):
-        raise InputError(f"{source}: {len(features)} features but {meta.num_rows} metadata rows")
-    if not np.isfinite(features).all():
-        raise InputError(f"{source}: features contain NaN or infinite values")
-    norms = np.linalg.norm(features, axis=1, keepdims=True)
-    if (norms == 0).any():
-        raise InputError(f"{source}: {int((norms == 0).sum())} features are all zeros")
+def row_keys(source: str, count: int, meta: pa.Table | None) -> tuple[list[str], list[str | None]]:
+    """Each row's key (its path, url, ... column, else ``<source>#<row>``) and caption."""
+    if meta is not None and meta.num_rows != count:
+        raise InputError(f"{source}: {count} features but {meta.num_rows} metadata rows")
     names = meta.column_names if meta is not None else []
     path_column = next((c for c in PATH_COLUMNS if c in names), None)
     caption_column = next((c for c in CAPTION_COLUMNS if c in names), None)
     keys = ([str(p) for p in meta.column(path_column).to_pylist()] if path_column
-            else [f"{os.path.abspath(source)}#{i}" for i in range(len(features))])
-    captions = meta.column(caption_column).to_pylist() if caption_column else [None] * len(features)
-    return features / norms, keys, captions
+            else [f"{os.path.abspath(source)}#{i}" for i in range(count)])
+    captions = meta.column(caption_column).to_pylist() if caption_column else [None] * count
+    return keys, captions
+
+
+def check_features(source: str, features: np.ndarray) -> None:
+    """Refuse NaN, infinite and all-zero rows before anything is written, one chunk at a time."""
+    for start in range(0, len(features), IMPORT_CHUNK):
+        chunk = np.asarray(features[start:start + IMPORT_CHUNK], np.float64)
+        if not np.isfinite(chunk).all():
+            row = start + int(np.argmin(np.isfinite(chunk).all(axis=1)))
+            raise InputError(f"{source}: features contain NaN or infinite values (row {row})")
+        zero = np.flatnonzero(np.linalg.norm(chunk, axis=1) == 0)
+        if len(zero):
+            raise InputError(f"{source}: features are all zeros at row {start + int(zero[0])}")
+
+
+def normalised(features: np.ndarray) -> np.ndarray:
+    """Rows of any float dtype (float16 included) as unit float32 vectors; norms in float64."""
+    chunk = np.asarray(features, np.float64)
+    return (chunk / np.linalg.norm(chunk, axis=1, keepdims=True)).astype(np.float32)
 
 
 def feature_hash(vector: np.ndarray) -> str:
@@ -159,48 +171,55 @@ def import_features(sources: Sequence[str | os.PathLike], store_dir: str | os.Pa
 
 
 def _import(sources, store_dir: Path, metadata, model_name, pretrained, ann, has_text_encoder) -> dict:
+    """Stream every source in chunks of IMPORT_CHUNK rows: memory does not grow with file size."""
     started = time.perf_counter()
     store, known = None, {}
     read = imported = updated = 0
     for source, raw, meta in read_sources(sources, metadata):
-        features, keys, captions = rows_for(source, raw, meta)
+        keys, captions = row_keys(source, len(raw), meta)
+        check_features(source, raw)
         if store is None:
-            store = Store.create(store_dir, model_name, pretrained, features.shape[1], space=model_name,
+            store = Store.create(store_dir, model_name, pretrained, raw.shape[1], space=model_name,
                                  has_text_encoder=has_text_encoder)
             store.tables.upgrade()
             rows = store.tables.file_rows()
             known = dict(zip(rows.column("path").to_pylist(), zip(rows.column("id").to_pylist(),
                                                                   rows.column("hash").to_pylist(),
                                                                   rows.column("caption").to_pylist())))
-        if features.shape[1] != store.manifest.dim:
-            raise InputError(f"{source} has {features.shape[1]}-d features; the store holds "
+        if raw.shape[1] != store.manifest.dim:
+            raise InputError(f"{source} has {raw.shape[1]}-d features; the store holds "
                              f"{store.manifest.dim}-d features of '{store.manifest.space}'")
-        read += len(features)
-        hashes = [feature_hash(vector) for vector in features]
+        read += len(raw)
         last = {key: i for i, key in enumerate(keys)}  # a key given twice: its last features win
-        fresh = [i for key, i in last.items() if key not in known]
-        changed = [i for key, i in last.items() if key in known and known[key][1] != hashes[i]]
-        for start in range(0, len(fresh), IMPORT_CHUNK):
-            chunk = np.asarray(fresh[start:start + IMPORT_CHUNK], np.int64)
-            first = store.reserve_ids(len(chunk))
-            store.tables.add(image_rows(
-                store.manifest.dim, id=np.arange(first, first + len(chunk), dtype=np.int64),
-                hash=[hashes[i] for i in chunk], path=[keys[i] for i in chunk],
-                caption=[captions[i] for i in chunk], embedding=features[chunk]))
-            known.update((keys[i], (first + n, hashes[i], captions[i])) for n, i in enumerate(chunk))
-            imported += len(chunk)
-        for start in range(0, len(changed), IMPORT_CHUNK):
-            chunk = np.asarray(changed[start:start + IMPORT_CHUNK], np.int64)
-            store.tables.upsert(image_rows(  # same id, new vector: one atomic commit
-                store.manifest.dim, id=[known[keys[i]][0] for i in chunk], hash=[hashes[i] for i in chunk],
-                path=[keys[i] for i in chunk], embedding=features[chunk],
-                caption=[captions[i] if captions[i] is not None else known[keys[i]][2] for i in chunk]))
-            known.update((keys[i], (known[keys[i]][0], hashes[i], captions[i])) for i in chunk)
-            updated += len(chunk)
+        positions = np.fromiter(last.values(), np.int64, len(last))
+        for start in range(0, len(positions), IMPORT_CHUNK):
+            chunk = positions[start:start + IMPORT_CHUNK]
+            vectors = normalised(raw[chunk])
+            hashes = [feature_hash(vector) for vector in vectors]
+            fresh = [j for j, row in enumerate(chunk) if keys[row] not in known]
+            changed = [j for j, row in enumerate(chunk) if keys[row] in known and known[keys[row]][1] != hashes[j]]
+            if fresh:
+                first = store.reserve_ids(len(fresh))
+                store.tables.add(image_rows(
+                    store.manifest.dim, id=np.arange(first, first + len(fresh), dtype=np.int64),
+                    hash=[hashes[j] for j in fresh], path=[keys[chunk[j]] for j in fresh],
+                    caption=[captions[chunk[j]] for j in fresh], embedding=vectors[fresh]))
+                known.update((keys[chunk[j]], (first + n, hashes[j], captions[chunk[j]])) for n, j in enumerate(fresh))
+                imported += len(fresh)
+            if changed:
+                store.tables.upsert(image_rows(  # same id, new vector: one atomic commit
+                    store.manifest.dim, id=[known[keys[chunk[j]]][0] for j in changed],
+                    hash=[hashes[j] for j in changed], path=[keys[chunk[j]] for j in changed],
+                    embedding=vectors[changed],
+                    caption=[captions[chunk[j]] if captions[chunk[j]] is not None else known[keys[chunk[j]]][2]
+                             for j in changed]))
+                known.update((keys[chunk[j]], (known[keys[chunk[j]]][0], hashes[j], captions[chunk[j]]))
+                             for j in changed)
+                updated += len(changed)
     if store is None:
         raise InputError("no features to import")
-    changed_any = imported or updated or not store.manifest.index.file
-    info = store.rebuild_index(ann or AnnConfig()) if changed_any else store.manifest.index
+    stale = store.manifest.index.table_version != store.tables.version() or not store.manifest.index.file
+    info = store.rebuild_index(ann or AnnConfig()) if imported or updated or stale else store.manifest.index
     return {"read": read, "imported": imported, "updated": updated, "skipped": read - imported - updated,
             "count": store.manifest.count, "dim": store.manifest.dim, "space": store.manifest.space,
             "index": info.type, "recall_at_10": info.recall_at_10,

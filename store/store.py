@@ -7,9 +7,10 @@ import os
 from pathlib import Path
 from typing import Any
 
-from store.ann import AnnConfig, build_index, load_index, save_index
+from store.ann import AnnConfig, build_from, load_index, save_index
 from store.errors import ModelMismatchError, StoreError
 from store.files import writing
+from store.lock import writer_lock
 from store.manifest import MANIFEST_NAME, IndexInfo, Manifest, now, read_manifest, write_manifest
 from store.tables import Tables
 
@@ -130,13 +131,13 @@ class Store:
     def rebuild_index(self, config: AnnConfig = AnnConfig()) -> IndexInfo:
         """Build the FAISS index from the rows now in the table and record it in the manifest."""
         table_version = self.tables.version()
-        ids, vectors = self.tables.vectors()
-        built = build_index(ids, vectors, config)
+        source = self.tables.vector_source()
+        built = build_from(source, config)
         relative = f"{INDEX_DIR}/index-v{table_version}.faiss"
         with writing(self.directory):
             save_index(built.index, self.directory / relative)
         old = self._manifest.index.file
-        info = IndexInfo(type=built.kind, key=built.key, params=built.params, file=relative, count=len(ids),
+        info = IndexInfo(type=built.kind, key=built.key, params=built.params, file=relative, count=source.count,
                          table_version=table_version, recall_at_10=built.recall_at_10,
                          recall_queries=built.recall_queries, build_seconds=round(built.seconds, 3), built=now())
         self.update_manifest(index=info, count=self.tables.count(), failures=self.tables.failure_count())
@@ -156,6 +157,15 @@ class Store:
                 raise StoreError(f"the index file {path} is missing: run `clipdex index` again to rebuild it")
             self._index, self._index_file = load_index(path, info.params), info.file
         return self._index
+
+
+def reindex(directory: str | Path, config: AnnConfig = AnnConfig(), wait: bool = False) -> IndexInfo:
+    """Build the store's index again from its rows (after a build that died, or to change its kind)."""
+    with writer_lock(expand(directory), wait=wait):
+        store = Store.open(directory, writable=True)
+        if not store.tables.exists("images") or store.tables.count() == 0:
+            raise StoreError(f"the store {store.directory} has no rows to index yet")
+        return store.rebuild_index(config)
 
 
 def expand(directory: str | Path) -> Path:

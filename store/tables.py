@@ -214,6 +214,10 @@ class Tables:
     def file_rows(self) -> pa.Table:
         return self._select(FILE_COLUMNS)
 
+    def vector_source(self, batch_rows: int = 32_768) -> "LanceVectorSource":
+        """The stored vectors as an index build reads them: bounded batches and random samples."""
+        return LanceVectorSource(self.images, self.count(), self.dim, batch_rows)
+
     def vectors(self) -> tuple[np.ndarray, np.ndarray]:
         """Every row's (id ``[n]`` int64, embedding ``[n, dim]`` float32), in table order."""
         rows = self.images.search().select(["id", "embedding"]).to_arrow()
@@ -280,6 +284,35 @@ class Tables:
         if self._pinned_version is not None:  # asking Lance costs a round trip to its event loop
             return self._pinned_version
         return self.images.version
+
+
+class LanceVectorSource:
+    """:class:`store.ann.VectorSource` over the images table: it streams (id, embedding) batches
+    and takes samples by row offset, so no step holds every vector."""
+
+    def __init__(self, table, count: int, dim: int, batch_rows: int) -> None:
+        self.table, self.count, self.dim, self.batch_rows = table, count, dim, batch_rows
+
+    def batches(self):
+        for batch in self.table.search().select(["id", "embedding"]).to_batches(self.batch_rows):
+            if batch.num_rows:
+                yield _ids_and_vectors(batch)
+
+    def sample(self, count: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+        offsets = np.sort(np.random.default_rng(seed).choice(self.count, size=min(count, self.count), replace=False))
+        parts = [self.table.take_offsets(offsets[i:i + 8192].tolist()).select(["id", "embedding"]).to_arrow()
+                 for i in range(0, len(offsets), 8192)]
+        rows = pa.concat_tables(parts) if parts else pa.table({"id": pa.array([], pa.int64())})
+        return _ids_and_vectors(rows) if rows.num_rows else (np.zeros(0, np.int64), np.zeros((0, self.dim), np.float32))
+
+
+def _ids_and_vectors(rows: pa.Table | pa.RecordBatch) -> tuple[np.ndarray, np.ndarray]:
+    embedding = rows.column("embedding")
+    if isinstance(embedding, pa.ChunkedArray):
+        embedding = embedding.combine_chunks()
+    dim = embedding.type.list_size
+    vectors = np.ascontiguousarray(embedding.values.to_numpy(zero_copy_only=False), np.float32).reshape(-1, dim)
+    return np.asarray(rows.column("id").to_numpy(zero_copy_only=False), np.int64), vectors
 
 
 _SQL_TYPES = {pa.binary(): "BINARY", pa.string(): "STRING", pa.int64(): "BIGINT", pa.int32(): "INT",

@@ -116,3 +116,38 @@ def test_store_above_threshold_serves_from_ivf(data, tmp_path):
     hits = Query.create(store, vector=queries[0]).limit(10).to_list()
     exact = np.argsort(-(vectors @ (queries[0] / np.linalg.norm(queries[0]))))[:10] + 1  # import ids start at 1
     assert len({h["id"] for h in hits} & set(exact.tolist())) >= 9
+
+
+def test_a_streamed_build_equals_the_in_memory_one_and_reads_in_batches(data):
+    """build_from reads the vectors only through bounded batches and samples."""
+    from store.ann import ArraySource, build_from
+
+    vectors, ids, queries = data
+
+    class Counting(ArraySource):
+        largest = 0
+
+        def batches(self):
+            for batch_ids, batch in super().batches():
+                Counting.largest = max(Counting.largest, len(batch_ids))
+                yield batch_ids, batch
+
+    source = Counting(ids, vectors, batch_rows=4096)
+    streamed = build_from(source, AnnConfig(kind="ivf", target_recall=0.95))
+    whole = build_index(ids, vectors, AnnConfig(kind="ivf", target_recall=0.95))
+    assert Counting.largest == 4096 and streamed.index.ntotal == whole.index.ntotal == len(ids)
+    assert (streamed.key, streamed.params) == (whole.key, whole.params)
+    assert overlap_with_exact(streamed.index, vectors, ids, queries) >= 0.9
+
+
+def test_ground_truth_folded_over_batches_is_exact(data):
+    import faiss
+
+    from store.ann import ArraySource, ground_truth
+
+    vectors, ids, _ = data
+    truth = ground_truth(ArraySource(ids, vectors, batch_rows=1000), 32)
+    exact = faiss.IndexFlatIP(vectors.shape[1])
+    exact.add(vectors)
+    _, rows = exact.search(truth.queries, 10)
+    assert (truth.ids == ids[rows]).all()

@@ -15,6 +15,7 @@ from search.cache import CacheRetriever
 from store.errors import InputError, NoEncoderError
 from store.importer import import_features
 from store.store import Store
+from tests.helpers import run
 
 DIM, COUNT = 24, 300
 
@@ -133,3 +134,73 @@ def test_cli_import_and_cache_query(tmp_path, raw, capsys):
                   "--alpha", "2", "--out", str(tmp_path / "x.npy")])
     err = capsys.readouterr().err
     assert caught.value.code == 1 and err.startswith("error: alpha must be within [0, 1]") and len(err.splitlines()) == 1
+
+
+def test_float16_features_are_taken_as_they_are(tmp_path):
+    raw = np.random.default_rng(5).normal(size=(50, 16)).astype(np.float16)
+    np.save(tmp_path / "half.npy", raw)
+    import_features([tmp_path / "half.npy"], tmp_path / "store")
+    store = Store.open(tmp_path / "store")
+    rows = store.tables.rows_by_id(list(range(1, 51)), ["id", "embedding"]).to_pylist()
+    expected = raw.astype(np.float64) / np.linalg.norm(raw.astype(np.float64), axis=1, keepdims=True)
+    for row in rows:
+        np.testing.assert_allclose(row["embedding"], expected[row["id"] - 1], atol=1e-6)
+
+
+def test_import_streams_in_chunks_and_checks_everything_before_writing(tmp_path, monkeypatch):
+    import store.importer as importer
+
+    monkeypatch.setattr(importer, "IMPORT_CHUNK", 7)  # many chunks, keys repeated across them
+    raw = np.random.default_rng(6).normal(size=(40, 8)).astype(np.float32)
+    paths = [f"/photos/{i % 30}.jpg" for i in range(40)]  # rows 30-39 repeat keys 0-9: the last wins
+    pq.write_table(pa.table({"path": paths}), tmp_path / "meta.parquet")
+    np.save(tmp_path / "f.npy", raw)
+    summary = import_features([tmp_path / "f.npy"], tmp_path / "store", metadata=str(tmp_path / "meta.parquet"))
+    assert (summary["imported"], summary["count"]) == (30, 30)
+    rows = {r["path"]: r for r in Store.open(tmp_path / "store").tables.file_rows().to_pylist()}
+    vectors = Store.open(tmp_path / "store").tables.rows_by_id([rows["/photos/3.jpg"]["id"]], ["embedding"])
+    np.testing.assert_allclose(vectors.column("embedding")[0].as_py(), raw[33] / np.linalg.norm(raw[33]), atol=1e-6)
+    bad = raw.copy()
+    bad[38, 2] = np.nan  # in the last chunk: found before the first chunk is written
+    np.save(tmp_path / "bad.npy", bad)
+    with pytest.raises(InputError, match="NaN or infinite values \\(row 38\\)"):
+        import_features([tmp_path / "bad.npy"], tmp_path / "other")
+    assert not Store.exists(tmp_path / "other")
+
+
+def test_a_build_that_died_is_recovered_by_reindex_or_the_next_import(tmp_path, monkeypatch, capsys):
+    from store.store import Store as StoreClass
+
+    raw = np.random.default_rng(7).normal(size=(60, 8)).astype(np.float32)
+    np.save(tmp_path / "f.npy", raw)
+
+    def killed(self, config=None):
+        raise KeyboardInterrupt  # the process dies during the index build
+
+    with monkeypatch.context() as patch:
+        patch.setattr(StoreClass, "rebuild_index", killed)
+        with pytest.raises(KeyboardInterrupt):
+            import_features([tmp_path / "f.npy"], tmp_path / "store")
+    store = Store.open(tmp_path / "store")
+    assert store.tables.count() == 60 and not store.manifest.index.file
+    code, out, _ = run(capsys, "info", "--store", tmp_path / "store")
+    assert "no index yet" in out
+    code, out, err = run(capsys, "reindex", "--store", tmp_path / "store", "--json")
+    assert code == 0 and json.loads(out)["count"] == 60, err
+    for name in ("manifest.json",):  # and an import with nothing new rebuilds a stale index too
+        manifest = json.loads((tmp_path / "store" / name).read_text())
+        manifest["index"] = {}
+        (tmp_path / "store" / name).write_text(json.dumps(manifest))
+    summary = import_features([tmp_path / "f.npy"], tmp_path / "store")
+    assert summary["imported"] == 0 and summary["index"] == "flat" and Store.open(tmp_path / "store").manifest.index.file
+
+
+def test_the_table_streams_its_vectors_in_bounded_batches(tmp_path):
+    raw = np.random.default_rng(8).normal(size=(1000, 8)).astype(np.float32)
+    np.save(tmp_path / "f.npy", raw)
+    import_features([tmp_path / "f.npy"], tmp_path / "store")
+    source = Store.open(tmp_path / "store").tables.vector_source(batch_rows=128)
+    seen = [ids for ids, _ in source.batches()]
+    assert max(len(ids) for ids in seen) <= 128 and sorted(np.concatenate(seen).tolist()) == list(range(1, 1001))
+    sample_ids, sample = source.sample(50, seed=0)
+    assert len(set(sample_ids.tolist())) == 50 and sample.shape == (50, 8)
