@@ -272,8 +272,14 @@ def save_index(index, path: Path) -> None:
 
 
 def load_index(path: Path, params: str = "", use_gpu: bool | None = None):
+    """Open an index with its IVF inverted lists (the bulk of an ANN index) memory-mapped from the
+    file: opening takes milliseconds, pages load as searches touch them, and processes share them.
+    A file replaced by a rebuild stays valid for whoever still maps it."""
     faiss = _faiss()
-    index = faiss.read_index(str(path))
+    try:
+        index = faiss.read_index(str(path), faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
+    except RuntimeError:  # an index type FAISS cannot map is read into memory
+        index = faiss.read_index(str(path))
     if params:  # nprobe / efSearch chosen by autofaiss for the latency budget
         faiss.ParameterSpace().set_index_parameters(index, params)
     if (gpu_count() > 0 if use_gpu is None else use_gpu) and hasattr(faiss, "index_cpu_to_all_gpus"):

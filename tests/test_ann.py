@@ -151,3 +151,17 @@ def test_ground_truth_folded_over_batches_is_exact(data):
     exact.add(vectors)
     _, rows = exact.search(truth.queries, 10)
     assert (truth.ids == ids[rows]).all()
+
+
+def test_saved_indexes_open_memory_mapped_with_the_same_answers(data, tmp_path):
+    import faiss
+
+    vectors, ids, queries = data
+    for kind in ("ivf", "flat"):
+        built = build_index(ids, vectors, AnnConfig(kind=kind, target_recall=0.95))
+        save_index(built.index, tmp_path / f"{kind}.faiss")
+        opened = load_index(tmp_path / f"{kind}.faiss", built.params)
+        np.testing.assert_array_equal(opened.search(queries, 10)[1], built.index.search(queries, 10)[1])
+        if kind == "ivf":  # the inverted lists stay in the file, mapped
+            lists = faiss.extract_index_ivf(opened).invlists
+            assert type(faiss.downcast_InvertedLists(lists)).__name__ == "OnDiskInvertedLists"
