@@ -43,9 +43,10 @@ class Blended(NamedTuple):
 class CacheRetriever:
     """Top-k cache retrieval with residual blending over one store (or raw arrays)."""
 
-    def __init__(self, ids: np.ndarray, values: "torch.Tensor", index: Any = None, device: str = "cpu") -> None:
+    def __init__(self, ids: np.ndarray, values: "torch.Tensor | np.ndarray", index: Any = None,
+                 device: str = "cpu") -> None:
         self.ids = ids  # sorted int64, row i of values belongs to ids[i]
-        self.values = values
+        self.values = values  # a tensor, or on a CPU a memory-mapped array (see open)
         self.index = index  # FAISS index over the same vectors with ids as FAISS ids (CPU search)
         self.device = device
         # Measured recall@10 of the search: exact (1.0) unless opened on a store's ANN index.
@@ -62,12 +63,19 @@ class CacheRetriever:
     @classmethod
     def open(cls, store: "Store | str | Path", device: str = "auto", dtype: str = "float16") -> "CacheRetriever":
         store = store if isinstance(store, Store) else Store.open(store)
-        ids, vectors = store.tables.vectors()
-        if not len(ids):
-            raise StoreError(f"the store {store.directory} is empty: nothing to retrieve from")
         device = resolve_device(device)
         index = None if device.startswith("cuda") else store.faiss_index()
-        cache = cls.from_arrays(ids, vectors, device=device, dtype=dtype, index=index)
+        mapped = _mapped_values(store)
+        if mapped is not None and not device.startswith("cuda"):
+            ids, values = mapped  # neighbours are gathered from the file: no copy of every vector in memory
+            cache = cls(ids, values, index, device)
+        else:
+            ids, vectors = mapped if mapped is not None else store.tables.vectors()
+            if not len(ids):
+                raise StoreError(f"the store {store.directory} is empty: nothing to retrieve from")
+            cache = cls.from_arrays(ids, vectors, device=device, dtype=dtype, index=index)
+        if not cache.size:
+            raise StoreError(f"the store {store.directory} is empty: nothing to retrieve from")
         if index is not None:
             cache.recall_at_10 = store.manifest.index.recall_at_10
             LOG.info("cache of %d x %d on %s, %s index, recall@10 %s", cache.size, cache.dim, device,
@@ -122,8 +130,17 @@ class CacheRetriever:
     def _exact_rows(self, queries: "torch.Tensor", k: int) -> np.ndarray:
         import torch
 
-        scores = torch.cat([queries @ self.values[i:i + 65536].float().T for i in range(0, self.size, 65536)], 1)
+        scores = torch.cat([queries @ self._rows(slice(i, i + 65536)).T for i in range(0, self.size, 65536)], 1)
         return torch.topk(scores, k, dim=1).indices.numpy()
+
+    def _rows(self, which) -> "torch.Tensor":
+        """Rows of the values as float32 (a slice, or positions ``[B, k]``), wherever they are."""
+        import torch
+
+        if isinstance(self.values, np.ndarray):
+            index = which.cpu().numpy() if isinstance(which, torch.Tensor) else which
+            return torch.from_numpy(np.asarray(self.values[index], np.float32))
+        return self.values[which].float()
 
     def blend(self, queries: Any, k: int = BlendParams.k, alpha: float = BlendParams.alpha,
               weighting: Weighting = BlendParams.weighting, temperature: float = BlendParams.temperature,
@@ -145,8 +162,8 @@ class CacheRetriever:
         work = work.detach().to(device=self.device, dtype=torch.float64)
         norm = work.norm(dim=-1, keepdim=True)
         unit = (work / norm).float()
-        positions = self._search(unit, k).to(self.values.device)
-        values = self.values[positions].float()  # [B, k, C]: one gather, no per-neighbour loop
+        positions = self._search(unit, k)
+        values = self._rows(positions).to(unit.device)  # [B, k, C]: one gather, no per-neighbour loop
         scores = torch.einsum("bc,bkc->bk", unit, values)
         out = blend(unit, norm.float(), scores, values, alpha, weighting, temperature)
         features = _like(out[0] if single else out, original, is_numpy)
@@ -194,6 +211,18 @@ class CacheRetriever:
             warnings.warn(f"k={k} is larger than the cache ({self.size} features): using k={self.size}", stacklevel=3)
             return self.size
         return k
+
+
+def _mapped_values(store: Store) -> tuple[np.ndarray, np.ndarray] | None:
+    """The id-sorted values the index build wrote (ids, memory-mapped values), if they are there."""
+    folder = store.manifest.index.values
+    if not folder:
+        return None
+    try:
+        return (np.load(store.directory / folder / "ids.npy"),
+                np.load(store.directory / folder / "values.npy", mmap_mode="r"))
+    except (OSError, ValueError):  # replaced by a newer build meanwhile: read the table instead
+        return None
 
 
 def _like(result: "torch.Tensor", original: "torch.Tensor", is_numpy: bool) -> Any:

@@ -64,6 +64,7 @@ class AnnConfig:
     target_recall: float = 0.98  # IVF-Flat: smallest nprobe whose measured recall@10 reaches this
     recall_queries: int = 256
     use_gpu: bool | None = None  # None: when faiss sees a GPU
+    values_dtype: str = "float16"  # the cache's copy of the vectors, written beside the index
 
     def __post_init__(self) -> None:
         if self.kind not in ANN_KINDS:
@@ -260,6 +261,27 @@ def _tune(index, truth: GroundTruth | None, config: AnnConfig) -> str:
         if recall is None or recall >= config.target_recall or nprobe >= ivf.nlist:
             return chosen
         nprobe *= 2
+
+
+def save_values(source: VectorSource, folder: Path, dtype: str = "float16") -> None:
+    """Write the vectors sorted by id, as ``ids.npy`` + ``values.npy``, in two streaming passes
+    (ids, then each batch scattered to its sorted rows of a memory-mapped file), for a cache that
+    gathers neighbours from the file instead of holding every vector."""
+    if dtype not in ("float16", "float32"):
+        raise InputError(f"the cache's values are float16 or float32, not {dtype}")
+    folder.mkdir(parents=True, exist_ok=True)
+    ids = np.concatenate([batch_ids for batch_ids, _ in source.batches()] or [np.zeros(0, np.int64)])
+    order = np.argsort(ids, kind="stable")
+    rank = np.empty_like(order)
+    rank[order] = np.arange(len(order))
+    values = np.lib.format.open_memmap(folder / "values.npy", mode="w+", dtype=dtype, shape=(len(ids), source.dim))
+    start = 0
+    for batch_ids, vectors in source.batches():
+        values[rank[start:start + len(batch_ids)]] = vectors
+        start += len(batch_ids)
+    values.flush()
+    del values
+    np.save(folder / "ids.npy", ids[order])
 
 
 def save_index(index, path: Path) -> None:

@@ -35,6 +35,7 @@ class IndexInfo:
     recall_queries: int = 0
     build_seconds: float = 0.0
     built: str = ""
+    values: str = ""  # folder of ids.npy + values.npy, id-sorted, for the cache (relative to the store)
 
 
 @dataclass(frozen=True)

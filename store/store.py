@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
-from store.ann import AnnConfig, build_from, load_index, save_index
+from store.ann import AnnConfig, build_from, load_index, save_index, save_values
 from store.errors import ModelMismatchError, StoreError
 from store.files import writing
 from store.lock import writer_lock
@@ -134,15 +135,20 @@ class Store:
         source = self.tables.vector_source()
         built = build_from(source, config)
         relative = f"{INDEX_DIR}/index-v{table_version}.faiss"
+        values = f"{INDEX_DIR}/values-v{table_version}"
         with writing(self.directory):
             save_index(built.index, self.directory / relative)
-        old = self._manifest.index.file
+            save_values(source, self.directory / values, config.values_dtype)
+        old = self._manifest.index
         info = IndexInfo(type=built.kind, key=built.key, params=built.params, file=relative, count=source.count,
                          table_version=table_version, recall_at_10=built.recall_at_10,
-                         recall_queries=built.recall_queries, build_seconds=round(built.seconds, 3), built=now())
+                         recall_queries=built.recall_queries, build_seconds=round(built.seconds, 3), built=now(),
+                         values=values)
         self.update_manifest(index=info, count=self.tables.count(), failures=self.tables.failure_count())
-        if old and old != relative:
-            (self.directory / old).unlink(missing_ok=True)
+        if old.file and old.file != relative:
+            (self.directory / old.file).unlink(missing_ok=True)
+        if old.values and old.values != values:
+            shutil.rmtree(self.directory / old.values, ignore_errors=True)
         self._index, self._index_file = built.index, relative
         return info
 

@@ -204,3 +204,35 @@ def test_the_table_streams_its_vectors_in_bounded_batches(tmp_path):
     assert max(len(ids) for ids in seen) <= 128 and sorted(np.concatenate(seen).tolist()) == list(range(1, 1001))
     sample_ids, sample = source.sample(50, seed=0)
     assert len(set(sample_ids.tolist())) == 50 and sample.shape == (50, 8)
+
+
+def test_the_cache_gathers_from_the_values_file_not_a_copy_in_memory(tmp_path, monkeypatch):
+    raw = np.random.default_rng(9).normal(size=(3000, 16)).astype(np.float32)
+    np.save(tmp_path / "f.npy", raw)
+    import_features([tmp_path / "f.npy"], tmp_path / "store")
+    store = Store.open(tmp_path / "store")
+    values = tmp_path / "store" / store.manifest.index.values
+    assert np.load(values / "values.npy").dtype == np.float16 and (np.diff(np.load(values / "ids.npy")) > 0).all()
+
+    def no_full_copy(self):
+        raise AssertionError("the cache read every vector from the table")
+
+    from store.tables import Tables
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Tables, "vectors", no_full_copy)
+        cache = CacheRetriever.open(tmp_path / "store", device="cpu")
+    assert isinstance(cache.values, np.memmap)
+    unit = raw / np.linalg.norm(raw, axis=1, keepdims=True)
+    in_memory = CacheRetriever.from_arrays(np.arange(1, 3001), unit, device="cpu")
+    queries = np.random.default_rng(10).normal(size=(8, 16)).astype(np.float32)
+    for weighting in ("paper", "reference"):
+        ours = cache.blend(queries, k=10, weighting=weighting, return_neighbours=True)
+        theirs = in_memory.blend(queries, k=10, weighting=weighting, return_neighbours=True)
+        np.testing.assert_array_equal(ours.ids, theirs.ids)
+        np.testing.assert_allclose(ours.features, theirs.features, atol=2e-3)  # float16 storage
+
+    import shutil
+
+    shutil.rmtree(values)  # a store built before the values file, or one replaced meanwhile: the table serves
+    assert CacheRetriever.open(tmp_path / "store", device="cpu").size == 3000
