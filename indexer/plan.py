@@ -7,7 +7,6 @@ content as a file still present is a copy (embedding reused, new id), anything e
 
 from __future__ import annotations
 
-import hashlib
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -17,18 +16,13 @@ import pyarrow as pa
 
 from indexer.scanner import Failure, FoundFile, Scan
 from store.errors import InputError, first_line
-from store.files import is_under
+from store.files import is_under, stream_hash
 from store.tables import file_path
-
-HASH_CHUNK = 1 << 20
 
 
 def content_hash(path: str) -> str:
-    digest = hashlib.blake2b(digest_size=16)
     with open(path, "rb") as handle:
-        while chunk := handle.read(HASH_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
+        return stream_hash(handle)
 
 
 @dataclass(frozen=True)

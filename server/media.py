@@ -6,7 +6,6 @@ from __future__ import annotations
 import base64
 import binascii
 import errno
-import hashlib
 import io
 import os
 import stat
@@ -15,13 +14,11 @@ from typing import TYPE_CHECKING, BinaryIO, Sequence
 
 from encoder.images import decode_bytes, decode_file
 from store.errors import GoneError, InputError, NotFoundError
-from store.files import is_under, thumbnail_file, write_atomically
+from store.files import is_under, stream_hash, thumbnail_file, write_atomically
 from store.tables import file_path
 
 if TYPE_CHECKING:
     from PIL import Image
-
-HASH_CHUNK = 1 << 20
 
 
 def image_from_base64(text: str, max_pixels: int) -> "Image.Image":
@@ -71,20 +68,13 @@ def open_indexed(row: dict, roots: Sequence[str]) -> BinaryIO:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
             raise GoneError(f"image {image_id} ({shown}) is no longer a regular file")
-        if (info.st_size, info.st_mtime) != (row["bytes"], row["mtime"]) and _content_hash(handle) != row["hash"]:
+        if (info.st_size, info.st_mtime) != (row["bytes"], row["mtime"]) and stream_hash(handle) != row["hash"]:
             raise GoneError(f"image {image_id} ({shown}) changed since it was indexed: index the folder again")
         handle.seek(0)
         return handle
     except BaseException:
         handle.close()
         raise
-
-
-def _content_hash(handle: BinaryIO) -> str:
-    digest = hashlib.blake2b(digest_size=16)  # the indexer's content hash
-    while chunk := handle.read(HASH_CHUNK):
-        digest.update(chunk)
-    return digest.hexdigest()
 
 
 def thumbnail(store_dir: Path, handle: BinaryIO, content_hash: str, size: int) -> Path | bytes:

@@ -4,12 +4,13 @@ normally created file would get (the process umask, not mkstemp's 0600)."""
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 import re
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import BinaryIO, Iterator
 
 from store.errors import ReadOnlyStoreError, StoreError
 
@@ -66,6 +67,18 @@ def _os_error(text: str) -> int | None:
     if match:
         return int(match.group(1))
     return errno.ENOSPC if "No space left on device" in text else None
+
+
+HASH_CHUNK = 1 << 20
+
+
+def stream_hash(handle: BinaryIO) -> str:
+    """The content hash of an image row (blake2b-128 of the file's bytes), read in 1 MiB chunks:
+    the indexer records it, the server checks a file against it."""
+    digest = hashlib.blake2b(digest_size=16)
+    while chunk := handle.read(HASH_CHUNK):
+        digest.update(chunk)
+    return digest.hexdigest()
 
 
 def is_under(path: str, folder: str) -> bool:
