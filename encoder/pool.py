@@ -41,9 +41,5 @@ class ModelPool:
                 "query it with vectors (search(vector=...), an id, an embedding) or the cache")
         return self.get(manifest.model, manifest.pretrained, device)
 
-    def clear(self) -> None:
-        with self._lock:
-            self._models.clear()
-
 
 MODELS = ModelPool()
