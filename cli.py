@@ -6,6 +6,7 @@ one line each.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -45,6 +46,7 @@ from store.errors import os_error_line
 from store.importer import IMPORTED
 from store.report import inspect
 from store.store import reindex
+from store.values import VALUES_DTYPES
 
 INDEX = IndexConfig()  # option defaults come from the config objects, never re-declared here
 BLEND = BlendParams()
@@ -59,11 +61,21 @@ def shown(path: str) -> str:
 
 
 def ann_options(command: Callable) -> Callable:
-    """The index options of every command that (re)builds a store's index."""
+    """The index options of every command that (re)builds a store's index, handed to it as one
+    ``ann`` AnnConfig."""
+
+    @functools.wraps(command)
+    def with_ann(*args, index_type, ann_threshold, index_memory, target_recall, max_query_ms, cache_dtype, **kwargs):
+        return command(*args, ann=AnnConfig(kind=index_type, ann_threshold=ann_threshold, max_memory=index_memory,
+                                            max_query_ms=max_query_ms, target_recall=target_recall,
+                                            values_dtype=cache_dtype), **kwargs)
+
     options = [
         click.option("--index-type", type=click.Choice(list(ANN_KINDS)), default=INDEX.ann.kind, show_default=True,
-                     help="auto: exact search up to --ann-threshold vectors; above, IVF-Flat tuned to --target-recall "
-                          "while the vectors fit --index-memory, else the compressed index autofaiss picks for it."),
+                     help="auto: exact search up to --ann-threshold vectors; above, the most exact index whose build "
+                          "fits --index-memory: IVF-Flat while the float32 vectors fit, IVF with 8-bit codes "
+                          "(ivf-sq8) while a byte per dimension does, else the compressed index autofaiss picks. "
+                          "Lossy codes are reranked by exact cosine, tuned to --target-recall."),
         click.option("--ann-threshold", default=INDEX.ann.ann_threshold, show_default=True,
                      type=click.IntRange(min=0)),
         click.option("--index-memory", default=INDEX.ann.max_memory, show_default=True,
@@ -71,18 +83,17 @@ def ann_options(command: Callable) -> Callable:
                           f"memory ({memory_bytes('auto') / 2**30:.1f}G here)."),
         click.option("--target-recall", default=INDEX.ann.target_recall, show_default=True,
                      type=click.FloatRange(0, 1, min_open=True),
-                     help="ANN indexes: the smallest nprobe whose measured recall@10 reaches this."),
+                     help="ANN indexes: the smallest nprobe (and rerank depth) whose measured recall@10 reaches this."),
         click.option("--max-query-ms", default=INDEX.ann.max_query_ms, show_default=True, type=float,
                      help="ANN indexes: never tune nprobe past this time per query."),
+        click.option("--cache-dtype", type=click.Choice(list(VALUES_DTYPES)), default=INDEX.ann.values_dtype,
+                     show_default=True,
+                     help="The id-sorted copy of the vectors written beside the index, which the cache blends and "
+                          "lossy indexes rerank from (memory-mapped): float16 halves its disk and page cache."),
     ]
     for option in reversed(options):
-        command = option(command)
-    return command
-
-
-def _ann(index_type, ann_threshold, index_memory, target_recall, max_query_ms) -> AnnConfig:
-    return AnnConfig(kind=index_type, ann_threshold=ann_threshold, max_memory=index_memory,
-                     max_query_ms=max_query_ms, target_recall=target_recall)
+        with_ann = option(with_ann)
+    return with_ann
 
 
 def model_options(command: Callable | None = None, *, default_model: str | None = DEFAULT_MODEL) -> Callable:
@@ -293,8 +304,7 @@ def demo_command(directory: str, count: int) -> None:
 @click.option("--json", "as_json", is_flag=True,
               help='Print {"scanned", "embedded", "reused", "moved", "removed", "failed", "unavailable", ...} at the end.')
 def index_command(paths, store_dir, model_name, pretrained, device, batch_size, workers, decoder, captions, max_pixels,
-                  commit_every, index_type, ann_threshold, index_memory, target_recall, max_query_ms, wait, prune,
-                  as_json) -> None:
+                  commit_every, ann, wait, prune, as_json) -> None:
     """Embed the images under PATHS into the store, incrementally.
 
     \b
@@ -314,7 +324,7 @@ def index_command(paths, store_dir, model_name, pretrained, device, batch_size, 
     config = IndexConfig(model=model_name, pretrained=pretrained, device=device, batch_size=batch_size,
                          workers=workers, decoder=decoder, captions=tuple(captions), max_pixels=max_pixels,
                          commit_every=commit_every, wait=wait, prune=prune,
-                         ann=_ann(index_type, ann_threshold, index_memory, target_recall, max_query_ms))
+                         ann=ann)
     summary = index_paths(paths, store_dir, config)
     if as_json:
         click.echo(json.dumps(summary.to_dict()))
@@ -434,8 +444,7 @@ def search_command(query, store_dir, k, image, adds, subtracts, where, device, a
 @click.option("--wait", is_flag=True,
               help="If another run is writing to the store, wait for it instead of stopping at once.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
-def import_command(features, store_dir, metadata, model_name, pretrained, index_type, ann_threshold, index_memory,
-                   target_recall, max_query_ms, wait, as_json) -> None:
+def import_command(features, store_dir, metadata, model_name, pretrained, ann, wait, as_json) -> None:
     """Create or extend a store from features computed elsewhere.
 
     \b
@@ -450,8 +459,8 @@ def import_command(features, store_dir, metadata, model_name, pretrained, index_
       clipdex import cc3m_imagebind/ --store cc3m.clipdex --model-name imagebind_huge
     """
     summary = import_features(features, store_dir, metadata, model_name, pretrained,
-                              ann=_ann(index_type, ann_threshold, index_memory, target_recall, max_query_ms),
-                              has_text_encoder=can_load(model_name, pretrained), wait=wait)
+                              ann=ann,
+                              has_text_encoder=model_name != IMPORTED and can_load(model_name, pretrained), wait=wait)
     if as_json:
         click.echo(json.dumps(summary))
     else:
@@ -466,8 +475,7 @@ def import_command(features, store_dir, metadata, model_name, pretrained, index_
 @click.option("--wait", is_flag=True,
               help="If another run is writing to the store, wait for it instead of stopping at once.")
 @click.option("--json", "as_json", is_flag=True, help="Print the new index's description as JSON.")
-def reindex_command(store_dir, index_type, ann_threshold, index_memory, target_recall, max_query_ms, wait,
-                    as_json) -> None:
+def reindex_command(store_dir, ann, wait, as_json) -> None:
     """Build the store's index again from its rows.
 
     \b
@@ -475,7 +483,7 @@ def reindex_command(store_dir, index_type, ann_threshold, index_memory, target_r
     table), or to change the index's kind or budget. `index` and `import` also rebuild a stale
     index on their next run.
     """
-    info = reindex(store_dir, _ann(index_type, ann_threshold, index_memory, target_recall, max_query_ms), wait)
+    info = reindex(store_dir, ann, wait)
     if as_json:
         click.echo(json.dumps(asdict(info)))
         return

@@ -102,9 +102,9 @@ def main() -> None:
                                                  max_query_ms=args.max_query_ms, recall_queries=256))
         if name != "exact":
             tuned = built
-            ivf = faiss.try_extract_index_ivf(faiss.downcast_index(built.index.index))
+            ivf = faiss.try_extract_index_ivf(built.index)
             if ivf is not None:
-                ivf.make_direct_map()  # the reference pattern needs reconstruct() on this index too
+                ivf.set_direct_map_type(faiss.DirectMap.Hashtable)  # the reference pattern needs reconstruct() on this index too
         print(f"{name} index ({built.kind}) {built.key} {built.params} built in {built.seconds:.0f}s, recall@10 "
               f"{built.recall_at_10:.3f}", flush=True)
         cache = CacheRetriever(ids, values, built.index, "cpu")

@@ -19,7 +19,7 @@ import numpy as np
 from encoder import resolve_device
 from search.blend import WEIGHTINGS, BlendParams, Weighting, blend
 from search.terms import check_k
-from store.ann import search as ann_search
+from store.ann import AnnIndex
 from store.errors import InputError, StoreError
 from store.store import Store
 
@@ -46,8 +46,11 @@ class CacheRetriever:
     def __init__(self, ids: np.ndarray, values: "torch.Tensor | np.ndarray", index: Any = None,
                  device: str = "cpu") -> None:
         self.ids = ids  # sorted int64, row i of values belongs to ids[i]
+        self.dense = bool(len(ids)) and int(ids[-1]) - int(ids[0]) == len(ids) - 1
         self.values = values  # a tensor, or on a CPU a memory-mapped array (see open)
-        self.index = index  # FAISS index over the same vectors with ids as FAISS ids (CPU search)
+        # FAISS index over the same vectors with ids as FAISS ids (CPU search), as an AnnIndex when its
+        # codes are lossy and reranked from exact values
+        self.index = index if index is None or isinstance(index, AnnIndex) else AnnIndex(index)
         self.device = device
         # Measured recall@10 of the search: exact (1.0) unless opened on a store's ANN index.
         self.recall_at_10: float | None = 1.0
@@ -64,13 +67,13 @@ class CacheRetriever:
     def open(cls, store: "Store | str | Path", device: str = "auto", dtype: str = "float16") -> "CacheRetriever":
         store = store if isinstance(store, Store) else Store.open(store)
         device = resolve_device(device)
-        index = None if device.startswith("cuda") else store.faiss_index()
-        mapped = _mapped_values(store)
+        index = None if device.startswith("cuda") else store.ann_index()
+        mapped = store.stored_values()
         if mapped is not None and not device.startswith("cuda"):
-            ids, values = mapped  # neighbours are gathered from the file: no copy of every vector in memory
-            cache = cls(ids, values, index, device)
+            # neighbours are gathered from the file: no copy of every vector in memory
+            cache = cls(mapped.ids, mapped.values, index, device)
         else:
-            ids, vectors = mapped if mapped is not None else store.tables.vectors()
+            ids, vectors = (mapped.ids, mapped.values) if mapped is not None else store.tables.vectors()
             if not len(ids):
                 raise StoreError(f"the store {store.directory} is empty: nothing to retrieve from")
             cache = cls.from_arrays(ids, vectors, device=device, dtype=dtype, index=index)
@@ -100,8 +103,8 @@ class CacheRetriever:
         values = torch.from_numpy(features).to(device=device, dtype=getattr(torch, dtype))
         return cls(ids[order], values.contiguous(), index, device)
 
-    def _search(self, queries: "torch.Tensor", k: int) -> "torch.Tensor":
-        """Row positions ``[B, k]`` of the top-k keys for unit *queries* (on this cache's device)."""
+    def _search(self, queries: Any, k: int) -> Any:
+        """Row positions ``[B, k]`` of the top-k keys for unit *queries*: a tensor on CUDA, else numpy."""
         import torch
 
         if self.device.startswith("cuda"):
@@ -118,28 +121,32 @@ class CacheRetriever:
                 else:
                     best_scores, best_rows = top.values, rows
             return best_rows
-        _, found = ann_search(self.index, queries.numpy(), k)
+        queries = np.asarray(queries)
+        _, found = self.index.search(queries, k)
         short = (found < 0).any(axis=1)  # an ANN index found fewer than k candidates: exact for those rows
         if short.any():
-            found[short] = self.ids[self._exact_rows(queries[torch.from_numpy(short)], k)]
-        positions = np.minimum(np.searchsorted(self.ids, found), self.size - 1)
+            found[short] = self.ids[self._exact_rows(queries[short], k)]
+        if self.dense:  # ids first..first+n-1, as an import numbers them: a position is an offset
+            positions = np.minimum(found - self.ids[0], self.size - 1)  # out of range: caught just below
+        else:
+            positions = np.minimum(np.searchsorted(self.ids, found), self.size - 1)
         if not np.array_equal(self.ids[positions], found):
             raise StoreError("the FAISS index and the cache's features disagree: rebuild it with `clipdex index`")
-        return torch.from_numpy(positions)
+        return positions
 
-    def _exact_rows(self, queries: "torch.Tensor", k: int) -> np.ndarray:
-        import torch
+    def _exact_rows(self, queries: np.ndarray, k: int) -> np.ndarray:
+        scores = np.concatenate([queries @ np.asarray(self._rows(slice(i, i + 65536))).T
+                                 for i in range(0, self.size, 65536)], 1)
+        return np.argsort(-scores, axis=1, kind="stable")[:, :k]
 
-        scores = torch.cat([queries @ self._rows(slice(i, i + 65536)).T for i in range(0, self.size, 65536)], 1)
-        return torch.topk(scores, k, dim=1).indices.numpy()
-
-    def _rows(self, which) -> "torch.Tensor":
-        """Rows of the values as float32 (a slice, or positions ``[B, k]``), wherever they are."""
+    def _rows(self, which) -> Any:
+        """Rows of the values as float32 (a slice, or positions ``[B, k]``): numpy when the values
+        are a (memory-mapped) array, else a tensor on their device."""
         import torch
 
         if isinstance(self.values, np.ndarray):
-            index = which.cpu().numpy() if isinstance(which, torch.Tensor) else which
-            return torch.from_numpy(np.asarray(self.values[index], np.float32))
+            return torch.from_numpy(self.values[which]).float().numpy()  # torch widens float16 10x faster
+        which = which if isinstance(which, (slice, torch.Tensor)) else torch.as_tensor(which, device=self.values.device)
         return self.values[which].float()
 
     def blend(self, queries: Any, k: int = BlendParams.k, alpha: float = BlendParams.alpha,
@@ -153,53 +160,61 @@ class CacheRetriever:
         """
         import torch
 
-        k = self.check(queries, k, alpha, weighting, temperature)
-        is_numpy = isinstance(queries, np.ndarray)
-        original = torch.from_numpy(queries) if is_numpy else queries
-        single = original.dim() == 1
-        work = original.reshape(1, -1) if single else original
+        k = self._check_request(queries, k, alpha, weighting, temperature)
+        # numpy queries over values in a file stay numpy (a third of torch's per-operation cost on a
+        # CPU); tensors, and anything on CUDA, go through torch.
+        in_numpy = isinstance(queries, np.ndarray) and isinstance(self.values, np.ndarray)
+        single = queries.ndim == 1
+        if in_numpy:
+            work = np.asarray(queries, np.float64).reshape(1, -1) if single else np.asarray(queries, np.float64)
+        else:
+            original = torch.from_numpy(queries) if isinstance(queries, np.ndarray) else queries
+            work = (original.reshape(1, -1) if single else original).detach().to(self.device, torch.float64)
         # float64 for the split into direction and norm: float32 squares of a 1e-25 query underflow to 0.
-        work = work.detach().to(device=self.device, dtype=torch.float64)
-        norm = work.norm(dim=-1, keepdim=True)
-        unit = (work / norm).float()
+        norm = ((work * work).sum(-1, keepdims=True)) ** 0.5
+        _check_norms(norm)  # the one pass over the values that validation needs
+        unit = (work / norm).astype(np.float32) if in_numpy else (work / norm).float()
         positions = self._search(unit, k)
-        values = self._rows(positions).to(unit.device)  # [B, k, C]: one gather, no per-neighbour loop
-        scores = torch.einsum("bc,bkc->bk", unit, values)
-        out = blend(unit, norm.float(), scores, values, alpha, weighting, temperature)
-        features = _like(out[0] if single else out, original, is_numpy)
+        values = self._rows(positions)  # [B, k, C]: one gather, no per-neighbour loop
+        if in_numpy:
+            scores = np.einsum("bc,bkc->bk", unit, values)  # S_topk = q . F_key, exact
+            out = blend(unit, norm.astype(np.float32), scores, values, alpha, weighting, temperature)
+            features = (out[0] if single else out).astype(queries.dtype, copy=False)
+        else:
+            scores = torch.linalg.vecdot(values, unit.unsqueeze(1))  # (a bmm is 7x slower on a CPU)
+            out = blend(unit, norm.float(), scores, values, alpha, weighting, temperature)
+            features = _like(out[0] if single else out, original, isinstance(queries, np.ndarray))
         if not return_neighbours:
             return features
-        ids = torch.from_numpy(self.ids)[positions.cpu()]
-        ids, scores = (ids[0], scores[0]) if single else (ids, scores)
-        if is_numpy:
-            return Blended(features, ids.numpy(), scores.cpu().numpy())
-        return Blended(features, ids.to(original.device), scores.to(original.device))
+        ids = self.ids[np.asarray(positions.cpu() if isinstance(positions, torch.Tensor) else positions)]
+        if in_numpy or isinstance(queries, np.ndarray):
+            scores = np.asarray(scores.cpu() if isinstance(scores, torch.Tensor) else scores)
+            return Blended(features, ids[0] if single else ids, scores[0] if single else scores)
+        ids, scores = torch.from_numpy(ids).to(original.device), scores.to(original.device)
+        return Blended(features, ids[0] if single else ids, scores[0] if single else scores)
 
     def check(self, queries: Any, k: int, alpha: float, weighting: str, temperature: float) -> int:
         """Validate a blend request (raising InputError with the reason); returns the k to use."""
         import torch
 
+        k = self._check_request(queries, k, alpha, weighting, temperature)
+        original = torch.from_numpy(queries) if isinstance(queries, np.ndarray) else queries
+        _check_norms(original.detach().double().norm(dim=-1))
+        return k
+
+    def _check_request(self, queries: Any, k: int, alpha: float, weighting: str, temperature: float) -> int:
+        """Everything but the queries' values (see :func:`_check_norms`)."""
+        import torch
+
         if not isinstance(queries, (np.ndarray, torch.Tensor)):
             raise InputError(f"queries must be a torch tensor or a numpy array, not {type(queries).__name__}")
-        is_float = queries.dtype.is_floating_point if isinstance(queries, torch.Tensor) \
-            else np.issubdtype(queries.dtype, np.floating)
+        is_float = queries.dtype.is_floating_point if isinstance(queries, torch.Tensor) else queries.dtype.kind == "f"
         if not is_float:
             raise InputError(f"queries must have a float dtype, not {queries.dtype}")
         if queries.ndim not in (1, 2) or queries.shape[-1] != self.dim:
             raise InputError(f"queries must be [B, {self.dim}] or [{self.dim}]; got shape {tuple(queries.shape)}")
         if queries.ndim == 2 and queries.shape[0] == 0:
             raise InputError("the batch of queries is empty")
-        finite = torch.isfinite(queries).all().item() if isinstance(queries, torch.Tensor) \
-            else bool(np.isfinite(queries).all())
-        if not finite:
-            raise InputError("queries contain NaN or infinite values")
-        norms = queries.double().norm(dim=-1) if isinstance(queries, torch.Tensor) \
-            else np.linalg.norm(queries.astype(np.float64), axis=-1)
-        if bool((norms == 0).any()):
-            raise InputError("a query is all zeros: it has no direction to search in")
-        if bool((norms < SMALLEST_NORM).any()):
-            raise InputError(f"a query's norm is below {SMALLEST_NORM:.1e}: too small to carry a direction "
-                             "(rescale the features)")
         if weighting not in WEIGHTINGS:
             raise InputError(f"unknown weighting '{weighting}': use {' or '.join(WEIGHTINGS)}")
         if not 0.0 <= float(alpha) <= 1.0:
@@ -213,16 +228,19 @@ class CacheRetriever:
         return k
 
 
-def _mapped_values(store: Store) -> tuple[np.ndarray, np.ndarray] | None:
-    """The id-sorted values the index build wrote (ids, memory-mapped values), if they are there."""
-    folder = store.manifest.index.values
-    if not folder:
-        return None
-    try:
-        return (np.load(store.directory / folder / "ids.npy"),
-                np.load(store.directory / folder / "values.npy", mmap_mode="r"))
-    except (OSError, ValueError):  # replaced by a newer build meanwhile: read the table instead
-        return None
+def _check_norms(norms: Any) -> None:
+    """Queries whose float64 norms are NaN or infinite (a NaN or infinite value), zero, or too
+    small to divide by are refused; one comparison when all are fine."""
+    if not isinstance(norms, np.ndarray):  # a few values: numpy's checks cost a tenth of torch's
+        norms = norms.detach().cpu().numpy()
+    if bool(((norms >= SMALLEST_NORM) & (norms < np.inf)).all()):
+        return
+    if not np.isfinite(norms).all():
+        raise InputError("queries contain NaN or infinite values")
+    if bool((norms == 0).any()):
+        raise InputError("a query is all zeros: it has no direction to search in")
+    raise InputError(f"a query's norm is below {SMALLEST_NORM:.1e}: too small to carry a direction "
+                     "(rescale the features)")
 
 
 def _like(result: "torch.Tensor", original: "torch.Tensor", is_numpy: bool) -> Any:

@@ -25,7 +25,6 @@ import pyarrow as pa
 from encoder import MODELS, load_image
 from search.filters import combine, parse_filter
 from search.terms import Term, check_k, parse_term
-from store.ann import search as ann_search
 from store.errors import InputError, NotFoundError, first_line
 
 if TYPE_CHECKING:
@@ -141,11 +140,11 @@ class Query:
         if manifest.index.table_version != self.store.tables.version():
             LOG.warning("the index is older than the table (an index run was interrupted or is under way); "
                         "run `clipdex index` to include the latest changes")
-        index = self.store.faiss_index()
+        index = self.store.ann_index()
         allowed = self._allowed_ids()
         if allowed is not None and len(allowed) == 0:
             return self._empty()
-        scores, ids = ann_search(index, self.vector()[None, :], self.k, allowed)
+        scores, ids = index.search(self.vector()[None, :], self.k, allowed)
         keep = ids[0] >= 0
         ids, scores = ids[0][keep], scores[0][keep]
         rows = self.store.tables.rows_by_id(ids.tolist(), self.columns)

@@ -1,21 +1,30 @@
 """Build, measure and persist the store's FAISS index (free functions over arrays).
 
-Chosen by size (``kind="auto"``):
+Chosen by size (``kind="auto"``), the largest index that fits the build's budget:
 
 - up to ``ann_threshold`` vectors: exact inner-product search (IndexFlatIP);
 - above, while the raw vectors fit ``max_memory``: IVF-Flat (nlist ~ sqrt(n)), whose nprobe is
   tuned to the smallest value reaching ``target_recall`` against exact search. On clustered
   embeddings this builds in seconds and answers in about a millisecond (BENCHMARKS.md), where
   a budget-driven choice spends the whole ``max_query_ms`` budget;
-- above that memory: the compressed, memory-mappable index autofaiss picks for ``max_memory``,
-  tuned like IVF-Flat. That is where it pays.
+- while a byte per dimension fits: IVF with 8-bit scalar codes (a quarter of the size). It trains
+  like IVF-Flat; autofaiss's pick at that size (OPQ + PQ codes, e.g. ``OPQ256_1280,IVF16384_HNSW32,
+  PQ256x8`` for 3M x 1024) needs hours of codebook training on a small machine (BENCHMARKS.md);
+- above that: the compressed index autofaiss picks for ``max_memory``.
 
-Builds stream (:func:`build_from`): the index is trained on a bounded sample, filled batch by
-batch, and its recall measured against exact search folded over the same batches, so no step
-holds a second copy of the vectors. ``max_memory`` ("auto": a third of the machine) bounds the
-whole build: the index may take three quarters, a batch and the training sample the rest.
+Lossy codes (scalar or product quantized) are searched ``rerank`` x k deep and the candidates
+ordered by exact cosine from the id-sorted values file (:mod:`store.values`); ``rerank`` is tuned
+like nprobe, so recorded recall and returned scores are those of the exact vectors.
 
-Every index is wrapped in IndexIDMap2, so FAISS ids are the store's stable ids.
+Builds stream (:func:`build_from`): the index is trained on a bounded sample, then one pass over
+the rows adds each batch, writes it to the values file and folds it into the exact search that
+recall is measured against, so no step holds a second copy of the vectors. ``max_memory``
+("auto": a third of the machine) bounds the whole build: the index may take three quarters, a
+batch and the training sample the rest.
+
+FAISS ids are the store's stable ids: IVF indexes keep them in their lists, exact ones are wrapped
+in IndexIDMap (not IndexIDMap2, whose id hash table costs ~60 bytes a vector: nothing here
+reconstructs by id, the values file serves that).
 """
 
 from __future__ import annotations
@@ -31,10 +40,12 @@ from typing import Iterator, Protocol
 import numpy as np
 
 from store.errors import InputError
+from store.values import KeptValues, StoredValues
 
 LOG = logging.getLogger(__name__)
 RECALL_K = 10
-ANN_KINDS = ("auto", "flat", "ivf", "autofaiss")
+ANN_KINDS = ("auto", "flat", "ivf", "ivf-sq8", "autofaiss")
+RERANK_DEPTHS = (2, 4, 8, 16, 32)  # candidates per result tried for lossy codes
 
 
 def default_budget() -> int:
@@ -57,7 +68,7 @@ def memory_bytes(text: str) -> int:
 
 @dataclass(frozen=True)
 class AnnConfig:
-    kind: str = "auto"  # auto | flat | ivf | autofaiss
+    kind: str = "auto"  # auto | flat | ivf | ivf-sq8 | autofaiss
     ann_threshold: int = 200_000  # auto: exact search up to this many vectors
     max_memory: str = "auto"  # the whole build's budget ("auto": a third of the machine's memory)
     max_query_ms: float = 10.0  # autofaiss max_index_query_time_ms
@@ -68,7 +79,7 @@ class AnnConfig:
 
     def __post_init__(self) -> None:
         if self.kind not in ANN_KINDS:
-            raise InputError(f"unknown index type '{self.kind}': use auto, flat, ivf or autofaiss")
+            raise InputError(f"unknown index type '{self.kind}': use {', '.join(ANN_KINDS)}")
         if not 0 < self.target_recall <= 1:
             raise InputError(f"target recall must be within (0, 1], got {self.target_recall}")
         memory_bytes(self.max_memory)
@@ -83,6 +94,7 @@ class BuiltIndex:
     recall_at_10: float | None
     recall_queries: int
     seconds: float
+    rerank: int = 1  # candidates fetched per result and ordered by exact cosine (1: the index's own order)
 
 
 def _faiss():
@@ -106,6 +118,10 @@ class VectorSource(Protocol):
         """(ids ``[b]`` int64, unit vectors ``[b, dim]`` float32), a bounded *b* at a time."""
         ...
 
+    def all_ids(self) -> np.ndarray:
+        """Every id (int64), without the vectors."""
+        ...
+
     def sample(self, count: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
         """*count* rows drawn at random, as (ids, vectors)."""
         ...
@@ -127,6 +143,9 @@ class ArraySource:
     def dim(self) -> int:
         return int(self.vectors.shape[1])
 
+    def all_ids(self) -> np.ndarray:
+        return np.asarray(self.ids, np.int64)
+
     def batches(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         for start in range(0, self.count, self.batch_rows):
             yield (np.ascontiguousarray(self.ids[start:start + self.batch_rows], np.int64),
@@ -147,32 +166,43 @@ class GroundTruth:
 
 def build_index(ids: np.ndarray, vectors: np.ndarray, config: AnnConfig = AnnConfig()) -> BuiltIndex:
     """Index *vectors* (L2-normalised, ``[n, dim]``) under *ids* (int64)."""
-    return build_from(ArraySource(np.asarray(ids), np.asarray(vectors)), config)
+    return build_from(ArraySource(np.asarray(ids), np.asarray(vectors)), config, KeptValues(ids, vectors))
 
 
-def build_from(source: VectorSource, config: AnnConfig = AnnConfig()) -> BuiltIndex:
-    """Build an index over *source* without holding its vectors: train on a bounded sample, add
-    batch by batch, and measure recall against exact search computed in one streaming pass.
-    Memory: the index itself, one batch and the training sample."""
+class ValuesSink(Protocol):
+    """Where the build's pass leaves every vector for exact reranking (:mod:`store.values`)."""
+
+    def write(self, ids: np.ndarray, vectors: np.ndarray) -> None: ...
+
+    def finish(self) -> StoredValues: ...
+
+
+def build_from(source: VectorSource, config: AnnConfig, values: ValuesSink) -> BuiltIndex:
+    """Build an index over *source* without holding its vectors: train on a bounded sample, then in
+    one pass add each batch, hand it to *values* and fold it into the exact search recall is
+    measured against. Memory: the index itself, one batch and the training sample."""
     faiss = _faiss()
     started = time.perf_counter()
     kind = choose_kind(source.count, source.dim, config)
     if kind == "flat":
         base, key = faiss.IndexFlatIP(source.dim), "Flat"
     else:
-        key = _ivf_key(source.count) if kind == "ivf" else _compressed_key(source.count, source.dim, config)
+        key = _key(kind, source.count, source.dim, config)
         base = faiss.index_factory(source.dim, key, faiss.METRIC_INNER_PRODUCT)
         _, training = source.sample(_training_rows(base, source, config), seed=0)
         base.train(training)
         del training
-    index = faiss.IndexIDMap2(base)
+    index = faiss.IndexIDMap(base) if kind == "flat" else base
+    truth = _Truth(source, config.recall_queries)
     for ids, vectors in source.batches():
         index.add_with_ids(vectors, ids)
-    truth = ground_truth(source, config.recall_queries)
-    params = _tune(index, truth, config) if kind != "flat" else ""
-    recall = recall_at_k(index, truth)
-    return BuiltIndex(index, kind, key, params, recall, len(truth.queries) if truth else 0,
-                      time.perf_counter() - started)
+        values.write(ids, vectors)
+        truth.add(ids, vectors)
+    stored, found = values.finish(), truth.finish()
+    params, rerank = _tune(index, stored, found, config, lossy=_lossy(key)) if kind != "flat" else ("", 1)
+    recall = recall_at_k(AnnIndex(index, stored, rerank), found)
+    return BuiltIndex(index, kind, key, params, recall, len(found.queries) if found else 0,
+                      time.perf_counter() - started, rerank)
 
 
 def choose_kind(count: int, dim: int, config: AnnConfig) -> str:
@@ -182,16 +212,24 @@ def choose_kind(count: int, dim: int, config: AnnConfig) -> str:
         return config.kind
     if count <= config.ann_threshold:
         return "flat"
-    return "ivf" if count * dim * 4 <= _index_share(config) else "autofaiss"
+    if count * dim * 4 <= _index_share(config):
+        return "ivf"
+    return "ivf-sq8" if count * dim <= _index_share(config) else "autofaiss"
+
+
+def _key(kind: str, count: int, dim: int, config: AnnConfig) -> str:
+    lists = f"IVF{2 ** int(round(np.log2(np.sqrt(count))))}"
+    return {"ivf": f"{lists},Flat", "ivf-sq8": f"{lists},SQ8"}.get(kind) or _compressed_key(count, dim, config)
+
+
+def _lossy(key: str) -> bool:
+    """Codes that only approximate the vectors: their ranking is refined with the exact values."""
+    return bool(re.search(r"(^|,)(SQ\d|PQ|OPQ|LSH|RQ)", key))
 
 
 def _index_share(config: AnnConfig) -> int:
     """What the index itself may use of the budget: the rest holds a batch and the training sample."""
     return int(memory_bytes(config.max_memory) * 0.75)
-
-
-def _ivf_key(count: int) -> str:
-    return f"IVF{2 ** int(round(np.log2(np.sqrt(count))))},Flat"
 
 
 def _compressed_key(count: int, dim: int, config: AnnConfig) -> str:
@@ -214,20 +252,34 @@ def _training_rows(base, source: VectorSource, config: AnnConfig) -> int:
     return int(min(source.count, wanted, max(1000, memory_bytes(config.max_memory) // 4 // (source.dim * 4))))
 
 
-def ground_truth(source: VectorSource, queries: int, k: int = RECALL_K, seed: int = 1) -> GroundTruth | None:
-    """Exact top-*k* of *queries* stored vectors, folded over the source batch by batch
+class _Truth:
+    """Exact top-k of sampled stored vectors, folded over batches as they stream past
     (faiss.contrib.exhaustive_search's pattern, keeping the stable ids)."""
-    faiss = _faiss()
-    if source.count == 0:
-        return None
-    _, sample = source.sample(queries, seed)
-    k = min(k, source.count)
-    heap = faiss.ResultHeap(len(sample), k, keep_max=True)
+
+    def __init__(self, source: VectorSource, queries: int, k: int = RECALL_K, seed: int = 1) -> None:
+        _, self.queries = source.sample(queries, seed) if source.count else (None, np.zeros((0, source.dim), np.float32))
+        self.k = min(k, source.count)
+        self.heap = _faiss().ResultHeap(len(self.queries), self.k, keep_max=True) if self.k else None
+
+    def add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
+        if self.heap is not None and len(vectors):
+            faiss = _faiss()
+            scores, rows = faiss.knn(self.queries, vectors, min(self.k, len(vectors)), metric=faiss.METRIC_INNER_PRODUCT)
+            self.heap.add_result(scores, np.where(rows >= 0, ids[np.maximum(rows, 0)], -1))
+
+    def finish(self) -> GroundTruth | None:
+        if self.heap is None:
+            return None
+        self.heap.finalize()
+        return GroundTruth(self.queries, self.heap.I)
+
+
+def ground_truth(source: VectorSource, queries: int, k: int = RECALL_K, seed: int = 1) -> GroundTruth | None:
+    """Exact top-*k* of *queries* stored vectors, in one pass over the source's batches."""
+    truth = _Truth(source, queries, k, seed)
     for ids, vectors in source.batches():
-        scores, rows = faiss.knn(sample, vectors, min(k, len(vectors)), metric=faiss.METRIC_INNER_PRODUCT)
-        heap.add_result(scores, np.where(rows >= 0, ids[np.maximum(rows, 0)], -1))
-    heap.finalize()
-    return GroundTruth(sample, heap.I)
+        truth.add(ids, vectors)
+    return truth.finish()
 
 
 def recall_at_k(index, truth: GroundTruth | None) -> float | None:
@@ -238,50 +290,45 @@ def recall_at_k(index, truth: GroundTruth | None) -> float | None:
     return float(hits / truth.ids.size)
 
 
-def _tune(index, truth: GroundTruth | None, config: AnnConfig) -> str:
-    """The smallest power-of-two nprobe whose measured recall reaches the target, unless a query
-    would take longer than ``max_query_ms`` or recall stops rising (a compressed index's codes cap
-    it, measured: 0.62 from nprobe 16 to 2048 for PQ64 codes of 300k x 128); an HNSW coarse
-    quantizer searches twice as wide."""
+def _tune(index, values: StoredValues, truth: GroundTruth | None, config: AnnConfig, lossy: bool) -> tuple[str, int]:
+    """The smallest power-of-two nprobe whose measured recall reaches the target (an HNSW coarse
+    quantizer searches twice as wide), then for lossy codes the smallest rerank depth that does.
+    nprobe is judged on candidates reranked 8 deep, so it answers for what probing misses, not
+    for what the codes blur (measured: PQ64 codes of 300k x 128 cap recall at 0.62 from nprobe
+    16 to 2048)."""
     faiss = _faiss()
     ivf = faiss.extract_index_ivf(index)
     hnsw = isinstance(faiss.downcast_index(ivf.quantizer), faiss.IndexHNSW)
     space = faiss.ParameterSpace()
-    chosen, best, nprobe = "", -1.0, 1
-    while True:
-        params = f"nprobe={nprobe}" + (f",quantizer_efSearch={max(16, 2 * nprobe)}" if hnsw else "")
+
+    def measure(params: str, depth: int) -> tuple[float | None, float]:
         space.set_index_parameters(index, params)
         started = time.perf_counter()
-        recall = recall_at_k(index, truth)
-        per_query_ms = (time.perf_counter() - started) * 1000 / max(1, len(truth.queries) if truth else 1)
-        if chosen and (per_query_ms > config.max_query_ms or (recall is not None and recall <= best)):
-            space.set_index_parameters(index, chosen)  # the last setting that was worth its time
-            return chosen
-        chosen, best = params, recall if recall is not None else best
-        if recall is None or recall >= config.target_recall or nprobe >= ivf.nlist:
-            return chosen
-        nprobe *= 2
+        recall = recall_at_k(AnnIndex(index, values, depth), truth)
+        values.release()  # what a measurement paged in is not the build's to keep
+        return recall, (time.perf_counter() - started) * 1000 / max(1, len(truth.queries) if truth else 1)
+
+    probes = [f"nprobe={2 ** i}" + (f",quantizer_efSearch={max(16, 2 ** (i + 1))}" if hnsw else "")
+              for i in range(int(np.log2(ivf.nlist)) + 1)]
+    params = _smallest(probes, lambda p: measure(p, RERANK_DEPTHS[2] if lossy else 1), config)
+    space.set_index_parameters(index, params)
+    if not lossy:
+        return params, 1
+    return params, _smallest((1, *RERANK_DEPTHS), lambda depth: measure(params, depth), config)
 
 
-def save_values(source: VectorSource, folder: Path, dtype: str = "float16") -> None:
-    """Write the vectors sorted by id, as ``ids.npy`` + ``values.npy``, in two streaming passes
-    (ids, then each batch scattered to its sorted rows of a memory-mapped file), for a cache that
-    gathers neighbours from the file instead of holding every vector."""
-    if dtype not in ("float16", "float32"):
-        raise InputError(f"the cache's values are float16 or float32, not {dtype}")
-    folder.mkdir(parents=True, exist_ok=True)
-    ids = np.concatenate([batch_ids for batch_ids, _ in source.batches()] or [np.zeros(0, np.int64)])
-    order = np.argsort(ids, kind="stable")
-    rank = np.empty_like(order)
-    rank[order] = np.arange(len(order))
-    values = np.lib.format.open_memmap(folder / "values.npy", mode="w+", dtype=dtype, shape=(len(ids), source.dim))
-    start = 0
-    for batch_ids, vectors in source.batches():
-        values[rank[start:start + len(batch_ids)]] = vectors
-        start += len(batch_ids)
-    values.flush()
-    del values
-    np.save(folder / "ids.npy", ids[order])
+def _smallest(settings, measure, config: AnnConfig):
+    """The first setting (cheapest first) whose recall reaches the target, unless a query would take
+    longer than ``max_query_ms`` or recall stops rising: then the last setting worth its time."""
+    chosen, best = None, -1.0
+    for setting in settings:
+        recall, per_query_ms = measure(setting)
+        if chosen is not None and (per_query_ms > config.max_query_ms or (recall is not None and recall <= best)):
+            return chosen
+        chosen, best = setting, recall if recall is not None else best
+        if recall is None or recall >= config.target_recall:
+            return chosen
+    return chosen
 
 
 def save_index(index, path: Path) -> None:
@@ -310,6 +357,21 @@ def load_index(path: Path, params: str = "", use_gpu: bool | None = None):
         except RuntimeError as error:  # an index type with no GPU implementation stays on the CPU
             LOG.info("FAISS index stays on CPU: %s", error)
     return index
+
+
+@dataclass(frozen=True)
+class AnnIndex:
+    """A FAISS index and the exact values its lossy codes are reranked from."""
+
+    index: object
+    values: StoredValues | None = None
+    rerank: int = 1
+
+    def search(self, queries: np.ndarray, k: int, allowed_ids: np.ndarray | None = None):
+        """(scores, ids) ``[n, k]``, ids -1 where fewer than k results exist; exact scores when reranked."""
+        depth = self.rerank if self.values is not None else 1
+        scores, ids = search(self.index, queries, k * depth, allowed_ids)
+        return self.values.rerank(queries, ids, k) if depth > 1 else (scores, ids)
 
 
 def search(index, queries: np.ndarray, k: int, allowed_ids: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:

@@ -16,11 +16,12 @@ every id stays what it was.
 from __future__ import annotations
 
 import hashlib
+import mmap
 import os
 import re
 import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -62,6 +63,32 @@ def _read_table(path: Path) -> pa.Table:
     raise InputError(f"{path}: unsupported metadata format (use .parquet, .csv or a .lance table)")
 
 
+class RowKeys(Sequence):
+    """``<source>#<row>`` for every row of a features file without metadata, made on demand: unique
+    by construction, so millions of rows need no list of keys and no table of duplicates."""
+
+    def __init__(self, source: str, count: int) -> None:
+        self.prefix, self.count = os.path.abspath(source), count
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, row):
+        if isinstance(row, slice):
+            return [self[i] for i in range(*row.indices(self.count))]
+        if not -self.count <= row < self.count:
+            raise IndexError(row)
+        return f"{self.prefix}#{row % self.count}"
+
+
+def release(features: np.ndarray) -> None:
+    """Drop the pages of a memory-mapped features file that this process has read (they stay in
+    the page cache): otherwise a streamed 12 GB file ends up counted in the importer's memory."""
+    mapping = getattr(features, "_mmap", None)  # np.memmap's own mmap.mmap, since numpy 1.x
+    if mapping is not None and hasattr(mapping, "madvise"):
+        mapping.madvise(mmap.MADV_DONTNEED)
+
+
 def _load_npy(path: Path) -> np.ndarray:
     try:
         array = np.load(path, mmap_mode="r")
@@ -93,6 +120,14 @@ def read_sources(sources: Sequence[str | os.PathLike], metadata: str | None = No
     """Yield (source name, features, metadata or None) per file/shard, in a stable order."""
     if metadata and len(sources) != 1:
         raise InputError("--metadata goes with exactly one features file")
+    seen: set[str] = set()
+    for source, features, meta in _sources(sources, metadata):
+        if os.path.realpath(source) not in seen:  # a file named twice (or within a folder also named) once
+            seen.add(os.path.realpath(source))
+            yield source, features, meta
+
+
+def _sources(sources: Sequence[str | os.PathLike], metadata: str | None) -> Iterator[tuple[str, np.ndarray, pa.Table | None]]:
     for given in sources:
         path = Path(os.path.expanduser(os.fspath(given)))
         if not path.exists():
@@ -118,15 +153,14 @@ def read_sources(sources: Sequence[str | os.PathLike], metadata: str | None = No
             yield str(path), features, meta
 
 
-def row_keys(source: str, count: int, meta: pa.Table | None) -> tuple[list[str], list[str | None]]:
+def row_keys(source: str, count: int, meta: pa.Table | None) -> tuple[Sequence[str], Sequence[str | None]]:
     """Each row's key (its path, url, ... column, else ``<source>#<row>``) and caption."""
     if meta is not None and meta.num_rows != count:
         raise InputError(f"{source}: {count} features but {meta.num_rows} metadata rows")
     names = meta.column_names if meta is not None else []
     path_column = next((c for c in PATH_COLUMNS if c in names), None)
     caption_column = next((c for c in CAPTION_COLUMNS if c in names), None)
-    keys = ([str(p) for p in meta.column(path_column).to_pylist()] if path_column
-            else [f"{os.path.abspath(source)}#{i}" for i in range(count)])
+    keys = [str(p) for p in meta.column(path_column).to_pylist()] if path_column else RowKeys(source, count)
     captions = meta.column(caption_column).to_pylist() if caption_column else [None] * count
     return keys, captions
 
@@ -141,6 +175,7 @@ def check_features(source: str, features: np.ndarray) -> None:
         zero = np.flatnonzero(np.linalg.norm(chunk, axis=1) == 0)
         if len(zero):
             raise InputError(f"{source}: features are all zeros at row {start + int(zero[0])}")
+        release(features)
 
 
 def normalised(features: np.ndarray) -> np.ndarray:
@@ -190,11 +225,17 @@ def _import(sources, store_dir: Path, metadata, model_name, pretrained, ann, has
             raise InputError(f"{source} has {raw.shape[1]}-d features; the store holds "
                              f"{store.manifest.dim}-d features of '{store.manifest.space}'")
         read += len(raw)
-        last = {key: i for i, key in enumerate(keys)}  # a key given twice: its last features win
-        positions = np.fromiter(last.values(), np.int64, len(last))
+        unique = isinstance(keys, RowKeys)
+        if unique:
+            positions = np.arange(len(keys), dtype=np.int64)
+        else:
+            last = {key: i for i, key in enumerate(keys)}  # a key given twice: its last features win
+            positions = np.sort(np.fromiter(last.values(), np.int64, len(last)))
+            del last
         for start in range(0, len(positions), IMPORT_CHUNK):
             chunk = positions[start:start + IMPORT_CHUNK]
             vectors = normalised(raw[chunk])
+            release(raw)
             hashes = [feature_hash(vector) for vector in vectors]
             fresh = [j for j, row in enumerate(chunk) if keys[row] not in known]
             changed = [j for j, row in enumerate(chunk) if keys[row] in known and known[keys[row]][1] != hashes[j]]
@@ -204,7 +245,9 @@ def _import(sources, store_dir: Path, metadata, model_name, pretrained, ann, has
                     store.manifest.dim, id=np.arange(first, first + len(fresh), dtype=np.int64),
                     hash=[hashes[j] for j in fresh], path=[keys[chunk[j]] for j in fresh],
                     caption=[captions[chunk[j]] for j in fresh], embedding=vectors[fresh]))
-                known.update((keys[chunk[j]], (first + n, hashes[j], captions[chunk[j]])) for n, j in enumerate(fresh))
+                if not unique:  # a later source may name the same paths; a file's own row keys are its alone
+                    known.update((keys[chunk[j]], (first + n, hashes[j], captions[chunk[j]]))
+                                 for n, j in enumerate(fresh))
                 imported += len(fresh)
             if changed:
                 store.tables.upsert(image_rows(  # same id, new vector: one atomic commit
@@ -218,6 +261,7 @@ def _import(sources, store_dir: Path, metadata, model_name, pretrained, ann, has
                 updated += len(changed)
     if store is None:
         raise InputError("no features to import")
+    del known  # before the build, which has the memory budget to itself
     stale = store.manifest.index.table_version != store.tables.version() or not store.manifest.index.file
     info = store.rebuild_index(ann or AnnConfig()) if imported or updated or stale else store.manifest.index
     return {"read": read, "imported": imported, "updated": updated, "skipped": read - imported - updated,

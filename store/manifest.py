@@ -16,7 +16,7 @@ from store.errors import StoreError
 from store.files import write_atomically
 
 MANIFEST_NAME = "manifest.json"
-MANIFEST_VERSION = 3
+MANIFEST_VERSION = 4
 
 
 def now() -> str:
@@ -25,7 +25,7 @@ def now() -> str:
 
 @dataclass(frozen=True)
 class IndexInfo:
-    type: str = "none"  # "flat", "autofaiss" or "none" (nothing built yet)
+    type: str = "none"  # "flat", "ivf", "ivf-sq8", "autofaiss" or "none" (nothing built yet)
     key: str = ""  # faiss index_factory string
     params: str = ""  # search-time parameters (nprobe, efSearch)
     file: str = ""  # relative to the store
@@ -36,6 +36,7 @@ class IndexInfo:
     build_seconds: float = 0.0
     built: str = ""
     values: str = ""  # folder of ids.npy + values.npy, id-sorted, for the cache (relative to the store)
+    rerank: int = 1  # lossy codes: candidates per result, ordered by exact cosine from the values
 
 
 @dataclass(frozen=True)
@@ -77,7 +78,13 @@ def _v2_to_v3(data: dict[str, Any]) -> dict[str, Any]:
     return data
 
 
-MIGRATIONS: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {1: _v1_to_v2, 2: _v2_to_v3}
+def _v3_to_v4(data: dict[str, Any]) -> dict[str, Any]:
+    # v4 indexes may hold lossy codes searched deeper and reranked; older ones never are.
+    data.setdefault("index", {}).setdefault("rerank", 1)
+    return data
+
+
+MIGRATIONS: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {1: _v1_to_v2, 2: _v2_to_v3, 3: _v3_to_v4}
 
 
 def migrate(data: dict[str, Any]) -> dict[str, Any]:

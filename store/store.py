@@ -8,12 +8,13 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from store.ann import AnnConfig, build_from, load_index, save_index, save_values
+from store.ann import AnnConfig, AnnIndex, build_from, load_index, save_index
 from store.errors import ModelMismatchError, StoreError
 from store.files import writing
 from store.lock import writer_lock
 from store.manifest import MANIFEST_NAME, IndexInfo, Manifest, now, read_manifest, write_manifest
 from store.tables import Tables
+from store.values import StoredValues, ValuesWriter
 
 LOG = logging.getLogger(__name__)
 INDEX_DIR = "faiss"
@@ -28,6 +29,7 @@ class Store:
         self.tables = Tables.open(directory, manifest.dim, writable)
         self._index = None
         self._index_file = ""
+        self._values: tuple[str, StoredValues | None] = ("", None)
 
     @classmethod
     def open(cls, directory: str | Path, writable: bool = False) -> "Store":
@@ -74,7 +76,7 @@ class Store:
         if not info.file:
             raise StoreError(f"the store {store.directory} has no index yet: run `clipdex index` on it")
         store.tables.pin(info.table_version, cache_rows)
-        store.faiss_index()
+        store.ann_index()
         return store
 
     def check_model(self, model: str, pretrained: str, dim: int | None = None, weights_sha256: str = "") -> None:
@@ -133,17 +135,17 @@ class Store:
         """Build the FAISS index from the rows now in the table and record it in the manifest."""
         table_version = self.tables.version()
         source = self.tables.vector_source()
-        built = build_from(source, config)
         relative = f"{INDEX_DIR}/index-v{table_version}.faiss"
         values = f"{INDEX_DIR}/values-v{table_version}"
         with writing(self.directory):
+            writer = ValuesWriter(self.directory / values, source.all_ids(), source.dim, config.values_dtype)
+            built = build_from(source, config, writer)
             save_index(built.index, self.directory / relative)
-            save_values(source, self.directory / values, config.values_dtype)
         old = self._manifest.index
         info = IndexInfo(type=built.kind, key=built.key, params=built.params, file=relative, count=source.count,
                          table_version=table_version, recall_at_10=built.recall_at_10,
                          recall_queries=built.recall_queries, build_seconds=round(built.seconds, 3), built=now(),
-                         values=values)
+                         values=values, rerank=built.rerank)
         self.update_manifest(index=info, count=self.tables.count(), failures=self.tables.failure_count())
         if old.file and old.file != relative:
             (self.directory / old.file).unlink(missing_ok=True)
@@ -163,6 +165,26 @@ class Store:
                 raise StoreError(f"the index file {path} is missing: run `clipdex index` again to rebuild it")
             self._index, self._index_file = load_index(path, info.params), info.file
         return self._index
+
+    def stored_values(self) -> StoredValues | None:
+        """The id-sorted values the index build wrote, memory-mapped (None for a store built before
+        they existed, or when a newer build replaced them meanwhile)."""
+        folder = self._manifest.index.values
+        if folder and self._values[0] != folder:
+            try:
+                self._values = (folder, StoredValues.open(self.directory / folder))
+            except (OSError, ValueError):
+                self._values = (folder, None)
+        return self._values[1] if folder else None
+
+    def ann_index(self) -> AnnIndex:
+        """The index as searches use it: lossy codes reranked by exact cosine from the stored values."""
+        index = self.faiss_index()
+        rerank = self._manifest.index.rerank
+        values = self.stored_values() if rerank > 1 else None
+        if rerank > 1 and values is None:
+            raise StoreError(f"the exact values of {self.directory}'s index are missing: run `clipdex reindex`")
+        return AnnIndex(index, values, rerank)
 
 
 def reindex(directory: str | Path, config: AnnConfig = AnnConfig(), wait: bool = False) -> IndexInfo:

@@ -65,12 +65,30 @@ def test_autofaiss_index_agrees_with_exact(data):
     assert_restricted_search(built.index, small, small_ids, queries)
 
 
+def test_lossy_codes_are_reranked_by_exact_cosine_to_the_target_recall(data):
+    """8-bit codes blur close neighbours; the tuned rerank depth orders candidates by the exact
+    values, so recorded recall meets the target and scores are exact cosines."""
+    from store.ann import AnnIndex
+    from store.values import StoredValues
+
+    vectors, ids, queries = data
+    built = build_index(ids, vectors, AnnConfig(kind="ivf-sq8", target_recall=0.99))
+    assert built.key.endswith(",SQ8") and built.rerank > 1 and built.recall_at_10 >= 0.99
+    reranked = AnnIndex(built.index, StoredValues.from_arrays(ids, vectors), built.rerank)
+    scores, found = reranked.search(queries[:5], 10)
+    exact = np.einsum("bc,bkc->bk", queries[:5], vectors[np.searchsorted(ids, found)])
+    assert np.allclose(scores, exact, atol=1e-5) and (np.diff(scores, axis=1) <= 0).all()
+    assert not np.allclose(AnnIndex(built.index).search(queries[:5], 10)[0], exact, atol=1e-5)  # codes are lossy
+    assert overlap_with_exact(reranked, vectors, ids, queries) >= 0.95
+    assert_restricted_search(reranked, vectors, ids, queries)
+
+
 def assert_restricted_search(index, vectors, ids, queries):
     """A prefiltered search returns only allowed ids, and the same best hits as exact over them."""
-    from store.ann import search
+    from store.ann import AnnIndex
 
     allowed = ids[::3]
-    _, found = search(index, queries[:5], 10, allowed_ids=allowed)
+    _, found = (index if isinstance(index, AnnIndex) else AnnIndex(index)).search(queries[:5], 10, allowed_ids=allowed)
     assert set(found.ravel()) - {-1} <= set(allowed)
     subset = vectors[::3]
     best = allowed[np.argmax(queries[:5] @ subset.T, axis=1)]
@@ -89,7 +107,8 @@ def test_kind_is_chosen_by_size_and_memory():
     assert choose_kind(500, 512, AnnConfig(kind="autofaiss")) == "flat"  # too few to train on
     assert choose_kind(200_000, 512, config) == "flat"
     assert choose_kind(1_000_000, 1024, config) == "ivf"  # 4 GB of vectors fit 16G
-    assert choose_kind(1_000_000, 1024, AnnConfig(max_memory="2G")) == "autofaiss"  # must compress
+    assert choose_kind(1_000_000, 1024, AnnConfig(max_memory="2G")) == "ivf-sq8"  # a byte per dimension fits
+    assert choose_kind(1_000_000, 1024, AnnConfig(max_memory="1G")) == "autofaiss"  # must compress further
     assert choose_kind(50_000, 64, AnnConfig(kind="ivf")) == "ivf"
 
 
@@ -121,6 +140,7 @@ def test_store_above_threshold_serves_from_ivf(data, tmp_path):
 def test_a_streamed_build_equals_the_in_memory_one_and_reads_in_batches(data):
     """build_from reads the vectors only through bounded batches and samples."""
     from store.ann import ArraySource, build_from
+    from store.values import KeptValues
 
     vectors, ids, queries = data
 
@@ -133,7 +153,7 @@ def test_a_streamed_build_equals_the_in_memory_one_and_reads_in_batches(data):
                 yield batch_ids, batch
 
     source = Counting(ids, vectors, batch_rows=4096)
-    streamed = build_from(source, AnnConfig(kind="ivf", target_recall=0.95))
+    streamed = build_from(source, AnnConfig(kind="ivf", target_recall=0.95), KeptValues(ids, vectors))
     whole = build_index(ids, vectors, AnnConfig(kind="ivf", target_recall=0.95))
     assert Counting.largest == 4096 and streamed.index.ntotal == whole.index.ntotal == len(ids)
     assert (streamed.key, streamed.params) == (whole.key, whole.params)

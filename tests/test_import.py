@@ -199,9 +199,10 @@ def test_the_table_streams_its_vectors_in_bounded_batches(tmp_path):
     raw = np.random.default_rng(8).normal(size=(1000, 8)).astype(np.float32)
     np.save(tmp_path / "f.npy", raw)
     import_features([tmp_path / "f.npy"], tmp_path / "store")
-    source = Store.open(tmp_path / "store").tables.vector_source(batch_rows=128)
+    source = Store.open(tmp_path / "store").tables.vector_source(batch_bytes=128 * 8 * 4)
     seen = [ids for ids, _ in source.batches()]
     assert max(len(ids) for ids in seen) <= 128 and sorted(np.concatenate(seen).tolist()) == list(range(1, 1001))
+    assert sorted(source.all_ids().tolist()) == list(range(1, 1001))
     sample_ids, sample = source.sample(50, seed=0)
     assert len(set(sample_ids.tolist())) == 50 and sample.shape == (50, 8)
 
@@ -222,7 +223,7 @@ def test_the_cache_gathers_from_the_values_file_not_a_copy_in_memory(tmp_path, m
     with monkeypatch.context() as patch:
         patch.setattr(Tables, "vectors", no_full_copy)
         cache = CacheRetriever.open(tmp_path / "store", device="cpu")
-    assert isinstance(cache.values, np.memmap)
+    assert isinstance(cache.values.base, np.memmap)  # a view of the mapped file, not a copy
     unit = raw / np.linalg.norm(raw, axis=1, keepdims=True)
     in_memory = CacheRetriever.from_arrays(np.arange(1, 3001), unit, device="cpu")
     queries = np.random.default_rng(10).normal(size=(8, 16)).astype(np.float32)
