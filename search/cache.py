@@ -22,6 +22,7 @@ from search.terms import check_k
 from store.ann import AnnIndex
 from store.errors import InputError, StoreError
 from store.store import Store
+from store.values import id_positions
 
 if TYPE_CHECKING:
     import torch
@@ -46,7 +47,6 @@ class CacheRetriever:
     def __init__(self, ids: np.ndarray, values: "torch.Tensor | np.ndarray", index: Any = None,
                  device: str = "cpu") -> None:
         self.ids = ids  # sorted int64, row i of values belongs to ids[i]
-        self.dense = bool(len(ids)) and int(ids[-1]) - int(ids[0]) == len(ids) - 1
         self.values = values  # a tensor, or on a CPU a memory-mapped array (see open)
         # FAISS index over the same vectors with ids as FAISS ids (CPU search), as an AnnIndex when its
         # codes are lossy and reranked from exact values
@@ -126,13 +126,7 @@ class CacheRetriever:
         short = (found < 0).any(axis=1)  # an ANN index found fewer than k candidates: exact for those rows
         if short.any():
             found[short] = self.ids[self._exact_rows(queries[short], k)]
-        if self.dense:  # ids first..first+n-1, as an import numbers them: a position is an offset
-            positions = np.minimum(found - self.ids[0], self.size - 1)  # out of range: caught just below
-        else:
-            positions = np.minimum(np.searchsorted(self.ids, found), self.size - 1)
-        if not np.array_equal(self.ids[positions], found):
-            raise StoreError("the FAISS index and the cache's features disagree: rebuild it with `clipdex index`")
-        return positions
+        return id_positions(self.ids, found)
 
     def _exact_rows(self, queries: np.ndarray, k: int) -> np.ndarray:
         scores = np.concatenate([queries @ np.asarray(self._rows(slice(i, i + 65536))).T

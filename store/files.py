@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import mmap
 import os
 import re
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO, Iterator
+
+import numpy as np
 
 from store.errors import ReadOnlyStoreError, StoreError
 
@@ -103,3 +106,14 @@ def prune_thumbnails(store_dir: str | os.PathLike, keep: set[str]) -> int:
                 thumb.unlink(missing_ok=True)
                 removed += 1
     return removed
+
+
+def drop_mapped_pages(array: np.ndarray) -> None:
+    """Unmap the pages of a memory-mapped file (an np.memmap or a view of one) that this process
+    has read; they stay in the page cache. Read pages otherwise count in the process's resident
+    memory, and the kernel maps up to 64 KB around each row a gather touches."""
+    for owner in (array, array.base):
+        mapping = getattr(owner, "_mmap", None)  # np.memmap's own mmap.mmap
+        if mapping is not None:
+            mapping.madvise(mmap.MADV_DONTNEED)
+            return

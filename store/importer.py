@@ -16,7 +16,6 @@ every id stays what it was.
 from __future__ import annotations
 
 import hashlib
-import mmap
 import os
 import re
 import time
@@ -28,6 +27,7 @@ import pyarrow as pa
 
 from store.ann import AnnConfig
 from store.errors import InputError, first_line
+from store.files import drop_mapped_pages
 from store.lock import writer_lock
 from store.store import Store, expand
 from store.tables import image_rows
@@ -79,14 +79,6 @@ class RowKeys(Sequence):
         if not -self.count <= row < self.count:
             raise IndexError(row)
         return f"{self.prefix}#{row % self.count}"
-
-
-def release(features: np.ndarray) -> None:
-    """Drop the pages of a memory-mapped features file that this process has read (they stay in
-    the page cache): otherwise a streamed 12 GB file ends up counted in the importer's memory."""
-    mapping = getattr(features, "_mmap", None)  # np.memmap's own mmap.mmap, since numpy 1.x
-    if mapping is not None and hasattr(mapping, "madvise"):
-        mapping.madvise(mmap.MADV_DONTNEED)
 
 
 def _load_npy(path: Path) -> np.ndarray:
@@ -175,7 +167,7 @@ def check_features(source: str, features: np.ndarray) -> None:
         zero = np.flatnonzero(np.linalg.norm(chunk, axis=1) == 0)
         if len(zero):
             raise InputError(f"{source}: features are all zeros at row {start + int(zero[0])}")
-        release(features)
+        drop_mapped_pages(features)  # a streamed 12 GB file is not the importer's to keep
 
 
 def normalised(features: np.ndarray) -> np.ndarray:
@@ -235,7 +227,7 @@ def _import(sources, store_dir: Path, metadata, model_name, pretrained, ann, has
         for start in range(0, len(positions), IMPORT_CHUNK):
             chunk = positions[start:start + IMPORT_CHUNK]
             vectors = normalised(raw[chunk])
-            release(raw)
+            drop_mapped_pages(raw)
             hashes = [feature_hash(vector) for vector in vectors]
             fresh = [j for j, row in enumerate(chunk) if keys[row] not in known]
             changed = [j for j, row in enumerate(chunk) if keys[row] in known and known[keys[row]][1] != hashes[j]]
