@@ -135,24 +135,39 @@ class Store:
         """Build the FAISS index from the rows now in the table and record it in the manifest."""
         table_version = self.tables.version()
         source = self.tables.vector_source()
-        relative = f"{INDEX_DIR}/index-v{table_version}.faiss"
-        values = f"{INDEX_DIR}/values-v{table_version}"
+        relative, values = self._fresh_index_names(table_version)
         with writing(self.directory):
             writer = ValuesWriter(self.directory / values, source.all_ids(), source.dim, config.values_dtype)
             built = build_from(source, config, writer)
             save_index(built.index, self.directory / relative)
-        old = self._manifest.index
         info = IndexInfo(type=built.kind, key=built.key, params=built.params, file=relative, count=source.count,
                          table_version=table_version, recall_at_10=built.recall_at_10,
                          recall_queries=built.recall_queries, build_seconds=round(built.seconds, 3), built=now(),
                          values=values, rerank=built.rerank)
         self.update_manifest(index=info, count=self.tables.count(), failures=self.tables.failure_count())
-        if old.file and old.file != relative:
-            (self.directory / old.file).unlink(missing_ok=True)
-        if old.values and old.values != values:
-            shutil.rmtree(self.directory / old.values, ignore_errors=True)
+        self._remove_index_files(keep={relative, values})
         self._index, self._index_file = built.index, relative
         return info
+
+    def _fresh_index_names(self, table_version: int) -> tuple[str, str]:
+        """Index file and values folder names that the manifest does not name: a rebuild at the same
+        table version must not write over the files that readers still use. A dead build's leftovers
+        go first (they may be gigabytes)."""
+        current = self._manifest.index
+        self._remove_index_files(keep={current.file, current.values})
+        attempt, stem = 1, f"v{table_version}"
+        while f"{INDEX_DIR}/index-{stem}.faiss" == current.file or f"{INDEX_DIR}/values-{stem}" == current.values:
+            attempt += 1
+            stem = f"v{table_version}-{attempt}"
+        return f"{INDEX_DIR}/index-{stem}.faiss", f"{INDEX_DIR}/values-{stem}"
+
+    def _remove_index_files(self, keep: set[str]) -> None:
+        """Every index file and values folder but *keep*. Only the writer (under the store's lock)
+        calls this; a reader that mapped a removed file keeps it until it closes it."""
+        folder = self.directory / INDEX_DIR
+        for path in folder.iterdir() if folder.is_dir() else ():
+            if f"{INDEX_DIR}/{path.name}" not in keep:
+                shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
 
     def faiss_index(self):
         """The FAISS index named by the manifest (loaded once per index file)."""

@@ -185,3 +185,27 @@ def test_saved_indexes_open_memory_mapped_with_the_same_answers(data, tmp_path):
         if kind == "ivf":  # the inverted lists stay in the file, mapped
             lists = faiss.extract_index_ivf(opened).invlists
             assert type(faiss.downcast_InvertedLists(lists)).__name__ == "OnDiskInvertedLists"
+
+
+def test_the_builds_positioned_reads_return_the_mapped_rows(tmp_path):
+    from store.errors import StoreError
+    from store.values import StoredValues, ValuesWriter
+
+    rng = np.random.default_rng(3)
+    ids = rng.permutation(np.arange(10, 5010, dtype=np.int64))
+    vectors = rng.normal(size=(5000, 12)).astype(np.float32)
+    writer = ValuesWriter(tmp_path / "values", ids, 12)
+    for start in range(0, 5000, 700):
+        writer.write(ids[start:start + 700], vectors[start:start + 700])
+    read = writer.finish()  # what the build measures recall with
+    mapped = StoredValues.open(tmp_path / "values")
+    positions = rng.integers(0, 5000, size=(7, 9))
+    assert type(read.values).__name__ == "FileRows" and isinstance(mapped.values, np.ndarray)
+    np.testing.assert_array_equal(read.values[positions], mapped.values[positions])
+    queries = rng.normal(size=(7, 12)).astype(np.float32)
+    for a, b in zip(read.rerank(queries, ids[positions], 4), mapped.rerank(queries, ids[positions], 4)):
+        np.testing.assert_array_equal(a, b)
+    with open(tmp_path / "values" / "values.npy", "r+b") as cut:
+        cut.truncate(cut.seek(0, 2) - 24)  # the last row cut short after it was opened
+    with pytest.raises(StoreError, match="cut short"):
+        read.values[np.array([4999])]

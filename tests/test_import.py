@@ -237,3 +237,35 @@ def test_the_cache_gathers_from_the_values_file_not_a_copy_in_memory(tmp_path, m
 
     shutil.rmtree(values)  # a store built before the values file, or one replaced meanwhile: the table serves
     assert CacheRetriever.open(tmp_path / "store", device="cpu").size == 3000
+
+
+def test_a_rebuild_never_writes_over_the_files_readers_use(tmp_path, monkeypatch):
+    """A reindex at the same table version used to reopen the live values file for writing: a
+    reader saw zeros, and a rebuild that died left the manifest naming a half-written file."""
+    import store.store as store_module
+
+    raw = np.random.default_rng(11).normal(size=(2000, 16)).astype(np.float32)
+    np.save(tmp_path / "f.npy", raw)
+    import_features([tmp_path / "f.npy"], tmp_path / "store")
+    queries = np.random.default_rng(12).normal(size=(4, 16)).astype(np.float32)
+    reader = CacheRetriever.open(tmp_path / "store", device="cpu")
+    before = reader.blend(queries, k=5)
+
+    def dies(source, config, values):  # the rebuild dies halfway through writing the values
+        ids, vectors = next(iter(source.batches()))
+        values.write(ids[:1000], vectors[:1000] * 0.5)
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(store_module, "build_from", dies)
+        with pytest.raises(KeyboardInterrupt):
+            store_module.reindex(tmp_path / "store")
+    np.testing.assert_array_equal(reader.blend(queries, k=5), before)
+    np.testing.assert_array_equal(CacheRetriever.open(tmp_path / "store", device="cpu").blend(queries, k=5), before)
+    store_module.reindex(tmp_path / "store")  # a rebuild that lives replaces the files and the leftovers go
+    np.testing.assert_array_equal(reader.blend(queries, k=5), before)  # the old files stay mapped
+    manifest = Store.open(tmp_path / "store").manifest.index
+    assert sorted(p.name for p in (tmp_path / "store" / "faiss").iterdir()) == sorted(
+        [manifest.file.split("/")[1], manifest.values.split("/")[1]])
+    np.testing.assert_allclose(CacheRetriever.open(tmp_path / "store", device="cpu").blend(queries, k=5), before,
+                               atol=1e-6)
