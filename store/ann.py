@@ -36,11 +36,12 @@ import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Protocol
+from typing import Callable, Iterator, Protocol
 
 import numpy as np
 
 from store.errors import InputError, StoreError
+from store.files import progress
 from store.values import KeptValues, StoredValues
 
 LOG = logging.getLogger(__name__)
@@ -197,15 +198,18 @@ def build_from(source: VectorSource, config: AnnConfig, values: ValuesSink) -> B
     index = faiss.IndexIDMap(base) if kind == "flat" else base
     truth = _Truth(source, config.recall_queries)
     lists = _ListAssignment(index, source.count) if isinstance(index, faiss.IndexIVF) else None
-    for ids, vectors in source.batches():
-        if lists is None:
-            index.add_with_ids(vectors, ids)
-        else:
-            lists.assign(ids, vectors)
-        values.write(ids, vectors)
-        truth.add(ids, vectors)
-    if lists is not None:
-        lists.add_all(source)
+    budget = f"{memory_bytes(config.max_memory) / 2**30:.1f}G"
+    with progress(source.count * (2 if lists else 1), f"index {key} (budget {budget})") as bar:
+        for ids, vectors in source.batches():
+            if lists is None:
+                index.add_with_ids(vectors, ids)
+            else:
+                lists.assign(ids, vectors)
+            values.write(ids, vectors)
+            truth.add(ids, vectors)
+            bar.update(len(ids))
+        if lists is not None:
+            lists.add_all(source, bar.update)
     stored, found = values.finish(), truth.finish()
     params, rerank = _tune(index, stored, found, config, lossy=_lossy(key)) if kind != "flat" else ("", 1)
     recall = recall_at_k(AnnIndex(index, stored, rerank), found)
@@ -231,7 +235,7 @@ class _ListAssignment:
         self.batches.append((len(ids), int(ids[0]), int(ids[-1])))
         self.filled = end
 
-    def add_all(self, source: VectorSource) -> None:
+    def add_all(self, source: VectorSource, done: Callable[[int], object] = lambda rows: None) -> None:
         faiss = _faiss()
         lists = faiss.downcast_InvertedLists(self.index.invlists)
         for number, size in enumerate(np.bincount(self.lists[:self.filled], minlength=self.index.nlist).tolist()):
@@ -245,6 +249,7 @@ class _ListAssignment:
             vectors, ids = np.ascontiguousarray(vectors, np.float32), np.ascontiguousarray(ids, np.int64)
             self.index.add_core(len(ids), faiss.swig_ptr(vectors), faiss.swig_ptr(ids), faiss.swig_ptr(assigned))
             start, seen = start + len(ids), seen + 1
+            done(len(ids))
         if seen != len(self.batches):
             raise StoreError("the table changed during the index build: run `clipdex reindex`")
 

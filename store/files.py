@@ -8,6 +8,7 @@ import hashlib
 import mmap
 import os
 import re
+import sys
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -117,3 +118,11 @@ def drop_mapped_pages(array: np.ndarray) -> None:
         if mapping is not None:
             mapping.madvise(mmap.MADV_DONTNEED)
             return
+
+
+def progress(total: int, desc: str, unit: str = "vec"):
+    """A progress bar on stderr for long store work (import, index build); shown on a terminal only."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit=unit, unit_scale=True, file=sys.stderr, disable=None,
+                dynamic_ncols=True, leave=False)

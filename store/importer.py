@@ -27,7 +27,7 @@ import pyarrow as pa
 
 from store.ann import AnnConfig
 from store.errors import InputError, first_line
-from store.files import drop_mapped_pages
+from store.files import drop_mapped_pages, progress
 from store.lock import writer_lock
 from store.store import Store, expand
 from store.tables import image_rows
@@ -224,6 +224,7 @@ def _import(sources, store_dir: Path, metadata, model_name, pretrained, ann, has
             last = {key: i for i, key in enumerate(keys)}  # a key given twice: its last features win
             positions = np.sort(np.fromiter(last.values(), np.int64, len(last)))
             del last
+        bar = progress(len(positions), f"import {Path(source).name}")
         for start in range(0, len(positions), IMPORT_CHUNK):
             chunk = positions[start:start + IMPORT_CHUNK]
             vectors = normalised(raw[chunk])
@@ -251,6 +252,8 @@ def _import(sources, store_dir: Path, metadata, model_name, pretrained, ann, has
                 known.update((keys[chunk[j]], (known[keys[chunk[j]]][0], hashes[j], captions[chunk[j]]))
                              for j in changed)
                 updated += len(changed)
+            bar.update(len(chunk))
+        bar.close()
     if store is None:
         raise InputError("no features to import")
     del known  # before the build, which has the memory budget to itself
