@@ -269,3 +269,34 @@ def test_a_rebuild_never_writes_over_the_files_readers_use(tmp_path, monkeypatch
         [manifest.file.split("/")[1], manifest.values.split("/")[1]])
     np.testing.assert_allclose(CacheRetriever.open(tmp_path / "store", device="cpu").blend(queries, k=5), before,
                                atol=1e-6)
+
+
+def clip_retrieval_output(folder, raw, paths, shards=12, name=lambda n: f"{n:02d}"):
+    """clip-retrieval's layout: img_emb/img_emb_00.npy + metadata/metadata_00.parquet, ..."""
+    (folder / "img_emb").mkdir(parents=True)
+    (folder / "metadata").mkdir()
+    bounds = np.linspace(0, len(raw), shards + 1).astype(int)
+    for number, (start, stop) in enumerate(zip(bounds[:-1], bounds[1:])):
+        np.save(folder / "img_emb" / f"img_emb_{name(number)}.npy", raw[start:stop])
+        pq.write_table(pa.table({"image_path": paths[start:stop], "caption": [f"caption {i}" for i in range(start, stop)]}),
+                       folder / "metadata" / f"metadata_{name(number)}.parquet")
+
+
+@pytest.mark.parametrize("name", [lambda n: f"{n:02d}", lambda n: f"{n}"], ids=["zero-padded", "plain"])
+def test_clip_retrieval_shards_keep_their_metadata_however_numbered(tmp_path, raw, paths, name):
+    """With 10 or more zero-padded shards, 00-09 used to miss their metadata: rows got
+    ``<file>#<row>`` keys instead of their paths, exit 0, no warning."""
+    clip_retrieval_output(tmp_path / "cr", raw, paths, name=name)
+    summary = import_features([tmp_path / "cr"], tmp_path / "store")
+    rows = Store.open(tmp_path / "store").tables.file_rows().to_pylist()
+    assert summary["imported"] == COUNT
+    assert sorted(r["path"] for r in rows) == sorted(paths)
+    assert sorted(r["caption"] for r in rows) == sorted(f"caption {i}" for i in range(COUNT))
+
+
+def test_a_clip_retrieval_shard_without_its_metadata_is_refused(tmp_path, raw, paths):
+    clip_retrieval_output(tmp_path / "cr", raw, paths)
+    (tmp_path / "cr" / "metadata" / "metadata_07.parquet").unlink()
+    with pytest.raises(InputError, match="no metadata_N.parquet for img_emb_07.npy while the other shards"):
+        import_features([tmp_path / "cr"], tmp_path / "store")
+    assert not Store.exists(tmp_path / "store")
