@@ -118,7 +118,7 @@ def test_cli_import_and_cache_query(tmp_path, raw, capsys):
     np.save(tmp_path / "q.npy", raw[:4] * 3)
     for argv in (["import", tmp_path / "f.npy", "--store", tmp_path / "s", "--model-name", "imagebind_huge", "--json"],
                  ["cache", "query", "--store", tmp_path / "s", "--queries", tmp_path / "q.npy", "-k", "5",
-                  "--weighting", "reference", "--out", tmp_path / "out.npy", "--neighbours-out", tmp_path / "n.parquet"]):
+                  "--restore-norm", "--out", tmp_path / "out.npy", "--neighbours-out", tmp_path / "n.parquet"]):
         with pytest.raises(SystemExit) as caught:
             cli.main([str(a) for a in argv])
         assert caught.value.code == 0
@@ -126,6 +126,10 @@ def test_cli_import_and_cache_query(tmp_path, raw, capsys):
     blended = np.load(tmp_path / "out.npy")
     assert blended.shape == (4, DIM) and blended.dtype == np.float32
     np.testing.assert_allclose(np.linalg.norm(blended, axis=1), np.linalg.norm(raw[:4] * 3, axis=1), rtol=1e-4)
+    with pytest.raises(SystemExit) as caught:  # the default: the released code's LLM path, unit rows
+        cli.main([str(a) for a in argv[:-4] if a != "--restore-norm"] + ["--out", str(tmp_path / "unit.npy")])
+    assert caught.value.code == 0
+    np.testing.assert_allclose(np.linalg.norm(np.load(tmp_path / "unit.npy"), axis=1), 1.0, rtol=1e-4)
     neighbours = pq.read_table(tmp_path / "n.parquet").to_pylist()
     assert len(neighbours) == 20 and neighbours[0]["rank"] == 1 and neighbours[0]["id"] == 1  # itself first
 
