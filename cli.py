@@ -505,14 +505,17 @@ def cache_group() -> None:
 @click.option("--alpha", default=BLEND.alpha, show_default=True, type=float,
               help="Weight of the cache aggregate, in [0, 1].")
 @click.option("--weighting", type=click.Choice(list(WEIGHTINGS)), default=BLEND.weighting, show_default=True,
-              help="paper: eq. 3-4 as printed; reference: the authors' code (softmax, renormalised).")
+              help="reference: the authors' released code (softmax(t*S), renormalised); paper: eq. 3-4 as printed.")
 @click.option("--temperature", default=BLEND.temperature, show_default=True, type=float,
               help="Softmax temperature (reference).")
+@click.option("--restore-norm/--unit", default=BLEND.restore_norm, show_default=True,
+              help="Scale each blend back to its query's norm, as the authors' image generation path does; "
+                   "--unit (the default) writes unit rows, as their LLM path (forward_visual) uses.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
 @click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False),
               help="Where to write the blended .npy.")
 @click.option("--neighbours-out", type=click.Path(dir_okay=False), help="Also write ids and scores as Parquet.")
-def cache_query_command(store_dir, queries_path, k, alpha, weighting, temperature, device, out_path,
+def cache_query_command(store_dir, queries_path, k, alpha, weighting, temperature, restore_norm, device, out_path,
                         neighbours_out) -> None:
     """Blend each query feature with its k nearest cache features; write the result as .npy."""
     for out in (out_path, neighbours_out):
@@ -523,7 +526,7 @@ def cache_query_command(store_dir, queries_path, k, alpha, weighting, temperatur
         raise InputError(f"cannot read {queries_path} as a .npy array: {error}") from error
     retriever = CacheRetriever.open(store_dir, device=device)
     result = retriever.blend(queries, k=k, alpha=alpha, weighting=weighting, temperature=temperature,
-                             return_neighbours=True)
+                             restore_norm=restore_norm, return_neighbours=True)
     np.save(os.path.expanduser(out_path), result.features)
     if neighbours_out:
         ids, scores = np.atleast_2d(result.ids), np.atleast_2d(result.scores)

@@ -111,10 +111,10 @@ def main() -> None:
         row = {"kind": built.kind, "key": built.key, "params": built.params, "recall_at_10": built.recall_at_10,
                "build_seconds": round(built.seconds, 1), "batches": {}}
         for batch, queries in batches.items():
-            ours = cache.blend(queries[0], k=args.k, weighting="reference")
+            ours = cache.blend(queries[0], k=args.k, weighting="reference", restore_norm=True)
             theirs = reference_blend(built.index, queries[0], args.k)
             error = float(np.abs(ours - theirs).max())  # float16 storage vs float32 reconstruct
-            clipdex = timed(lambda q, cache=cache: cache.blend(q, k=args.k, weighting="reference"), queries)
+            clipdex = timed(lambda q, cache=cache: cache.blend(q, k=args.k, weighting="reference", restore_norm=True), queries)
             reference = timed(lambda q, index=built.index: reference_blend(index, q, args.k),
                               queries[: max(3, args.repeats // 4)])
             row["batches"][str(batch)] = {"clipdex": clipdex, "reference": reference, "max_abs_difference": error,

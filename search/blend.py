@@ -9,12 +9,17 @@ F_value ``[B, k, C]``; in the cache keys = values = L2-normalised image features
 
 The weights are the raw cosines, the aggregate is not normalised and the output is not rescaled.
 
-``reference`` (the authors' released code)::
+``reference`` (the authors' released code, the default)::
 
     q   = F_M / ||F_M||
     w   = softmax(temperature * S)                  (temperature 20)
     agg = normalise(sum_j w_j * F_value_j)
-    out = normalise(alpha * agg + (1 - alpha) * q) * ||F_M||
+    out = normalise(alpha * agg + (1 - alpha) * q)
+
+``restore_norm`` multiplies either output by ||F_M||. The released code does both: its LLM path
+(LLaMA-Adapter ``imagebind_LLM/llama/llama_adapter.py``, ``forward_visual``) feeds the unit blend
+to the model, so the default is off; its image generation path (``image_generate.py``) scales the
+blend back to the query's norm, which ``restore_norm=True`` gives.
 
 Free functions over numpy arrays or torch tensors (float32 math, any device) that take the queries
 already split into unit directions and norms; validation is the caller's job.
@@ -36,8 +41,9 @@ class BlendParams:
 
     k: int = 10
     alpha: float = 0.5
-    weighting: Weighting = "paper"
+    weighting: Weighting = "reference"
     temperature: float = 20.0
+    restore_norm: bool = False
 
     def astuple(self) -> tuple:
         return astuple(self)
@@ -85,16 +91,19 @@ def blend_paper(unit, scores, values, alpha: float):
     return alpha * weighted_sum(scores, values) + (1.0 - alpha) * unit
 
 
-def blend_reference(unit, norm, scores, values, alpha: float, temperature: float):
-    """The released code's blend of unit queries q, scaled back to the query norms ``[B, 1]``."""
+def blend_reference(unit, scores, values, alpha: float, temperature: float):
+    """The released code's blend of unit queries q (a unit vector per query)."""
     aggregate = unit_rows(weighted_sum(softmax(temperature * scores), values))
-    return unit_rows(alpha * aggregate + (1.0 - alpha) * unit) * norm
+    return unit_rows(alpha * aggregate + (1.0 - alpha) * unit)
 
 
-def blend(unit, norm, scores, values, alpha: float, weighting: Weighting, temperature: float):
+def blend(unit, norm, scores, values, alpha: float, weighting: Weighting, temperature: float,
+          restore_norm: bool = False):
     """*unit*: the queries divided by their norms *norm* ``[B, 1]`` (computed in float64 by the
     caller, so tiny queries keep their direction); numpy arrays or torch tensors, float32, one
     kind throughout. Validation is the caller's job."""
     if weighting == "paper":
-        return blend_paper(unit, scores, values, alpha)
-    return blend_reference(unit, norm, scores, values, alpha, temperature)
+        out = blend_paper(unit, scores, values, alpha)
+    else:
+        out = blend_reference(unit, scores, values, alpha, temperature)
+    return out * norm if restore_norm else out

@@ -145,11 +145,12 @@ class CacheRetriever:
 
     def blend(self, queries: Any, k: int = BlendParams.k, alpha: float = BlendParams.alpha,
               weighting: Weighting = BlendParams.weighting, temperature: float = BlendParams.temperature,
-              return_neighbours: bool = False) -> Any:
+              restore_norm: bool = BlendParams.restore_norm, return_neighbours: bool = False) -> Any:
         """Blend each query with its *k* nearest cache values (see :mod:`search.blend` for the formulas).
 
         *queries*: torch tensor or numpy array ``[B, C]`` or ``[C]``, any float dtype and device. The
-        output has the same type, dtype, device and shape. With ``return_neighbours`` a
+        output has the same type, dtype, device and shape: unit rows, or scaled back to each query's
+        norm with ``restore_norm``. With ``return_neighbours`` a
         :class:`Blended` (features, ids, scores) is returned, ids and scores as ``[B, k]``.
         """
         import torch
@@ -172,11 +173,11 @@ class CacheRetriever:
         values = self._rows(positions)  # [B, k, C]: one gather, no per-neighbour loop
         if in_numpy:
             scores = np.einsum("bc,bkc->bk", unit, values)  # S_topk = q . F_key, exact
-            out = blend(unit, norm.astype(np.float32), scores, values, alpha, weighting, temperature)
+            out = blend(unit, norm.astype(np.float32), scores, values, alpha, weighting, temperature, restore_norm)
             features = (out[0] if single else out).astype(queries.dtype, copy=False)
         else:
             scores = torch.linalg.vecdot(values, unit.unsqueeze(1))  # (a bmm is 7x slower on a CPU)
-            out = blend(unit, norm.float(), scores, values, alpha, weighting, temperature)
+            out = blend(unit, norm.float(), scores, values, alpha, weighting, temperature, restore_norm)
             features = _like(out[0] if single else out, original, isinstance(queries, np.ndarray))
         if not return_neighbours:
             return features
@@ -187,7 +188,8 @@ class CacheRetriever:
         ids, scores = torch.from_numpy(ids).to(original.device), scores.to(original.device)
         return Blended(features, ids[0] if single else ids, scores[0] if single else scores)
 
-    def check(self, queries: Any, k: int, alpha: float, weighting: str, temperature: float) -> int:
+    def check(self, queries: Any, k: int, alpha: float, weighting: str, temperature: float,
+              restore_norm: bool = False) -> int:
         """Validate a blend request (raising InputError with the reason); returns the k to use."""
         import torch
 

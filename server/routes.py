@@ -175,7 +175,8 @@ def _classify(ctx: ServerContext, body: ClassifyRequest | ClassifyForm) -> list[
 @router.post("/cache/blend", response_model=BlendResponse, summary="Top-k cache retrieval with residual blending")
 def cache_blend(body: BlendRequest, ctx: Context) -> dict:
     """ImageBind-LLM's cache: each query's k nearest stored features are blended into it
-    (``weighting`` "paper": eq. 3-4 of arXiv 2309.03905; "reference": the authors' released code)."""
+    (``weighting`` "reference", the default: the authors' released code; "paper": eq. 3-4 of
+    arXiv 2309.03905; ``restore_norm``: scaled back to each query's norm)."""
     ctx.check_k(body.k)
     if len(body.queries) > ctx.config.max_batch:
         raise InputError(f"{len(body.queries)} queries is above this server's maximum batch of {ctx.config.max_batch}")
@@ -186,7 +187,7 @@ def cache_blend(body: BlendRequest, ctx: Context) -> dict:
                          f"got {', '.join(str(n) for n in sorted(lengths))}")
     with np.errstate(over="ignore"):  # beyond float32 becomes inf, which check() refuses with a message
         queries = np.asarray(body.queries, np.float32)
-    params = BlendParams(min(body.k, cache.size), body.alpha, body.weighting, body.temperature)
+    params = BlendParams(min(body.k, cache.size), body.alpha, body.weighting, body.temperature, body.restore_norm)
     cache.check(queries, *params.astuple())  # here, so one bad request never fails the batch it would join
     out = ctx.blender(BlendJob(cache, queries, params))
     neighbours = {"ids": out.ids.tolist(), "scores": out.scores.tolist()} if body.return_neighbours else {}

@@ -118,6 +118,9 @@ class BlendRequest(Strict):
     weighting: Literal["paper", "reference"] = BlendParams.weighting
     temperature: float = Field(BlendParams.temperature, gt=0, le=1e4, allow_inf_nan=False,
                                description="Softmax temperature of the 'reference' weighting.")
+    restore_norm: bool = Field(BlendParams.restore_norm,
+                               description="Scale each blend back to its query's norm (the authors' image "
+                                           "generation path); off: unit rows, as their LLM path uses.")
     return_neighbours: bool = False
 
 

@@ -4,7 +4,8 @@ Accepted layouts, each yielding (features [n, C], metadata rows):
 
 - a ``.npy`` file ``[N, C]`` (metadata from ``--metadata`` CSV/Parquet, row-aligned, if given);
 - a folder of ``.npy`` shards with matching metadata Parquet: clip-retrieval's
-  ``img_emb/img_emb_N.npy`` + ``metadata/metadata_N.parquet``;
+  ``img_emb/img_emb_N.npy`` + ``metadata/metadata_N.parquet``, matched by the number N (clip-retrieval
+  pads it with zeros); a shard without metadata while others have theirs is refused;
 - a Parquet file with an embedding column (a list of floats) and any metadata columns;
 - a Lance table (a ``.lance`` folder) with an embedding column.
 
@@ -42,6 +43,36 @@ IMPORT_CHUNK = 32_768  # rows read, normalised, hashed and committed at a time (
 def _shard_number(path: Path) -> int:
     digits = re.findall(r"\d+", path.stem)
     return int(digits[-1]) if digits else -1
+
+
+def _numbered(folder: Path, prefix: str, suffix: str) -> dict[int, Path]:
+    """``prefix_N.suffix`` files of *folder* by N, read as a number: clip-retrieval pads it with
+    zeros (``img_emb_00.npy``) and other writers do not, so ``07`` and ``7`` are the same shard."""
+    found: dict[int, Path] = {}
+    for path in sorted(folder.glob(f"{prefix}_*{suffix}")) if folder.is_dir() else ():
+        match = re.fullmatch(rf"{re.escape(prefix)}_(\d+)", path.name[:-len(suffix)])
+        if match:
+            if int(match.group(1)) in found:
+                raise InputError(f"{folder} holds two shards numbered {int(match.group(1))}: "
+                                 f"{found[int(match.group(1))].name} and {path.name}")
+            found[int(match.group(1))] = path
+    return found
+
+
+def _clip_retrieval_shards(folder: Path) -> Iterator[tuple[Path, Path | None]]:
+    """Each ``img_emb`` shard with its ``metadata`` Parquet, matched by shard number. A shard
+    without metadata while others have theirs is refused: its rows would lose their paths and
+    captions without a word."""
+    shards = _numbered(folder / "img_emb", "img_emb", ".npy")
+    if not shards:
+        raise InputError(f"{folder}/img_emb holds no img_emb_N.npy shards")
+    metadata = _numbered(folder / "metadata", "metadata", ".parquet")
+    missing = [shards[n].name for n in sorted(shards) if n not in metadata]
+    if metadata and missing:
+        raise InputError(f"{folder}/metadata has no metadata_N.parquet for {', '.join(missing[:5])}"
+                         f"{' …' if len(missing) > 5 else ''} while the other shards have theirs")
+    for number in sorted(shards):
+        yield shards[number], metadata.get(number)
 
 
 def _read_table(path: Path) -> pa.Table:
@@ -125,12 +156,8 @@ def _sources(sources: Sequence[str | os.PathLike], metadata: str | None) -> Iter
         if not path.exists():
             raise InputError(f"no such features file or folder: {given}")
         if path.is_dir() and (path / "img_emb").is_dir():  # clip-retrieval output folder
-            shards = sorted((path / "img_emb").glob("*.npy"), key=_shard_number)
-            if not shards:
-                raise InputError(f"{path}/img_emb holds no .npy shards")
-            for shard in shards:
-                meta = path / "metadata" / f"metadata_{_shard_number(shard)}.parquet"
-                yield str(shard), _load_npy(shard), _read_table(meta) if meta.exists() else None
+            for shard, meta in _clip_retrieval_shards(path):
+                yield str(shard), _load_npy(shard), _read_table(meta) if meta else None
         elif path.is_dir() and path.suffix.lower() != ".lance" and not (path / "_versions").is_dir():
             shards = sorted(path.glob("*.npy"), key=_shard_number)
             if not shards:

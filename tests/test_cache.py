@@ -23,8 +23,10 @@ def features(count: int = SIZE, dim: int = DIM, seed: int = 0) -> np.ndarray:
     return (data / np.linalg.norm(data, axis=1, keepdims=True)).astype(np.float32)
 
 
-def reference(queries: np.ndarray, keys: np.ndarray, k: int, alpha: float, weighting: str, t: float = 20.0):
-    """float64, one query at a time, straight from eq. 3-4 and the authors' code."""
+def reference(queries: np.ndarray, keys: np.ndarray, k: int, alpha: float, weighting: str, t: float = 20.0,
+              restore_norm: bool = False):
+    """float64, one query at a time, straight from eq. 3-4 and the authors' code; *restore_norm*
+    scales each output back to its query's norm (their image generation path)."""
     keys = keys.astype(np.float64)
     out = []
     for q in np.atleast_2d(queries).astype(np.float64):
@@ -34,14 +36,15 @@ def reference(queries: np.ndarray, keys: np.ndarray, k: int, alpha: float, weigh
         top = np.argsort(-sims, kind="stable")[:k]
         s, v = sims[top], keys[top]
         if weighting == "paper":
-            out.append(alpha * (s[:, None] * v).sum(0) + (1 - alpha) * unit)
+            blended = alpha * (s[:, None] * v).sum(0) + (1 - alpha) * unit
         else:
             w = np.exp(t * s - np.max(t * s))
             w /= w.sum()
             aggregate = (w[:, None] * v).sum(0)
             aggregate /= np.linalg.norm(aggregate)
             mixed = alpha * aggregate + (1 - alpha) * unit
-            out.append(mixed / np.linalg.norm(mixed) * norm)
+            blended = mixed / np.linalg.norm(mixed)
+        out.append(blended * norm if restore_norm else blended)
     return np.array(out)
 
 
@@ -58,10 +61,21 @@ def queries():
 
 @pytest.mark.parametrize("weighting", ["paper", "reference"])
 @pytest.mark.parametrize("dtype, atol", [("float32", 1e-5), ("float16", 3e-3)])
-def test_blend_equals_float64_reference(keys, queries, weighting, dtype, atol):
+@pytest.mark.parametrize("restore_norm", [False, True])
+def test_blend_equals_float64_reference(keys, queries, weighting, dtype, atol, restore_norm):
     cache = CacheRetriever.from_arrays(np.arange(SIZE) * 10 + 5, keys, device="cpu", dtype=dtype)
-    out = cache.blend(queries, k=10, alpha=0.5, weighting=weighting)
-    np.testing.assert_allclose(out, reference(queries, keys, 10, 0.5, weighting), atol=atol)
+    out = cache.blend(queries, k=10, alpha=0.5, weighting=weighting, restore_norm=restore_norm)
+    expected = reference(queries, keys, 10, 0.5, weighting, restore_norm=restore_norm)
+    np.testing.assert_allclose(out, expected, atol=atol * (3 if restore_norm else 1))  # norms up to 3
+
+
+def test_the_default_is_the_released_codes_llm_path(keys, queries):
+    """forward_visual: softmax(20 S) weights, aggregate and blend renormalised, k 10, weight 0.5,
+    and the query's norm not restored."""
+    cache = CacheRetriever.from_arrays(np.arange(SIZE), keys, device="cpu", dtype="float32")
+    out = cache.blend(queries)
+    np.testing.assert_allclose(out, reference(queries, keys, 10, 0.5, "reference", 20.0), atol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(out, axis=1), 1.0, atol=1e-5)
 
 
 @pytest.mark.parametrize("weighting", ["paper", "reference"])
@@ -72,7 +86,9 @@ def test_k1_alpha_extremes_and_temperature(keys, queries, weighting):
         np.testing.assert_allclose(out, reference(queries, keys, k, alpha, weighting, t), atol=1e-5)
     unit = queries / np.linalg.norm(queries, axis=1, keepdims=True)
     alpha0 = cache.blend(queries, k=10, alpha=0.0, weighting=weighting)
-    np.testing.assert_allclose(alpha0, unit if weighting == "paper" else queries, atol=1e-5)
+    np.testing.assert_allclose(alpha0, unit, atol=1e-5)
+    np.testing.assert_allclose(cache.blend(queries, k=10, alpha=0.0, weighting=weighting, restore_norm=True),
+                               queries, atol=1e-5)
 
 
 def test_k_beyond_cache_is_clamped_with_a_warning(queries):
@@ -169,7 +185,8 @@ def test_tiny_queries_blend_like_unit_ones_and_underflow_is_refused(weighting):
     got = cache.blend(tiny, k=10, weighting=weighting)
     assert np.isfinite(got).all()
     expected = reference(unit, keys, 10, 0.5, weighting)
-    scale = 1.0 if weighting == "paper" else 1e-25  # the released code restores the query's norm
-    np.testing.assert_allclose(got / scale, expected, atol=1e-5)
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+    restored = cache.blend(tiny, k=10, weighting=weighting, restore_norm=True)
+    np.testing.assert_allclose(restored / np.float32(1e-25), expected, atol=1e-5)
     with pytest.raises(InputError, match="too small to carry a direction"):
         cache.blend(unit * np.float32(1e-39), k=10, weighting=weighting)

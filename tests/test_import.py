@@ -118,7 +118,7 @@ def test_cli_import_and_cache_query(tmp_path, raw, capsys):
     np.save(tmp_path / "q.npy", raw[:4] * 3)
     for argv in (["import", tmp_path / "f.npy", "--store", tmp_path / "s", "--model-name", "imagebind_huge", "--json"],
                  ["cache", "query", "--store", tmp_path / "s", "--queries", tmp_path / "q.npy", "-k", "5",
-                  "--weighting", "reference", "--out", tmp_path / "out.npy", "--neighbours-out", tmp_path / "n.parquet"]):
+                  "--restore-norm", "--out", tmp_path / "out.npy", "--neighbours-out", tmp_path / "n.parquet"]):
         with pytest.raises(SystemExit) as caught:
             cli.main([str(a) for a in argv])
         assert caught.value.code == 0
@@ -126,6 +126,10 @@ def test_cli_import_and_cache_query(tmp_path, raw, capsys):
     blended = np.load(tmp_path / "out.npy")
     assert blended.shape == (4, DIM) and blended.dtype == np.float32
     np.testing.assert_allclose(np.linalg.norm(blended, axis=1), np.linalg.norm(raw[:4] * 3, axis=1), rtol=1e-4)
+    with pytest.raises(SystemExit) as caught:  # the default: the released code's LLM path, unit rows
+        cli.main([str(a) for a in argv[:-4] if a != "--restore-norm"] + ["--out", str(tmp_path / "unit.npy")])
+    assert caught.value.code == 0
+    np.testing.assert_allclose(np.linalg.norm(np.load(tmp_path / "unit.npy"), axis=1), 1.0, rtol=1e-4)
     neighbours = pq.read_table(tmp_path / "n.parquet").to_pylist()
     assert len(neighbours) == 20 and neighbours[0]["rank"] == 1 and neighbours[0]["id"] == 1  # itself first
 
@@ -269,3 +273,34 @@ def test_a_rebuild_never_writes_over_the_files_readers_use(tmp_path, monkeypatch
         [manifest.file.split("/")[1], manifest.values.split("/")[1]])
     np.testing.assert_allclose(CacheRetriever.open(tmp_path / "store", device="cpu").blend(queries, k=5), before,
                                atol=1e-6)
+
+
+def clip_retrieval_output(folder, raw, paths, shards=12, name=lambda n: f"{n:02d}"):
+    """clip-retrieval's layout: img_emb/img_emb_00.npy + metadata/metadata_00.parquet, ..."""
+    (folder / "img_emb").mkdir(parents=True)
+    (folder / "metadata").mkdir()
+    bounds = np.linspace(0, len(raw), shards + 1).astype(int)
+    for number, (start, stop) in enumerate(zip(bounds[:-1], bounds[1:])):
+        np.save(folder / "img_emb" / f"img_emb_{name(number)}.npy", raw[start:stop])
+        pq.write_table(pa.table({"image_path": paths[start:stop], "caption": [f"caption {i}" for i in range(start, stop)]}),
+                       folder / "metadata" / f"metadata_{name(number)}.parquet")
+
+
+@pytest.mark.parametrize("name", [lambda n: f"{n:02d}", lambda n: f"{n}"], ids=["zero-padded", "plain"])
+def test_clip_retrieval_shards_keep_their_metadata_however_numbered(tmp_path, raw, paths, name):
+    """With 10 or more zero-padded shards, 00-09 used to miss their metadata: rows got
+    ``<file>#<row>`` keys instead of their paths, exit 0, no warning."""
+    clip_retrieval_output(tmp_path / "cr", raw, paths, name=name)
+    summary = import_features([tmp_path / "cr"], tmp_path / "store")
+    rows = Store.open(tmp_path / "store").tables.file_rows().to_pylist()
+    assert summary["imported"] == COUNT
+    assert sorted(r["path"] for r in rows) == sorted(paths)
+    assert sorted(r["caption"] for r in rows) == sorted(f"caption {i}" for i in range(COUNT))
+
+
+def test_a_clip_retrieval_shard_without_its_metadata_is_refused(tmp_path, raw, paths):
+    clip_retrieval_output(tmp_path / "cr", raw, paths)
+    (tmp_path / "cr" / "metadata" / "metadata_07.parquet").unlink()
+    with pytest.raises(InputError, match="no metadata_N.parquet for img_emb_07.npy while the other shards"):
+        import_features([tmp_path / "cr"], tmp_path / "store")
+    assert not Store.exists(tmp_path / "store")

@@ -119,15 +119,18 @@ def test_classify_by_id_and_upload(client, rows):
     assert response.json()[0]["label"] == by_id[0]["label"]
 
 
-@pytest.mark.parametrize("weighting", ["paper", "reference"])
-def test_cache_blend_matches_the_library(client, served_library, weighting):
+@pytest.mark.parametrize("weighting, restore_norm", [("paper", False), ("reference", False), ("reference", True)])
+def test_cache_blend_matches_the_library(client, served_library, weighting, restore_norm):
     queries = np.random.default_rng(0).normal(size=(3, 64)).astype(np.float32)
     status, body = post(client, "/cache/blend", {"queries": queries.tolist(), "k": 5, "alpha": 0.3,
                                                  "weighting": weighting, "temperature": 10,
-                                                 "return_neighbours": True})
+                                                 "restore_norm": restore_norm, "return_neighbours": True})
     assert status == 200 and body["k"] == 5
     expected = CacheRetriever.open(served_library[0], device="cpu").blend(
-        queries, 5, 0.3, weighting, 10.0, return_neighbours=True)
+        queries, 5, 0.3, weighting, 10.0, restore_norm, return_neighbours=True)
+    if weighting == "reference":  # unit rows by default, as the LLM path uses; the query's norm on request
+        np.testing.assert_allclose(np.linalg.norm(body["features"], axis=1),
+                                   np.linalg.norm(queries, axis=1) if restore_norm else 1.0, rtol=1e-5)
     np.testing.assert_allclose(body["features"], expected.features, atol=1e-6)
     assert body["ids"] == expected.ids.tolist()
     np.testing.assert_allclose(body["scores"], expected.scores, atol=1e-6)
