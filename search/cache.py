@@ -20,7 +20,7 @@ from encoder import resolve_device
 from search.blend import WEIGHTINGS, BlendParams, Weighting, blend
 from search.terms import check_k
 from store.ann import AnnIndex
-from store.errors import InputError, StoreError
+from store.errors import InputError, StoreError, first_line
 from store.store import Store
 from store.values import id_positions
 
@@ -84,6 +84,37 @@ class CacheRetriever:
             LOG.info("cache of %d x %d on %s, %s index, recall@10 %s", cache.size, cache.dim, device,
                      store.manifest.index.type, cache.recall_at_10)
         return cache
+
+    @classmethod
+    def from_faiss(cls, path: "str | Path", device: str = "auto", dtype: str = "float16",
+                   params: str = "") -> "CacheRetriever":
+        """A cache straight from a FAISS index file, like the ``knn.index`` ImageBind-LLM downloads:
+        an IndexFlatIP (or one in an IndexIDMap), or an IVF index with a direct map. Keys are searched
+        with that index (*params*, e.g. ``"nprobe=16"``, set on it); values are its vectors,
+        reconstructed a chunk at a time into one id-sorted *dtype* matrix and L2-normalised (IVF codes
+        may be lossy). Holds the index and that matrix, as the authors' code holds the index."""
+        import faiss
+        import torch
+
+        try:
+            index = faiss.read_index(str(Path(path).expanduser()))
+        except RuntimeError as error:
+            raise InputError(f"cannot read {path} as a FAISS index: {first_line(error)}") from error
+        if index.metric_type != faiss.METRIC_INNER_PRODUCT:
+            raise InputError(f"{path} is not an inner-product index: its scores are not cosines")
+        if params:
+            faiss.ParameterSpace().set_index_parameters(index, params)
+        ids = np.sort(_faiss_ids(index, path))
+        if not len(ids):
+            raise InputError(f"{path} holds no vectors")
+        values = np.empty((len(ids), index.d), np.dtype(dtype))
+        for start in range(0, len(ids), 65536):
+            chunk = index.reconstruct_batch(ids[start:start + 65536]).astype(np.float64)
+            values[start:start + 65536] = chunk / np.maximum(np.linalg.norm(chunk, axis=1, keepdims=True), 1e-12)
+        device = resolve_device(device)
+        if device.startswith("cuda"):
+            return cls(ids, torch.from_numpy(values).to(device), None, device)
+        return cls(ids, values, index, device)
 
     @classmethod
     def from_arrays(cls, ids: np.ndarray, features: np.ndarray, device: str = "auto", dtype: str = "float16",
@@ -222,6 +253,28 @@ class CacheRetriever:
             warnings.warn(f"k={k} is larger than the cache ({self.size} features): using k={self.size}", stacklevel=3)
             return self.size
         return k
+
+
+def _faiss_ids(index, path) -> np.ndarray:
+    """The ids an index returns, for the index types :meth:`CacheRetriever.from_faiss` takes."""
+    import faiss
+
+    if isinstance(index, (faiss.IndexIDMap, faiss.IndexIDMap2)):
+        if not isinstance(faiss.downcast_index(index.index), faiss.IndexFlat):
+            raise InputError(f"{path}: only an IndexIDMap over a flat index is supported")
+        return faiss.vector_to_array(index.id_map).astype(np.int64)
+    if isinstance(index, faiss.IndexFlat):
+        return np.arange(index.ntotal, dtype=np.int64)
+    if not isinstance(index, faiss.IndexIVF):
+        raise InputError(f"{path}: a {type(index).__name__} is not supported: use an IndexFlatIP or an IVF index "
+                         "with a direct map")
+    ivf = index
+    if ivf.direct_map.type == faiss.DirectMap.NoMap:
+        raise InputError(f"{path}: the IVF index has no direct map, so its vectors cannot be read back: "
+                         "call index.make_direct_map() and write it again")
+    lists = ivf.invlists
+    return np.concatenate([faiss.rev_swig_ptr(lists.get_ids(number), lists.list_size(number)).copy()
+                           for number in range(ivf.nlist)] + [np.zeros(0, np.int64)]).astype(np.int64)
 
 
 def _check_norms(norms: Any) -> None:

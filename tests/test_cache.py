@@ -190,3 +190,62 @@ def test_tiny_queries_blend_like_unit_ones_and_underflow_is_refused(weighting):
     np.testing.assert_allclose(restored / np.float32(1e-25), expected, atol=1e-5)
     with pytest.raises(InputError, match="too small to carry a direction"):
         cache.blend(unit * np.float32(1e-39), k=10, weighting=weighting)
+
+
+def forward_visual_cache_block(queries: np.ndarray, index, k: int = 10, temperature: float = 20.0,
+                               alpha: float = 0.5) -> np.ndarray:
+    """float64, written from the description of ImageBind-LLM's ``forward_visual`` cache step: search
+    the FAISS index, read each neighbour back, softmax(20 S) weights, aggregate renormalised, 0.5
+    blend with the unit query, renormalised; the query's norm is not restored."""
+    out = []
+    for q in np.atleast_2d(queries).astype(np.float64):
+        unit = q / np.linalg.norm(q)
+        scores, ids = index.search(unit[None].astype(np.float32), k)
+        values = np.array([index.reconstruct(int(i)) for i in ids[0]], np.float64)
+        values /= np.linalg.norm(values, axis=1, keepdims=True)
+        s = values @ unit
+        w = np.exp(temperature * (s - s.max()))
+        aggregate = (w / w.sum()) @ values
+        mixed = alpha * aggregate / np.linalg.norm(aggregate) + (1 - alpha) * unit
+        out.append(mixed / np.linalg.norm(mixed))
+    return np.array(out)
+
+
+@pytest.mark.parametrize("kind", ["flat", "idmap", "ivf"])
+def test_a_cache_straight_from_a_faiss_file_is_a_drop_in_for_forward_visual(tmp_path, keys, queries, kind):
+    import faiss
+
+    if kind == "flat":
+        index = faiss.IndexFlatIP(DIM)
+        index.add(keys)
+    elif kind == "idmap":
+        index = faiss.IndexIDMap2(faiss.IndexFlatIP(DIM))
+        index.add_with_ids(keys, np.arange(SIZE, dtype=np.int64)[::-1] * 7 + 3)
+    else:
+        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(DIM), DIM, 8, faiss.METRIC_INNER_PRODUCT)
+        index.train(keys)
+        index.add_with_ids(keys, np.arange(SIZE, dtype=np.int64) * 5 + 11)
+        index.set_direct_map_type(faiss.DirectMap.Hashtable)  # ids that are not 0..n-1
+        index.nprobe = 8  # every list: the same neighbours as exact search
+    faiss.write_index(index, str(tmp_path / "knn.index"))
+    cache = CacheRetriever.from_faiss(tmp_path / "knn.index", device="cpu", dtype="float32")
+    assert cache.size == SIZE
+    np.testing.assert_allclose(cache.blend(queries), forward_visual_cache_block(queries, index), atol=1e-5)
+    np.testing.assert_allclose(cache.blend(queries), reference(queries, keys, 10, 0.5, "reference"), atol=1e-5)
+
+
+def test_faiss_files_the_cache_cannot_use_are_refused_in_one_line(tmp_path, keys):
+    import faiss
+
+    ivf = faiss.IndexIVFFlat(faiss.IndexFlatIP(DIM), DIM, 8, faiss.METRIC_INNER_PRODUCT)
+    ivf.train(keys)
+    ivf.add(keys)
+    faiss.write_index(ivf, str(tmp_path / "no-map.index"))
+    l2 = faiss.IndexFlatL2(DIM)
+    l2.add(keys)
+    faiss.write_index(l2, str(tmp_path / "l2.index"))
+    (tmp_path / "junk.index").write_bytes(b"not an index")
+    for name, message in [("no-map.index", "no direct map"), ("l2.index", "not an inner-product index"),
+                          ("junk.index", "cannot read"), ("missing.index", "cannot read")]:
+        with pytest.raises(InputError, match=message):
+            CacheRetriever.from_faiss(tmp_path / name, device="cpu")
