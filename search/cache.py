@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import numpy as np
 
 from encoder import resolve_device
-from search.blend import WEIGHTINGS, BlendParams, Weighting, blend
+from search.blend import WEIGHTINGS, BlendParams, Weighting, blend, unit_rows
 from search.terms import check_k
 from store.ann import AnnIndex
 from store.errors import InputError, StoreError, first_line
@@ -109,8 +109,7 @@ class CacheRetriever:
             raise InputError(f"{path} holds no vectors")
         values = np.empty((len(ids), index.d), np.dtype(dtype))
         for start in range(0, len(ids), 65536):
-            chunk = index.reconstruct_batch(ids[start:start + 65536]).astype(np.float64)
-            values[start:start + 65536] = chunk / np.maximum(np.linalg.norm(chunk, axis=1, keepdims=True), 1e-12)
+            values[start:start + 65536] = unit_rows(index.reconstruct_batch(ids[start:start + 65536]).astype(np.float64))
         device = resolve_device(device)
         if device.startswith("cuda"):
             return cls(ids, torch.from_numpy(values).to(device), None, device)
@@ -221,7 +220,8 @@ class CacheRetriever:
 
     def check(self, queries: Any, k: int, alpha: float, weighting: str, temperature: float,
               restore_norm: bool = False) -> int:
-        """Validate a blend request (raising InputError with the reason); returns the k to use."""
+        """Validate a blend request (raising InputError with the reason); returns the k to use.
+        Takes a whole ``BlendParams`` tuple: *restore_norm* is valid either way."""
         import torch
 
         k = self._check_request(queries, k, alpha, weighting, temperature)
@@ -268,13 +268,12 @@ def _faiss_ids(index, path) -> np.ndarray:
     if not isinstance(index, faiss.IndexIVF):
         raise InputError(f"{path}: a {type(index).__name__} is not supported: use an IndexFlatIP or an IVF index "
                          "with a direct map")
-    ivf = index
-    if ivf.direct_map.type == faiss.DirectMap.NoMap:
+    if index.direct_map.type == faiss.DirectMap.NoMap:
         raise InputError(f"{path}: the IVF index has no direct map, so its vectors cannot be read back: "
                          "call index.make_direct_map() and write it again")
-    lists = ivf.invlists
+    lists = index.invlists
     return np.concatenate([faiss.rev_swig_ptr(lists.get_ids(number), lists.list_size(number)).copy()
-                           for number in range(ivf.nlist)] + [np.zeros(0, np.int64)]).astype(np.int64)
+                           for number in range(index.nlist)] + [np.zeros(0, np.int64)]).astype(np.int64)
 
 
 def _check_norms(norms: Any) -> None:

@@ -112,7 +112,7 @@ def prune_thumbnails(store_dir: str | os.PathLike, keep: set[str]) -> int:
 def drop_mapped_pages(array: np.ndarray) -> None:
     """Unmap the pages of a memory-mapped file (an np.memmap or a view of one) that this process
     has read; they stay in the page cache. Read pages otherwise count in the process's resident
-    memory, and the kernel maps up to 64 KB around each row a gather touches."""
+    memory, by whole page-cache folios around each row touched (see store.values.FileRows)."""
     for owner in (array, array.base):
         mapping = getattr(owner, "_mmap", None)  # np.memmap's own mmap.mmap
         if mapping is not None:

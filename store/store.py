@@ -135,6 +135,8 @@ class Store:
         """Build the FAISS index from the rows now in the table and record it in the manifest."""
         table_version = self.tables.version()
         source = self.tables.vector_source()
+        current = self._manifest.index
+        self._remove_index_files(keep={current.file, current.values})  # a dead build's leftovers: maybe gigabytes
         relative, values = self._fresh_index_names(table_version)
         with writing(self.directory):
             writer = ValuesWriter(self.directory / values, source.all_ids(), source.dim, config.values_dtype)
@@ -151,10 +153,8 @@ class Store:
 
     def _fresh_index_names(self, table_version: int) -> tuple[str, str]:
         """Index file and values folder names that the manifest does not name: a rebuild at the same
-        table version must not write over the files that readers still use. A dead build's leftovers
-        go first (they may be gigabytes)."""
+        table version must not write over the files that readers still use."""
         current = self._manifest.index
-        self._remove_index_files(keep={current.file, current.values})
         attempt, stem = 1, f"v{table_version}"
         while f"{INDEX_DIR}/index-{stem}.faiss" == current.file or f"{INDEX_DIR}/values-{stem}" == current.values:
             attempt += 1
