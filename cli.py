@@ -37,12 +37,16 @@ from search import (
     get_label_set,
     similarity,
 )
+from search.filters import parse_filter
 from search.query import DEFAULT_K
 from search.zeroshot import DEFAULT_TOP_K, check_template
 from server.config import MIB, ServeConfig
 from store import AnnConfig, ClipdexError, InputError, Store, import_features
 from store.ann import ANN_KINDS, memory_bytes
 from store.errors import os_error_line
+from store.export import FORMATS as EXPORT_FORMATS
+from store.export import ExportConfig, export_store
+from store.export import format_for as export_format_for
 from store.importer import IMPORTED
 from store.report import inspect
 from store.store import reindex
@@ -293,6 +297,11 @@ def demo_command(directory: str, count: int) -> None:
               help="CSV or Parquet with columns path, caption (repeatable). Sidecar photo.txt files are read too.")
 @click.option("--max-pixels", default=INDEX.max_pixels, show_default=True, type=click.IntRange(min=1),
               help="Refuse images above this many pixels (decompression bombs).")
+@click.option("--exact-decode", is_flag=True,
+              help="Decode every JPEG at full size. By default a large JPEG is decoded at 1/2 to 1/8 scale, never "
+                   "below 3x the model's input, then resized as the model would resize the full image: cosine "
+                   ">= 0.996 to the model's own preprocessing on every image measured, median 0.9999 "
+                   "(BENCHMARKS.md, \"Decode fidelity\").")
 @click.option("--commit-every", default=INDEX.commit_every, show_default=True, type=click.IntRange(min=1),
               help="Rows per commit: an interrupted run loses at most this much work.")
 @ann_options
@@ -304,7 +313,7 @@ def demo_command(directory: str, count: int) -> None:
 @click.option("--json", "as_json", is_flag=True,
               help='Print {"scanned", "embedded", "reused", "moved", "removed", "failed", "unavailable", ...} at the end.')
 def index_command(paths, store_dir, model_name, pretrained, device, batch_size, workers, decoder, captions, max_pixels,
-                  commit_every, ann, wait, prune, as_json) -> None:
+                  exact_decode, commit_every, ann, wait, prune, as_json) -> None:
     """Embed the images under PATHS into the store, incrementally.
 
     \b
@@ -323,7 +332,7 @@ def index_command(paths, store_dir, model_name, pretrained, device, batch_size, 
     """
     config = IndexConfig(model=model_name, pretrained=pretrained, device=device, batch_size=batch_size,
                          workers=workers, decoder=decoder, captions=tuple(captions), max_pixels=max_pixels,
-                         commit_every=commit_every, wait=wait, prune=prune,
+                         exact_decode=exact_decode, commit_every=commit_every, wait=wait, prune=prune,
                          ann=ann)
     summary = index_paths(paths, store_dir, config)
     if as_json:
@@ -449,8 +458,10 @@ def import_command(features, store_dir, metadata, model_name, pretrained, ann, w
 
     \b
     FEATURES: a .npy file [N, C]; a folder of .npy shards with matching metadata (clip-retrieval's
-    img_emb/img_emb_N.npy + metadata/metadata_N.parquet); a Parquet file with an embedding column;
-    or a Lance table. Features are L2-normalised on import. A row already in the store (same path
+    img_emb/img_emb_N.npy + metadata/metadata_N.parquet, and text_emb/text_emb_N.npy as caption
+    embeddings); a Parquet file with an embedding column; or a Lance table. Features are
+    L2-normalised on import. Every metadata column is kept (path/image_path/url is the row's key,
+    caption/text its caption, width and height fill clipdex's own) and can be used in --where. A row already in the store (same path
     or row key) keeps its id: skipped when its features are unchanged, updated when they changed,
     so importing twice changes nothing.
 
@@ -467,6 +478,49 @@ def import_command(features, store_dir, metadata, model_name, pretrained, ann, w
         click.echo(f"imported {summary['imported']} of {summary['read']} features ({summary['updated']} updated, "
                    f"{summary['skipped']} already there) in {summary['seconds']:.1f}s. Store: {summary['count']} x {summary['dim']}-d "
                    f"'{summary['space']}', {summary['index']} index.")
+
+
+@cli.command("export", context_settings=CONTEXT)
+@click.option("--store", "store_dir", required=True, type=click.Path(file_okay=False))
+@click.option("--out", required=True, type=click.Path(),
+              help="A .parquet or .csv file, or a folder for --format clip-retrieval.")
+@click.option("--format", "kind", type=click.Choice(list(EXPORT_FORMATS)),
+              help="Default: from the extension of --out. clip-retrieval writes img_emb/img_emb_N.npy (float32), "
+                   "metadata/metadata_N.parquet (image_path, caption, ...) and text_emb/ when every row has a "
+                   "caption embedding.")
+@click.option("--columns", help="Comma-separated columns to write (default: all but path_bytes and link_target; "
+                                "CSV leaves the vectors out).")
+@click.option("--where", "where", help='Only rows matching this condition, e.g. "width >= 512 AND caption IS NOT NULL".')
+@click.option("--shard-rows", default=1_000_000, show_default=True, type=click.IntRange(min=1),
+              help="Rows per clip-retrieval shard.")
+@click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+def export_command(store_dir, out, kind, columns, where, shard_rows, overwrite, as_json) -> None:
+    """Write the store's rows out: id, path, metadata and embeddings (fixed-size float32 lists).
+
+    \b
+    \b
+    Streams from one version of the store, so it works at any size and while a writer runs; the
+    output appears under its name only when complete.
+
+    \b
+    Examples:
+      clipdex export --store pictures.clipdex --out pictures.parquet
+      clipdex export --store pictures.clipdex --out big.csv --where "width >= 1024" --columns id,path,caption
+      clipdex export --store cc3m.clipdex --out cc3m_embeddings --format clip-retrieval
+    """
+    store = Store.open(store_dir)
+    condition = parse_filter(where, store.tables.filter_columns()) if where is not None else None
+    config = ExportConfig(out=Path(out), format=export_format_for(out, kind),
+                          columns=tuple(c.strip() for c in columns.split(",") if c.strip()) if columns else (),
+                          where=condition, overwrite=overwrite, shard_rows=shard_rows)
+    summary = export_store(store, config)
+    if as_json:
+        click.echo(json.dumps(asdict(summary)))
+    else:
+        click.echo(f"exported {summary.rows} rows ({', '.join(summary.columns)}) to {summary.out} as "
+                   f"{summary.format}, {summary.bytes / 1e6:.1f} MB in {summary.seconds:.1f}s."
+                   + (f" {summary.note}." if summary.note else ""))
 
 
 @cli.command("reindex", context_settings=CONTEXT)

@@ -25,8 +25,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def make_jpegs(directory: Path, count: int, seed: int = 2024) -> list[str]:
-    """*count* JPEGs of mixed sizes (short side 300-1200 px), generated once and reused."""
+def make_jpegs(directory: Path, count: int, seed: int = 2024, short_side: tuple[int, int] = (300, 1200)) -> list[str]:
+    """*count* JPEGs of mixed sizes (short side 300-1200 px by default), generated once and reused."""
     from demo.shapes import sample
 
     directory.mkdir(parents=True, exist_ok=True)
@@ -34,7 +34,7 @@ def make_jpegs(directory: Path, count: int, seed: int = 2024) -> list[str]:
     for index in range(count):
         path = directory / f"img_{index:05d}.jpg"
         if not path.exists():
-            image, _ = sample(seed, index, short_side=(300, 1200))
+            image, _ = sample(seed, index, short_side=short_side)
             image.save(path, quality=90)
         paths.append(str(path))
     return paths
@@ -79,12 +79,12 @@ def timed(command: list[str], env: dict | None = None) -> tuple[float, str]:
     return seconds, result.stdout
 
 
-def run_clipdex(model: str, weights: str, images: Path, work: Path, batch: int) -> dict:
+def run_clipdex(model: str, weights: str, images: Path, work: Path, batch: int, *options: str) -> dict:
     store = work / f"store-{model}"
     shutil.rmtree(store, ignore_errors=True)
     clipdex = str(Path(sys.executable).parent / "clipdex")
     seconds, out = timed([clipdex, "index", str(images), "--store", str(store), "--model", model,
-                          "--pretrained", weights, "--device", "cpu", "--batch-size", str(batch), "--json"])
+                          "--pretrained", weights, "--device", "cpu", "--batch-size", str(batch), "--json", *options])
     summary = json.loads(out)
     return {"seconds": seconds, "embedded": summary["embedded"], "inner_seconds": summary["seconds"]}
 
@@ -117,29 +117,35 @@ def run_clip_retrieval(python: str, model: str, weights: str, images: Path, work
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=2000)
+    parser.add_argument("--short-side", default="300,1200", help="range of the images' short sides, in pixels")
     parser.add_argument("--work", type=Path, default=Path("/tmp/clipdex-bench"))
     parser.add_argument("--models", default="clipdex-shapes,ViT-B-32")
     parser.add_argument("--clip-retrieval", help="python of a virtualenv with clip-retrieval installed")
     parser.add_argument("--skip-lancedb", action="store_true")
+    parser.add_argument("--exact-decode", action="store_true", help="also time clipdex index --exact-decode")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "indexing.json")
     args = parser.parse_args()
 
     args.work.mkdir(parents=True, exist_ok=True)
-    images = args.work / f"jpegs-{args.images}"
-    paths = make_jpegs(images, args.images)
+    low, high = (int(side) for side in args.short_side.split(","))
+    images = args.work / (f"jpegs-{args.images}" if (low, high) == (300, 1200) else f"jpegs-{args.images}-{low}-{high}")
+    paths = make_jpegs(images, args.images, short_side=(low, high))
     report = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.platform()}",
               "images": len(paths), "command": " ".join(sys.argv), "models": {}}
     for model in args.models.split(","):
         weights = weights_for(model, args.work)
         row = {"forward_only_img_s": forward_only(model, weights)}
         row["clipdex"] = run_clipdex(model, weights, images, args.work, args.batch_size)
+        if args.exact_decode:
+            row["clipdex_exact_decode"] = run_clipdex(model, weights, images, args.work, args.batch_size,
+                                                      "--exact-decode")
         if not args.skip_lancedb:
             row["lancedb"] = run_lancedb(model, weights, paths, args.work)
         if args.clip_retrieval:
             row["clip_retrieval"] = run_clip_retrieval(args.clip_retrieval, model, weights, images, args.work,
                                                        args.batch_size)
-        for name in ("clipdex", "lancedb", "clip_retrieval"):
+        for name in ("clipdex", "clipdex_exact_decode", "lancedb", "clip_retrieval"):
             if name in row:
                 row[name]["img_s"] = row[name]["embedded"] / row[name]["seconds"]
         for peer in ("lancedb", "clip_retrieval"):
@@ -148,8 +154,12 @@ def main() -> None:
         row["clipdex_vs_forward_only"] = row["clipdex"]["img_s"] / row["forward_only_img_s"]
         report["models"][model] = row
         print(json.dumps({model: row}, indent=1), flush=True)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    write_report(args.out, report)
+
+
+def write_report(out: Path, report: dict) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
 
 
 if __name__ == "__main__":

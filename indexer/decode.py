@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
 from encoder.images import decode_image
+from encoder.reduction import Reduction
 from store.errors import ImageError
 
 if TYPE_CHECKING:
@@ -32,15 +33,19 @@ class DecodedBatch:
 class _Files:
     """Map-style dataset: item i is (i, tensor | None, size, error | None)."""
 
-    def __init__(self, paths: Sequence[str], preprocess: Callable, draft: tuple[int, int], max_pixels: int) -> None:
-        self.paths, self.preprocess, self.draft, self.max_pixels = paths, preprocess, draft, max_pixels
+    def __init__(self, paths: Sequence[str], preprocess: Callable, reduction: Reduction | None,
+                 max_pixels: int) -> None:
+        self.paths, self.preprocess, self.reduction, self.max_pixels = paths, preprocess, reduction, max_pixels
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, position: int):
         try:
-            image, size = decode_image(self.paths[position], self.max_pixels, self.draft)
+            reduction = self.reduction
+            image, size = decode_image(self.paths[position], self.max_pixels, reduction and reduction.draft)
+            if reduction is not None:
+                image = reduction.finish(image, size)
             return position, self.preprocess(image), size, None
         except ImageError as error:
             return position, None, (0, 0), error
@@ -60,13 +65,14 @@ def _collate(items) -> DecodedBatch:
     )
 
 
-def decoded_batches(paths: Sequence[str], preprocess: Callable, image_size: tuple[int, int], batch_size: int,
+def decoded_batches(paths: Sequence[str], preprocess: Callable, reduction: Reduction | None, batch_size: int,
                     workers: int, max_pixels: int, executor: str = "threads",
                     pin_memory: bool = False) -> Iterator[DecodedBatch]:
-    """Yield batches in path order, decoded by *workers* threads or processes running ahead."""
+    """Yield batches in path order, decoded by *workers* threads or processes running ahead; JPEGs
+    reduced while decoding as *reduction* allows (None: decoded at full size)."""
     if not paths:
         return
-    dataset = _Files(paths, preprocess, image_size, max_pixels)
+    dataset = _Files(paths, preprocess, reduction, max_pixels)
     if len(paths) <= batch_size or workers == 0:
         for start in range(0, len(paths), batch_size):
             yield _collate([dataset[i] for i in range(start, min(start + batch_size, len(paths)))])

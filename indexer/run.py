@@ -21,6 +21,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from encoder import DEFAULT_MAX_PIXELS, DEFAULT_MODEL, MODELS, ClipModel, pretrained_label, weights_sha256
+from encoder.reduction import reduction_for
 from indexer.decode import decoded_batches
 from indexer.plan import Job, Plan, make_plan, read_captions, sidecar_caption
 from indexer.scanner import Failure, Scan, scan
@@ -44,6 +45,7 @@ class IndexConfig:
     decoder: str = "auto"  # threads | processes | auto (processes on CUDA, threads on CPU)
     captions: tuple[str, ...] = ()
     max_pixels: int = DEFAULT_MAX_PIXELS
+    exact_decode: bool = False  # False: large JPEGs decoded reduced, as far as encoder.reduction allows
     commit_every: int = 1024
     ann: AnnConfig = field(default_factory=AnnConfig)
     progress: bool = True
@@ -248,7 +250,8 @@ def _embed(store: Store, model: ClipModel, jobs: list[Job], config: IndexConfig,
     on_gpu = model.device.startswith("cuda")
     executor = config.decoder if config.decoder != "auto" else "processes" if on_gpu else "threads"
     batch_size = config.batch_size or (256 if on_gpu else 64)
-    batches = decoded_batches([job.file.path for job in jobs], model.preprocess, model.image_size,
+    reduction = None if config.exact_decode else reduction_for(model.preprocess)
+    batches = decoded_batches([job.file.path for job in jobs], model.preprocess, reduction,
                               batch_size, workers, config.max_pixels, executor, pin_memory=on_gpu)
     with _bar(config, len(jobs), "embedding") as bar:
         for batch in batches:

@@ -17,10 +17,12 @@ every id stays what it was.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import time
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +33,7 @@ from store.errors import InputError, first_line
 from store.files import drop_mapped_pages, progress
 from store.lock import writer_lock
 from store.store import Store, expand
-from store.tables import image_rows
+from store.tables import image_rows, image_schema
 
 EMBEDDING_COLUMNS = ("embedding", "embeddings", "emb", "vector", "image_embedding", "img_emb")
 PATH_COLUMNS = ("path", "image_path", "url", "filepath")
@@ -59,10 +61,10 @@ def _numbered(folder: Path, prefix: str, suffix: str) -> dict[int, Path]:
     return found
 
 
-def _clip_retrieval_shards(folder: Path) -> Iterator[tuple[Path, Path | None]]:
-    """Each ``img_emb`` shard with its ``metadata`` Parquet, matched by shard number. A shard
-    without metadata while others have theirs is refused: its rows would lose their paths and
-    captions without a word."""
+def _clip_retrieval_shards(folder: Path) -> Iterator[tuple[Path, Path | None, Path | None]]:
+    """Each ``img_emb`` shard with its ``metadata`` Parquet and ``text_emb`` shard, matched by
+    shard number. A shard without metadata while others have theirs is refused: its rows would
+    lose their paths and captions without a word."""
     shards = _numbered(folder / "img_emb", "img_emb", ".npy")
     if not shards:
         raise InputError(f"{folder}/img_emb holds no img_emb_N.npy shards")
@@ -71,8 +73,9 @@ def _clip_retrieval_shards(folder: Path) -> Iterator[tuple[Path, Path | None]]:
     if metadata and missing:
         raise InputError(f"{folder}/metadata has no metadata_N.parquet for {', '.join(missing[:5])}"
                          f"{' …' if len(missing) > 5 else ''} while the other shards have theirs")
+    texts = _numbered(folder / "text_emb", "text_emb", ".npy")
     for number in sorted(shards):
-        yield shards[number], metadata.get(number)
+        yield shards[number], metadata.get(number), texts.get(number)
 
 
 def _read_table(path: Path) -> pa.Table:
@@ -139,49 +142,123 @@ def _split_embedding(table: pa.Table, source: Path) -> tuple[np.ndarray, pa.Tabl
     return features, table.drop_columns([column])
 
 
-def read_sources(sources: Sequence[str | os.PathLike], metadata: str | None = None) -> Iterator[tuple[str, np.ndarray, pa.Table | None]]:
-    """Yield (source name, features, metadata or None) per file/shard, in a stable order."""
+Source = tuple[str, np.ndarray, "pa.Table | None", "np.ndarray | None"]  # name, features, metadata, text features
+
+
+def read_sources(sources: Sequence[str | os.PathLike], metadata: str | None = None) -> Iterator[Source]:
+    """Yield (source name, features, metadata or None, caption features or None) per file/shard,
+    in a stable order."""
     if metadata and len(sources) != 1:
         raise InputError("--metadata goes with exactly one features file")
     seen: set[str] = set()
-    for source, features, meta in _sources(sources, metadata):
+    for source, features, meta, texts in _sources(sources, metadata):
         if os.path.realpath(source) not in seen:  # a file named twice (or within a folder also named) once
             seen.add(os.path.realpath(source))
-            yield source, features, meta
+            if texts is not None and texts.shape != features.shape:
+                raise InputError(f"{source}: {features.shape[0]} x {features.shape[1]} image features but text "
+                                 f"features of shape {texts.shape[0]} x {texts.shape[1]}")
+            yield source, features, meta, texts
 
 
-def _sources(sources: Sequence[str | os.PathLike], metadata: str | None) -> Iterator[tuple[str, np.ndarray, pa.Table | None]]:
+def _sources(sources: Sequence[str | os.PathLike], metadata: str | None) -> Iterator[Source]:
     for given in sources:
         path = Path(os.path.expanduser(os.fspath(given)))
         if not path.exists():
             raise InputError(f"no such features file or folder: {given}")
         if path.is_dir() and (path / "img_emb").is_dir():  # clip-retrieval output folder
-            for shard, meta in _clip_retrieval_shards(path):
-                yield str(shard), _load_npy(shard), _read_table(meta) if meta else None
+            for shard, meta, texts in _clip_retrieval_shards(path):
+                yield (str(shard), _load_npy(shard), _read_table(meta) if meta else None,
+                       _load_npy(texts) if texts else None)
         elif path.is_dir() and path.suffix.lower() != ".lance" and not (path / "_versions").is_dir():
             shards = sorted(path.glob("*.npy"), key=_shard_number)
             if not shards:
                 raise InputError(f"{path} holds no .npy shards, img_emb/ folder or Lance table")
             for shard in shards:
                 meta = next((shard.with_suffix(s) for s in (".parquet", ".csv") if shard.with_suffix(s).exists()), None)
-                yield str(shard), _load_npy(shard), _read_table(meta) if meta else None
+                yield str(shard), _load_npy(shard), _read_table(meta) if meta else None, None
         elif path.suffix.lower() == ".npy":
-            yield str(path), _load_npy(path), _read_table(Path(os.path.expanduser(metadata))) if metadata else None
+            yield str(path), _load_npy(path), _read_table(Path(os.path.expanduser(metadata))) if metadata else None, None
         else:
             features, meta = _split_embedding(_read_table(path), path)
-            yield str(path), features, meta
+            yield str(path), features, meta, None
 
 
-def row_keys(source: str, count: int, meta: pa.Table | None) -> tuple[Sequence[str], Sequence[str | None]]:
-    """Each row's key (its path, url, ... column, else ``<source>#<row>``) and caption."""
+@dataclass(frozen=True)
+class SourceRows:
+    """What a source says of its rows besides the features: key, caption, size, other metadata."""
+    keys: Sequence[str]
+    captions: Sequence[str | None]
+    width: pa.Array | None = None
+    height: pa.Array | None = None
+    extra: pa.Table | None = None  # every other metadata column, named and typed for the store
+
+    def take(self, positions: Sequence[int]) -> dict:
+        """The image_rows columns of *positions* (extra metadata columns included)."""
+        taken = pa.array(positions, pa.int64())
+        columns = {"path": [self.keys[p] for p in positions], "caption": [self.captions[p] for p in positions]}
+        for name, column in (("width", self.width), ("height", self.height)):
+            if column is not None:
+                columns[name] = column.take(taken)
+        if self.extra is not None:
+            columns["metadata"] = dict(zip(self.extra.column_names, self.extra.take(taken).columns))
+        return columns
+
+
+def source_rows(source: str, count: int, meta: pa.Table | None) -> SourceRows:
+    """Each row's key (its path, url, ... column, else ``<source>#<row>``), caption, width and
+    height, and every other metadata column (see :func:`extra_columns`)."""
     if meta is not None and meta.num_rows != count:
         raise InputError(f"{source}: {count} features but {meta.num_rows} metadata rows")
-    names = meta.column_names if meta is not None else []
+    if meta is None:
+        return SourceRows(RowKeys(source, count), [None] * count)
+    names = meta.column_names
     path_column = next((c for c in PATH_COLUMNS if c in names), None)
     caption_column = next((c for c in CAPTION_COLUMNS if c in names), None)
     keys = [str(p) for p in meta.column(path_column).to_pylist()] if path_column else RowKeys(source, count)
     captions = meta.column(caption_column).to_pylist() if caption_column else [None] * count
-    return keys, captions
+    sizes = {name: _integers(meta.column(name)) if name in names else None for name in ("width", "height")}
+    used = {path_column, caption_column, *(name for name in sizes if sizes[name] is not None)}
+    return SourceRows(keys, captions, sizes["width"], sizes["height"], extra_columns(meta, used, source))
+
+
+def _integers(column: pa.ChunkedArray) -> pa.Array | None:
+    try:
+        return column.combine_chunks().cast(pa.int32())
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        return None  # not sizes after all: kept as a metadata column of its own
+
+
+def extra_columns(meta: pa.Table, used: set, source: str) -> pa.Table | None:
+    """The metadata columns clipdex has no column of its own for (clip-retrieval's url, key,
+    status, exif, ...), kept so that `where` filters can use them. Names become identifiers
+    (``original width`` -> ``original_width``) and one that is a clipdex column gets the prefix
+    ``source_``; nested values become JSON text."""
+    reserved = set(image_schema(1).names)
+    columns: dict[str, pa.Array] = {}
+    for name in meta.column_names:
+        if name in used:
+            continue
+        target = re.sub(r"\W", "_", name, flags=re.ASCII) or "column"
+        target = f"c_{target}" if target[0].isdigit() else target
+        target = f"source_{target}" if target in reserved else target
+        if target in columns:
+            raise InputError(f"{source}: metadata columns {name!r} and another both become {target!r}")
+        columns[target] = _plain(meta.column(name).combine_chunks())
+    return pa.table(columns) if columns else None
+
+
+def _plain(column: pa.Array) -> pa.Array:
+    """A column LanceDB can store and filter: nested values as JSON text, dictionaries decoded."""
+    kind = column.type
+    if pa.types.is_dictionary(kind):
+        return _plain(column.dictionary_decode())
+    if pa.types.is_null(kind):
+        return column.cast(pa.string())
+    if pa.types.is_large_string(kind):
+        return column.cast(pa.string())
+    if pa.types.is_nested(kind):
+        return pa.array([None if v is None else json.dumps(v, default=str) for v in column.to_pylist()], pa.string())
+    return column
 
 
 def check_features(source: str, features: np.ndarray) -> None:
@@ -201,6 +278,31 @@ def normalised(features: np.ndarray) -> np.ndarray:
     """Rows of any float dtype (float16 included) as unit float32 vectors; norms in float64."""
     chunk = np.asarray(features, np.float64)
     return (chunk / np.linalg.norm(chunk, axis=1, keepdims=True)).astype(np.float32)
+
+
+def caption_vectors(features: np.ndarray) -> pa.Array:
+    """Caption embeddings as the images table keeps them: unit float32 rows, null where a row is
+    all zeros or not finite (a row without a caption)."""
+    chunk = np.asarray(features, np.float64)
+    norms = np.linalg.norm(chunk, axis=1)
+    empty = ~np.isfinite(norms) | (norms == 0)
+    unit = (np.nan_to_num(chunk) / np.where(empty, 1, norms)[:, None]).astype(np.float32)
+    return pa.FixedSizeListArray.from_arrays(pa.array(unit.reshape(-1)), chunk.shape[1], mask=pa.array(empty))
+
+
+def _fit_metadata(store: Store, given: SourceRows, source: str) -> SourceRows:
+    """*given* with its metadata columns in the images table (added the first time a source brings
+    them) and cast to the types they have there."""
+    store.tables.add_metadata_columns(given.extra.schema)
+    schema = store.tables.images.schema
+    columns = []
+    for name, column in zip(given.extra.column_names, given.extra.columns):
+        try:
+            columns.append(column.cast(schema.field(name).type))
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as error:
+            raise InputError(f"{source}: metadata column '{name}' holds {column.type} values but the store's "
+                             f"'{name}' column holds {schema.field(name).type}: {first_line(error)}") from error
+    return replace(given, extra=pa.table(dict(zip(given.extra.column_names, columns))))
 
 
 def feature_hash(vector: np.ndarray) -> str:
@@ -229,8 +331,9 @@ def _import(sources, store_dir: Path, metadata, model_name, pretrained, ann, has
     started = time.perf_counter()
     store, known = None, {}
     read = imported = updated = 0
-    for source, raw, meta in read_sources(sources, metadata):
-        keys, captions = row_keys(source, len(raw), meta)
+    for source, raw, meta, texts in read_sources(sources, metadata):
+        given = source_rows(source, len(raw), meta)
+        keys = given.keys
         check_features(source, raw)
         if store is None:
             store = Store.create(store_dir, model_name, pretrained, raw.shape[1], space=model_name,
@@ -243,6 +346,8 @@ def _import(sources, store_dir: Path, metadata, model_name, pretrained, ann, has
         if raw.shape[1] != store.manifest.dim:
             raise InputError(f"{source} has {raw.shape[1]}-d features; the store holds "
                              f"{store.manifest.dim}-d features of '{store.manifest.space}'")
+        if given.extra is not None:
+            given = _fit_metadata(store, given, source)
         read += len(raw)
         unique = isinstance(keys, RowKeys)
         if unique:
@@ -256,6 +361,7 @@ def _import(sources, store_dir: Path, metadata, model_name, pretrained, ann, has
             chunk = positions[start:start + IMPORT_CHUNK]
             vectors = normalised(raw[chunk])
             drop_mapped_pages(raw)
+            captions = caption_vectors(texts[chunk]) if texts is not None else None
             hashes = [feature_hash(vector) for vector in vectors]
             fresh = [j for j, row in enumerate(chunk) if keys[row] not in known]
             changed = [j for j, row in enumerate(chunk) if keys[row] in known and known[keys[row]][1] != hashes[j]]
@@ -263,20 +369,22 @@ def _import(sources, store_dir: Path, metadata, model_name, pretrained, ann, has
                 first = store.reserve_ids(len(fresh))
                 store.tables.add(image_rows(
                     store.manifest.dim, id=np.arange(first, first + len(fresh), dtype=np.int64),
-                    hash=[hashes[j] for j in fresh], path=[keys[chunk[j]] for j in fresh],
-                    caption=[captions[chunk[j]] for j in fresh], embedding=vectors[fresh]))
+                    hash=[hashes[j] for j in fresh], embedding=vectors[fresh],
+                    caption_embedding=None if captions is None else captions.take(fresh),
+                    **given.take(chunk[fresh])))
                 if not unique:  # a later source may name the same paths; a file's own row keys are its alone
-                    known.update((keys[chunk[j]], (first + n, hashes[j], captions[chunk[j]]))
+                    known.update((keys[chunk[j]], (first + n, hashes[j], given.captions[chunk[j]]))
                                  for n, j in enumerate(fresh))
                 imported += len(fresh)
             if changed:
+                columns = given.take(chunk[changed])
+                columns["caption"] = [caption if caption is not None else known[keys[chunk[j]]][2]
+                                      for caption, j in zip(columns["caption"], changed)]
                 store.tables.upsert(image_rows(  # same id, new vector: one atomic commit
                     store.manifest.dim, id=[known[keys[chunk[j]]][0] for j in changed],
-                    hash=[hashes[j] for j in changed], path=[keys[chunk[j]] for j in changed],
-                    embedding=vectors[changed],
-                    caption=[captions[chunk[j]] if captions[chunk[j]] is not None else known[keys[chunk[j]]][2]
-                             for j in changed]))
-                known.update((keys[chunk[j]], (known[keys[chunk[j]]][0], hashes[j], captions[chunk[j]]))
+                    hash=[hashes[j] for j in changed], embedding=vectors[changed],
+                    caption_embedding=None if captions is None else captions.take(changed), **columns))
+                known.update((keys[chunk[j]], (known[keys[chunk[j]]][0], hashes[j], given.captions[chunk[j]]))
                              for j in changed)
                 updated += len(changed)
             bar.update(len(chunk))

@@ -18,6 +18,9 @@ from store.values import StoredValues, ValuesWriter
 
 LOG = logging.getLogger(__name__)
 INDEX_DIR = "faiss"
+# The current index at a path that never changes, for anyone reading the store without clipdex.
+# clipdex's own readers open the versioned file the manifest names, which matches the table.
+CURRENT_INDEX = f"{INDEX_DIR}/index.faiss"
 
 
 class Store:
@@ -136,7 +139,8 @@ class Store:
         table_version = self.tables.version()
         source = self.tables.vector_source()
         current = self._manifest.index
-        self._remove_index_files(keep={current.file, current.values})  # a dead build's leftovers: maybe gigabytes
+        # A dead build's leftovers: maybe gigabytes.
+        self._remove_index_files(keep={current.file, current.values, CURRENT_INDEX})
         relative, values = self._fresh_index_names(table_version)
         with writing(self.directory):
             writer = ValuesWriter(self.directory / values, source.all_ids(), source.dim, config.values_dtype)
@@ -147,7 +151,9 @@ class Store:
                          recall_queries=built.recall_queries, build_seconds=round(built.seconds, 3), built=now(),
                          values=values, rerank=built.rerank)
         self.update_manifest(index=info, count=self.tables.count(), failures=self.tables.failure_count())
-        self._remove_index_files(keep={relative, values})
+        with writing(self.directory):
+            self._publish_index(relative)
+        self._remove_index_files(keep={relative, values, CURRENT_INDEX})
         self._index, self._index_file = built.index, relative
         return info
 
@@ -160,6 +166,19 @@ class Store:
             attempt += 1
             stem = f"v{table_version}-{attempt}"
         return f"{INDEX_DIR}/index-{stem}.faiss", f"{INDEX_DIR}/values-{stem}"
+
+    def _publish_index(self, relative: str) -> None:
+        """Make CURRENT_INDEX the index just recorded: a hard link (no copy, where the file system
+        has them) renamed over the previous one, so a reader of that path opens the old index or
+        the new one, never a partial file."""
+        current = self.directory / CURRENT_INDEX
+        temporary = current.with_name(f".index.faiss.{os.getpid()}")
+        temporary.unlink(missing_ok=True)
+        try:
+            os.link(self.directory / relative, temporary)
+        except OSError:
+            shutil.copyfile(self.directory / relative, temporary)
+        os.replace(temporary, current)
 
     def _remove_index_files(self, keep: set[str]) -> None:
         """Every index file and values folder but *keep*. Only the writer (under the store's lock)

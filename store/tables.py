@@ -61,7 +61,9 @@ def image_schema(dim: int) -> pa.Schema:
         pa.field("height", pa.int32()),
         pa.field("caption", pa.string()),
         pa.field("embedding", vector, nullable=False),
-        pa.field("caption_embedding", vector),
+        # A variable-length list, not a fixed-size one, so that LanceDB sees a single vector column
+        # and a plain `table.search(vector)` needs no column name. Each value still has dim floats.
+        pa.field("caption_embedding", pa.list_(pa.float32())),
     ])
 
 
@@ -76,13 +78,15 @@ FAILURE_SCHEMA = pa.schema([
 VECTOR_COLUMNS = ("embedding", "caption_embedding")
 
 
-def image_rows(dim: int, *, partial: bool = False, **columns: Any) -> pa.Table:
+def image_rows(dim: int, *, partial: bool = False, metadata: dict[str, pa.Array] | None = None,
+               **columns: Any) -> pa.Table:
     """Rows of the images table: the one builder every writer (indexer, importer) goes through.
 
     Columns are named as in :func:`image_schema`; vectors may be ``[n, dim]`` arrays; ``path`` may
     hold any file system path (``path_bytes`` is derived from it). A full row set (the default)
     gets nulls for the optional columns not given; ``partial=True`` builds just the given columns,
-    for an update of existing ids.
+    for an update of existing ids. *metadata*: imported metadata columns, appended as they are
+    (see :meth:`Tables.add_metadata_columns`).
     """
     schema = image_schema(dim)
     if "path" in columns and "path_bytes" not in columns and not isinstance(columns["path"], (pa.Array, pa.ChunkedArray)):
@@ -94,6 +98,9 @@ def image_rows(dim: int, *, partial: bool = False, **columns: Any) -> pa.Table:
     count = len(next(iter(columns.values()))) if columns else 0
     fields = [f for f in schema if f.name in columns] if partial else list(schema)
     arrays = [_column(columns.get(f.name), f, dim, count) for f in fields]
+    for name, values in (metadata or {}).items():
+        fields.append(pa.field(name, values.type))
+        arrays.append(values)
     return pa.Table.from_arrays(arrays, schema=pa.schema(fields))
 
 
@@ -103,7 +110,7 @@ def _column(value: Any, field: pa.Field, dim: int, count: int) -> pa.Array:
             raise TypeError(f"images rows need the column '{field.name}'")
         return pa.nulls(count, field.type)
     if field.name in VECTOR_COLUMNS and isinstance(value, np.ndarray):
-        return vectors(value, dim)
+        return vectors(value, dim).cast(field.type)
     if isinstance(value, (pa.Array, pa.ChunkedArray)):
         return value.cast(field.type)
     return pa.array(value, field.type)
@@ -118,7 +125,7 @@ def column_vectors(table: pa.Table, column: str = "embedding") -> np.ndarray:
     """A fixed-size-list column as a ``[rows, dim]`` float32 array (zero-copy where possible)."""
     chunks = table.column(column).combine_chunks()
     dim = chunks.type.list_size
-    return chunks.values.to_numpy(zero_copy_only=False).reshape(-1, dim)
+    return chunks.flatten().to_numpy(zero_copy_only=False).reshape(-1, dim)  # .values would ignore a slice's offset
 
 
 class Tables:
@@ -156,17 +163,35 @@ class Tables:
         return name in self._handles or name in self.db.list_tables().tables
 
     def upgrade(self) -> None:
-        """Add the columns a newer clipdex writes to tables an older one made (a writer's step)."""
+        """Bring tables an older clipdex made to the current schema (a writer's step): add the columns
+        it lacks, and turn a fixed-size caption_embedding into a list (Lance rewrites that column
+        alone, streaming)."""
         images = self.images
-        missing = [f for f in image_schema(self.dim) if f.name not in images.schema.names]
-        if missing:
+        expected = image_schema(self.dim)
+        missing = [f for f in expected if f.name not in images.schema.names]
+        retyped = [{"path": f.name, "data_type": f.type} for f in expected
+                   if f.name in images.schema.names and f.name != "embedding"
+                   and images.schema.field(f.name).type != f.type]
+        if missing or retyped:
             with writing(self.directory):
-                images.add_columns({f.name: f"CAST(NULL AS {_SQL_TYPES[f.type]})" for f in missing})
+                if missing:
+                    images.add_columns(pa.schema(missing))
+                if retyped:
+                    images.alter_columns(*retyped)
+
+    def add_metadata_columns(self, fields: Sequence[pa.Field]) -> None:
+        """Columns for metadata that came with imported features (a writer's step): each one is
+        added, all null, the first time a source brings it."""
+        new = [f for f in fields if f.name not in self.images.schema.names]
+        if new:
+            with writing(self.directory):
+                self.images.add_columns(pa.schema(new))
 
     def filter_columns(self) -> list[str]:
         """Columns a `where` filter may name: every stored column but vectors and raw bytes."""
         return [f.name for f in self.images.schema
-                if not (pa.types.is_fixed_size_list(f.type) or pa.types.is_binary(f.type))]
+                if not (pa.types.is_fixed_size_list(f.type) or pa.types.is_list(f.type)
+                        or pa.types.is_binary(f.type))]
 
     def _present(self, columns: Sequence[str]) -> list[str]:
         """*columns* that the images table has (an older store may lack newer, nullable ones)."""
@@ -241,14 +266,14 @@ class Tables:
     def add(self, rows: pa.Table) -> None:
         if rows.num_rows:
             with writing(self.directory):
-                self.images.add(rows, on_bad_vectors="null")
+                self.images.add(_conformed(rows, self.images.schema), on_bad_vectors="null")
 
     def upsert(self, rows: pa.Table) -> None:
         """Insert new ids and replace the rows of existing ones, in one atomic commit."""
         if rows.num_rows:
             with writing(self.directory):
                 (self.images.merge_insert("id").when_matched_update_all().when_not_matched_insert_all()
-                 .execute(rows, on_bad_vectors="null"))
+                 .execute(_conformed(rows, self.images.schema), on_bad_vectors="null"))
 
     def update_files(self, rows: pa.Table) -> None:
         """Rewrite path/hash/bytes/mtime of existing ids (moves and touched files) in one commit."""
@@ -325,8 +350,14 @@ def _ids_and_vectors(rows: pa.Table | pa.RecordBatch) -> tuple[np.ndarray, np.nd
     return np.asarray(rows.column("id").to_numpy(zero_copy_only=False), np.int64), vectors
 
 
-_SQL_TYPES = {pa.binary(): "BINARY", pa.string(): "STRING", pa.int64(): "BIGINT", pa.int32(): "INT",
-              pa.float64(): "DOUBLE"}
+def _conformed(rows: pa.Table, schema: pa.Schema) -> pa.Table:
+    """Full *rows* in the stored table's column order and types: nulls for the metadata columns
+    that imports added (and that these rows do not have), list caption vectors in a store an older
+    clipdex made with fixed-size ones."""
+    if rows.schema.equals(schema):
+        return rows
+    return pa.table({f.name: rows.column(f.name).cast(f.type) if f.name in rows.column_names
+                     else pa.nulls(rows.num_rows, f.type) for f in schema}, schema=schema)
 
 
 def _with_columns(table: pa.Table, columns: Sequence[str], schema: pa.Schema) -> pa.Table:

@@ -270,20 +270,32 @@ def test_a_rebuild_never_writes_over_the_files_readers_use(tmp_path, monkeypatch
     np.testing.assert_array_equal(reader.blend(queries, k=5), before)  # the old files stay mapped
     manifest = Store.open(tmp_path / "store").manifest.index
     assert sorted(p.name for p in (tmp_path / "store" / "faiss").iterdir()) == sorted(
-        [manifest.file.split("/")[1], manifest.values.split("/")[1]])
+        [manifest.file.split("/")[1], manifest.values.split("/")[1], "index.faiss"])
     np.testing.assert_allclose(CacheRetriever.open(tmp_path / "store", device="cpu").blend(queries, k=5), before,
                                atol=1e-6)
 
 
-def clip_retrieval_output(folder, raw, paths, shards=12, name=lambda n: f"{n:02d}"):
-    """clip-retrieval's layout: img_emb/img_emb_00.npy + metadata/metadata_00.parquet, ..."""
+def clip_retrieval_output(folder, raw, paths, shards=12, name=lambda n: f"{n:02d}", texts=None):
+    """clip-retrieval's layout: img_emb/img_emb_00.npy + metadata/metadata_00.parquet (+ text_emb/),
+    with the metadata columns a real `clip-retrieval inference` run over an img2dataset output writes."""
     (folder / "img_emb").mkdir(parents=True)
     (folder / "metadata").mkdir()
+    if texts is not None:
+        (folder / "text_emb").mkdir()
     bounds = np.linspace(0, len(raw), shards + 1).astype(int)
     for number, (start, stop) in enumerate(zip(bounds[:-1], bounds[1:])):
+        rows = range(start, stop)
         np.save(folder / "img_emb" / f"img_emb_{name(number)}.npy", raw[start:stop])
-        pq.write_table(pa.table({"image_path": paths[start:stop], "caption": [f"caption {i}" for i in range(start, stop)]}),
-                       folder / "metadata" / f"metadata_{name(number)}.parquet")
+        if texts is not None:
+            np.save(folder / "text_emb" / f"text_emb_{name(number)}.npy", texts[start:stop])
+        pq.write_table(pa.table({
+            "image_path": paths[start:stop], "caption": [f"caption {i}" for i in rows],
+            "url": [f"https://example.com/{i}.jpg" for i in rows], "key": [f"{i:09d}" for i in rows],
+            "status": ["success"] * len(rows), "error_message": pa.nulls(len(rows), pa.string()),
+            "width": [256 + i for i in rows], "height": [192 + i % 7 for i in rows],
+            "original_width": [1024 + i for i in rows], "original_height": [768] * len(rows),
+            "exif": ['{"Image Make": "Canon"}'] * len(rows), "sha256": [f"{i:064x}" for i in rows],
+        }), folder / "metadata" / f"metadata_{name(number)}.parquet")
 
 
 @pytest.mark.parametrize("name", [lambda n: f"{n:02d}", lambda n: f"{n}"], ids=["zero-padded", "plain"])
@@ -304,3 +316,82 @@ def test_a_clip_retrieval_shard_without_its_metadata_is_refused(tmp_path, raw, p
     with pytest.raises(InputError, match="no metadata_N.parquet for img_emb_07.npy while the other shards"):
         import_features([tmp_path / "cr"], tmp_path / "store")
     assert not Store.exists(tmp_path / "store")
+
+
+def unit(rows):
+    rows = np.asarray(rows, np.float64)
+    return rows / np.linalg.norm(rows, axis=1, keepdims=True)
+
+
+def test_clip_retrieval_round_trip_keeps_every_path_caption_and_embedding(capsys, tmp_path, raw, paths):
+    """12 zero-padded shards with text_emb/ -> import -> export --format clip-retrieval -> import."""
+    texts = np.random.default_rng(9).normal(size=raw.shape).astype(np.float16)
+    clip_retrieval_output(tmp_path / "cr", raw.astype(np.float16), paths, texts=texts)
+    import_features([tmp_path / "cr"], tmp_path / "store")
+    assert run(capsys, "export", "--store", tmp_path / "store", "--out", tmp_path / "out",
+               "--format", "clip-retrieval", "--shard-rows", "23")[0] == 0  # across the 25-row fragments
+    out = tmp_path / "out"
+    assert sorted(p.name for p in (out / "img_emb").iterdir())[:2] == ["img_emb_00.npy", "img_emb_01.npy"]
+    assert len(list((out / "text_emb").iterdir())) == len(list((out / "metadata").iterdir())) == 14
+    meta = pa.concat_tables([pq.read_table(p) for p in sorted((out / "metadata").iterdir())])
+    images = np.concatenate([np.load(p) for p in sorted((out / "img_emb").iterdir())])
+    captions = np.concatenate([np.load(p) for p in sorted((out / "text_emb").iterdir())])
+    row = {path: i for i, path in enumerate(meta.column("image_path").to_pylist())}
+    order = [row[p] for p in paths]
+    assert meta.column("caption").take(order).to_pylist() == [f"caption {i}" for i in range(COUNT)]
+    assert meta.column("key").take(order).to_pylist() == [f"{i:09d}" for i in range(COUNT)]
+    np.testing.assert_allclose(images[order], unit(raw.astype(np.float16)), atol=1e-6)
+    np.testing.assert_allclose(captions[order], unit(texts), atol=1e-6)
+
+    from embedding_reader import EmbeddingReader  # how autofaiss and clip-retrieval's tools read such a folder
+
+    reader = EmbeddingReader(str(out / "img_emb"), file_format="parquet_npy", metadata_folder=str(out / "metadata"),
+                             meta_columns=["image_path", "caption"])
+    read = [(vectors, meta) for vectors, meta in reader(batch_size=64, show_progress=False)]
+    read_paths = [p for _, meta in read for p in meta["image_path"]]
+    read_vectors = np.concatenate([vectors for vectors, _ in read])
+    assert sorted(read_paths) == sorted(paths)
+    np.testing.assert_array_equal(read_vectors[[read_paths.index(p) for p in paths]], images[order])
+
+    import_features([out], tmp_path / "again")  # and clipdex reads what it wrote
+    again = Store.open(tmp_path / "again").tables.images.to_arrow()
+    assert sorted(again.column("path").to_pylist()) == sorted(paths)
+    assert again.num_rows == COUNT and again.column("caption_embedding").null_count == 0
+
+
+def test_clip_retrieval_metadata_is_kept_and_filterable(tmp_path, raw, paths):
+    clip_retrieval_output(tmp_path / "cr", raw, paths)
+    import_features([tmp_path / "cr"], tmp_path / "store")
+    store = Store.open(tmp_path / "store")
+    rows = store.tables.images.to_arrow()
+    by_path = {r["path"]: r for r in rows.to_pylist()}
+    first = by_path[paths[3]]
+    assert (first["width"], first["height"]) == (259, 195)  # clipdex's own columns, filled
+    assert first["url"] == "https://example.com/3.jpg" and first["key"] == "000000003"
+    assert first["original_width"] == 1027 and first["status"] == "success" and first["error_message"] is None
+    assert first["exif"] == '{"Image Make": "Canon"}'
+    for column in ("url", "key", "status", "original_width", "sha256"):
+        assert column in store.tables.filter_columns()
+    hits = Query.create(store, vector=raw[0]).where("original_width < 1030").limit(10).to_list()
+    assert sorted(hit["path"] for hit in hits) == sorted(paths[:6])
+
+
+def test_metadata_named_like_a_clipdex_column_is_kept_under_another_name(tmp_path, raw, paths):
+    np.save(tmp_path / "f.npy", raw)
+    pq.write_table(pa.table({"path": paths, "hash": [f"md5-{i}" for i in range(COUNT)],
+                             "Camera Model": ["X100"] * COUNT, "tags": [["a", "b"]] * COUNT}), tmp_path / "m.parquet")
+    import_features([tmp_path / "f.npy"], tmp_path / "store", metadata=str(tmp_path / "m.parquet"))
+    row = Store.open(tmp_path / "store").tables.images.to_arrow().to_pylist()[0]
+    assert row["source_hash"].startswith("md5-") and row["hash"] != row["source_hash"]
+    assert row["Camera_Model"] == "X100" and json.loads(row["tags"]) == ["a", "b"]
+
+
+def test_metadata_of_another_type_than_the_stored_column_is_one_line(tmp_path, raw, paths):
+    np.save(tmp_path / "a.npy", raw[:10])
+    pq.write_table(pa.table({"path": paths[:10], "rating": list(range(10))}), tmp_path / "a.parquet")
+    import_features([tmp_path / "a.npy"], tmp_path / "store", metadata=str(tmp_path / "a.parquet"))
+    np.save(tmp_path / "b.npy", raw[10:20])
+    pq.write_table(pa.table({"path": paths[10:20], "rating": ["good"] * 10}), tmp_path / "b.parquet")
+    with pytest.raises(InputError, match="metadata column 'rating' holds string values but the store's 'rating'"):
+        import_features([tmp_path / "b.npy"], tmp_path / "store", metadata=str(tmp_path / "b.parquet"))
+    assert Store.open(tmp_path / "store").tables.count() == 10
