@@ -6,6 +6,7 @@ one line each.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -24,6 +25,8 @@ import pyarrow.parquet as pq
 from demo import DEMO_COUNT, DEMO_DIR, DEMO_SEED, demo_lines, plot_classification, plot_similarity, write_demo_library
 from encoder import DEFAULT_MODEL, MODELS, can_load, list_models, load_image
 from indexer import IndexConfig, index_paths
+from indexer.ray_engine import RayConfig, ray_session
+from indexer.run import ENGINES
 from search import (
     DEFAULT_TEMPLATE,
     WEIGHTINGS,
@@ -295,6 +298,14 @@ def demo_command(directory: str, count: int) -> None:
                    "auto: processes on CUDA, threads on CPU.")
 @click.option("--captions", multiple=True, type=click.Path(dir_okay=False),
               help="CSV or Parquet with columns path, caption (repeatable). Sidecar photo.txt files are read too.")
+@click.option("--engine", type=click.Choice(list(ENGINES)), default=INDEX.engine, show_default=True,
+              help="Where decoding and embedding run: this process, or a Ray cluster (needs clipdex[ray]; the "
+                   "store must be on a path every node reaches). --workers is then the number of actors.")
+@click.option("--ray-address", help="Join this Ray cluster (e.g. 10.0.0.1:6379) instead of starting a local one.")
+@click.option("--cpus-per-worker", default=INDEX.ray.cpus_per_worker, show_default=True,
+              type=click.FloatRange(min=0.1), help="CPUs each Ray actor reserves (and its torch threads).")
+@click.option("--gpus-per-worker", default=INDEX.ray.gpus_per_worker, show_default=True,
+              type=click.FloatRange(min=0), help="GPUs each Ray actor reserves (e.g. 1, or 0.5 to share one).")
 @click.option("--max-pixels", default=INDEX.max_pixels, show_default=True, type=click.IntRange(min=1),
               help="Refuse images above this many pixels (decompression bombs).")
 @click.option("--exact-decode", is_flag=True,
@@ -312,8 +323,9 @@ def demo_command(directory: str, count: int) -> None:
                    "drive looks exactly like an empty folder).")
 @click.option("--json", "as_json", is_flag=True,
               help='Print {"scanned", "embedded", "reused", "moved", "removed", "failed", "unavailable", ...} at the end.')
-def index_command(paths, store_dir, model_name, pretrained, device, batch_size, workers, decoder, captions, max_pixels,
-                  exact_decode, commit_every, ann, wait, prune, as_json) -> None:
+def index_command(paths, store_dir, model_name, pretrained, device, batch_size, workers, decoder, captions, engine,
+                  ray_address, cpus_per_worker, gpus_per_worker, max_pixels, exact_decode, commit_every, ann, wait,
+                  prune, as_json) -> None:
     """Embed the images under PATHS into the store, incrementally.
 
     \b
@@ -333,7 +345,10 @@ def index_command(paths, store_dir, model_name, pretrained, device, batch_size, 
     config = IndexConfig(model=model_name, pretrained=pretrained, device=device, batch_size=batch_size,
                          workers=workers, decoder=decoder, captions=tuple(captions), max_pixels=max_pixels,
                          exact_decode=exact_decode, commit_every=commit_every, wait=wait, prune=prune,
-                         ann=ann)
+                         ann=ann, engine=engine,
+                         ray=RayConfig(address=ray_address, workers=workers if engine == "ray" else None,
+                                       cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker,
+                                       batch_size=batch_size or RayConfig.batch_size))
     summary = index_paths(paths, store_dir, config)
     if as_json:
         click.echo(json.dumps(summary.to_dict()))
@@ -439,6 +454,23 @@ def search_command(query, store_dir, k, image, adds, subtracts, where, device, a
         click.echo(f"{rank:>3}  {row['score']:.3f}  {shown(row['path'])}")
 
 
+def build_engine_options(command):
+    command = click.option("--ray-address", help="Join this Ray cluster instead of starting a local one.")(command)
+    return click.option("--engine", type=click.Choice(list(ENGINES)), default="local", show_default=True,
+                        help="ray: an IVF index is trained here and its shards added by Ray tasks in parallel, "
+                             "then merged on disk beside the index (needs clipdex[ray]).")(command)
+
+
+@contextlib.contextmanager
+def build_cluster(engine: str, address: str | None):
+    """(parallel map, shards) for a scaled-out index build, or (None, 0) to build here."""
+    if engine != "ray":
+        yield None, 0
+        return
+    with ray_session(RayConfig(address=address)) as cluster:
+        yield cluster.map, cluster.shards
+
+
 @cli.command("import", context_settings=CONTEXT)
 @click.argument("features", nargs=-1, required=True, type=click.Path())
 @click.option("--store", "store_dir", required=True, type=click.Path(file_okay=False),
@@ -450,10 +482,12 @@ def search_command(query, store_dir, k, image, adds, subtracts, where, device, a
                    "search working on the store.")
 @click.option("--pretrained", default=IMPORTED, show_default=True, help="The weights the features came from.")
 @ann_options
+@build_engine_options
 @click.option("--wait", is_flag=True,
               help="If another run is writing to the store, wait for it instead of stopping at once.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
-def import_command(features, store_dir, metadata, model_name, pretrained, ann, wait, as_json) -> None:
+def import_command(features, store_dir, metadata, model_name, pretrained, ann, engine, ray_address, wait,
+                   as_json) -> None:
     """Create or extend a store from features computed elsewhere.
 
     \b
@@ -469,9 +503,11 @@ def import_command(features, store_dir, metadata, model_name, pretrained, ann, w
     Example:
       clipdex import cc3m_imagebind/ --store cc3m.clipdex --model-name imagebind_huge
     """
-    summary = import_features(features, store_dir, metadata, model_name, pretrained,
-                              ann=ann,
-                              has_text_encoder=model_name != IMPORTED and can_load(model_name, pretrained), wait=wait)
+    has_text_encoder = model_name != IMPORTED and can_load(model_name, pretrained)
+    with build_cluster(engine, ray_address) as (parallel_map, shards):
+        summary = import_features(features, store_dir, metadata, model_name, pretrained, ann=ann,
+                                  has_text_encoder=has_text_encoder, wait=wait, parallel_map=parallel_map,
+                                  shards=shards)
     if as_json:
         click.echo(json.dumps(summary))
     else:
@@ -526,10 +562,11 @@ def export_command(store_dir, out, kind, columns, where, shard_rows, overwrite, 
 @cli.command("reindex", context_settings=CONTEXT)
 @click.option("--store", "store_dir", required=True, type=click.Path(file_okay=False))
 @ann_options
+@build_engine_options
 @click.option("--wait", is_flag=True,
               help="If another run is writing to the store, wait for it instead of stopping at once.")
 @click.option("--json", "as_json", is_flag=True, help="Print the new index's description as JSON.")
-def reindex_command(store_dir, ann, wait, as_json) -> None:
+def reindex_command(store_dir, ann, engine, ray_address, wait, as_json) -> None:
     """Build the store's index again from its rows.
 
     \b
@@ -537,7 +574,8 @@ def reindex_command(store_dir, ann, wait, as_json) -> None:
     table), or to change the index's kind or budget. `index` and `import` also rebuild a stale
     index on their next run.
     """
-    info = reindex(store_dir, ann, wait)
+    with build_cluster(engine, ray_address) as (parallel_map, shards):
+        info = reindex(store_dir, ann, wait, parallel_map, shards)
     if as_json:
         click.echo(json.dumps(asdict(info)))
         return

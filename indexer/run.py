@@ -16,7 +16,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -24,6 +23,8 @@ from encoder import DEFAULT_MAX_PIXELS, DEFAULT_MODEL, MODELS, ClipModel, pretra
 from encoder.reduction import reduction_for
 from indexer.decode import decoded_batches
 from indexer.plan import Job, Plan, make_plan, read_captions, sidecar_caption
+from indexer.ray_engine import Cluster, RayConfig, embed_on_ray, ray_module, ray_session
+from indexer.rows import caption_vectors, file_columns
 from indexer.scanner import Failure, Scan, scan
 from store.ann import AnnConfig
 from store.errors import InputError
@@ -33,6 +34,7 @@ from store.store import Store, expand
 from store.tables import FAILURE_SCHEMA, column_vectors, image_rows, split_path
 
 LOG = logging.getLogger(__name__)
+ENGINES = ("local", "ray")
 
 
 @dataclass(frozen=True)
@@ -51,6 +53,8 @@ class IndexConfig:
     progress: bool = True
     wait: bool = False  # another writer holds the store: wait for it (False: fail at once, naming it)
     prune: bool = False  # remove the rows of roots that are missing, unreadable or empty
+    engine: str = "local"  # local | ray (decode and embed on a Ray cluster: indexer/ray_engine.py)
+    ray: RayConfig = field(default_factory=RayConfig)
 
 
 @dataclass(frozen=True)
@@ -93,6 +97,10 @@ def index_paths(paths: Sequence[str | os.PathLike], store_dir: str | Path,
     ``config.wait``), so two runs never hand one id to two files.
     """
     started = time.perf_counter()
+    if config.engine not in ENGINES:
+        raise InputError(f"unknown engine '{config.engine}' (one of {', '.join(ENGINES)})")
+    if config.engine == "ray":
+        ray_module()  # before anything is scanned: a missing extra is one line at once
     store_dir = expand(store_dir)
     found = scan(paths, exclude=[store_dir])
     LOG.info("scanned %d files in %.2fs", len(found.files), time.perf_counter() - started)
@@ -102,10 +110,14 @@ def index_paths(paths: Sequence[str | os.PathLike], store_dir: str | Path,
         if not found.files and not found.failures:
             raise InputError(f"no image files found under {', '.join(map(str, paths))}")
     with writer_lock(store_dir, wait=config.wait):
+        if config.engine == "ray":
+            with ray_session(config.ray) as cluster:
+                return _index(found, store_dir, config, started, cluster)
         return _index(found, store_dir, config, started)
 
 
-def _index(found: Scan, store_dir: Path, config: IndexConfig, started: float) -> IndexSummary:
+def _index(found: Scan, store_dir: Path, config: IndexConfig, started: float,
+           cluster: Cluster | None = None) -> IndexSummary:
     existing = Store.open(store_dir, writable=True) if Store.exists(store_dir) else None
     name, pretrained = choose_model(existing, config)
     label = pretrained_label(name, pretrained)
@@ -135,7 +147,13 @@ def _index(found: Scan, store_dir: Path, config: IndexConfig, started: float) ->
 
     _write_moves(store, model, plan)
     _write_copies(store, model, plan)
-    embedded, decode_failures = _embed(store, model, plan.embed, config, workers, plan.first_new_id)
+    if config.engine == "ray":
+        with _bar(config, len(plan.embed), "embedding") as bar:
+            embedded, decode_failures = embed_on_ray(
+                store, name, pretrained, config.device, plan.embed, config.exact_decode, config.max_pixels,
+                config.commit_every, plan.first_new_id, config.ray, bar.update)
+    else:
+        embedded, decode_failures = _embed(store, model, plan.embed, config, workers, plan.first_new_id)
     LOG.info("embedded %d at %.2fs", embedded, time.perf_counter() - started)
     failed_modified = [plan.embed[pos].id for pos, _ in decode_failures if plan.embed[pos].id < plan.first_new_id]
     store.tables.delete_ids(plan.removed_ids + failed_modified)
@@ -156,7 +174,7 @@ def _index(found: Scan, store_dir: Path, config: IndexConfig, started: float) ->
         store.update_manifest(roots=tuple(sorted(roots)))
     info = store.manifest.index
     if changed or not info.file or info.table_version != store.tables.version():
-        info = store.rebuild_index(config.ann)
+        info = store.rebuild_index(config.ann, *((cluster.map, cluster.shards) if cluster else ()))
     else:
         store.update_manifest(count=store.tables.count(), failures=store.tables.failure_count())
     return IndexSummary(
@@ -183,36 +201,12 @@ def _bar(config: IndexConfig, total: int, desc: str):
                 dynamic_ncols=True, leave=False)
 
 
-def _caption_vectors(model: ClipModel, jobs: Sequence[Job]) -> pa.Array:
-    """caption_embedding column: the text embedding where a caption exists, else null."""
-    dim = model.embed_dim
-    kind = pa.list_(pa.float32(), dim)
-    captioned = [i for i, job in enumerate(jobs) if job.caption]
-    if not captioned:
-        return pa.nulls(len(jobs), kind)
-    encoded = model.encode_texts([jobs[i].caption for i in captioned])
-    values = np.zeros((len(jobs), dim), np.float32)
-    values[captioned] = encoded
-    mask = np.ones(len(jobs), bool)
-    mask[captioned] = False
-    return pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), dim, mask=pa.array(mask))
-
-
-def _file_columns(jobs: Sequence[Job]) -> dict[str, list]:
-    return {
-        "id": [j.id for j in jobs], "hash": [j.hash for j in jobs], "path": [j.file.path for j in jobs],
-        "link_target": [os.fsencode(j.file.link_target) if j.file.link_target else None for j in jobs],
-        "bytes": [j.file.bytes for j in jobs], "mtime": [j.file.mtime for j in jobs],
-        "caption": [j.caption for j in jobs],
-    }
-
-
 def _write_moves(store: Store, model: ClipModel, plan: Plan) -> None:
     """Moved, touched and re-captioned files: new metadata under the same id, no re-embedding."""
     jobs = plan.moves + plan.recaption
     if jobs:
-        store.tables.update_files(image_rows(model.embed_dim, partial=True, **_file_columns(jobs),
-                                             caption_embedding=_caption_vectors(model, jobs)))
+        store.tables.update_files(image_rows(model.embed_dim, partial=True, **file_columns(jobs),
+                                             caption_embedding=caption_vectors(model, [j.caption for j in jobs])))
 
 
 def _write_copies(store: Store, model: ClipModel, plan: Plan) -> None:
@@ -224,9 +218,9 @@ def _write_copies(store: Store, model: ClipModel, plan: Plan) -> None:
     jobs = [job for job in plan.copies if job.source_id in by_id]  # a source deleted meanwhile: next run embeds
     take = pa.array([by_id[job.source_id] for job in jobs])
     store.tables.add(image_rows(
-        model.embed_dim, **_file_columns(jobs),
+        model.embed_dim, **file_columns(jobs),
         width=sources.column("width").take(take), height=sources.column("height").take(take),
-        embedding=column_vectors(sources)[take.to_numpy()], caption_embedding=_caption_vectors(model, jobs)))
+        embedding=column_vectors(sources)[take.to_numpy()], caption_embedding=caption_vectors(model, [j.caption for j in jobs])))
 
 
 def _embed(store: Store, model: ClipModel, jobs: list[Job], config: IndexConfig, workers: int, first_new_id: int):
@@ -259,10 +253,10 @@ def _embed(store: Store, model: ClipModel, jobs: list[Job], config: IndexConfig,
             if batch.positions:
                 batch_jobs = [jobs[p] for p in batch.positions]
                 pending.append(image_rows(
-                    model.embed_dim, **_file_columns(batch_jobs),
+                    model.embed_dim, **file_columns(batch_jobs),
                     width=[w for w, _ in batch.sizes], height=[h for _, h in batch.sizes],
                     embedding=model.encode_pixels(batch.pixels),
-                    caption_embedding=_caption_vectors(model, batch_jobs)))
+                    caption_embedding=caption_vectors(model, [j.caption for j in batch_jobs])))
                 pending_rows += len(batch_jobs)
             if pending_rows >= config.commit_every:
                 commit()

@@ -41,7 +41,7 @@ from typing import Callable, Iterator, Protocol
 import numpy as np
 
 from store.errors import InputError, StoreError
-from store.files import progress
+from store.files import native_stdout_silenced, progress
 from store.values import KeptValues, StoredValues
 
 LOG = logging.getLogger(__name__)
@@ -393,10 +393,17 @@ def load_index(path: Path, params: str = "", use_gpu: bool | None = None):
     file: opening takes milliseconds, pages load as searches touch them, and processes share them.
     A file replaced by a rebuild stays valid for whoever still maps it."""
     faiss = _faiss()
-    try:
-        index = faiss.read_index(str(path), faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
-    except RuntimeError:  # an index type FAISS cannot map is read into memory
-        index = faiss.read_index(str(path))
+    if path.with_suffix(".ivfdata").is_file():
+        # A scaled-out build's lists are in an .ivfdata file beside it, which FAISS maps itself
+        # (IO_FLAG_MMAP on such an index crashes FAISS 1.13); ONDISK_SAME_DIR finds that file
+        # beside the index wherever the store has moved since.
+        with native_stdout_silenced():
+            index = faiss.read_index(str(path), faiss.IO_FLAG_READ_ONLY | faiss.IO_FLAG_ONDISK_SAME_DIR)
+    else:
+        try:
+            index = faiss.read_index(str(path), faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
+        except RuntimeError:  # an index type FAISS cannot map is read into memory
+            index = faiss.read_index(str(path))
     if params:  # nprobe / efSearch chosen by autofaiss for the latency budget
         faiss.ParameterSpace().set_index_parameters(index, params)
     if (gpu_count() > 0 if use_gpu is None else use_gpu) and hasattr(faiss, "index_cpu_to_all_gpus"):

@@ -126,3 +126,18 @@ def progress(total: int, desc: str, unit: str = "vec"):
 
     return tqdm(total=total, desc=desc, unit=unit, unit_scale=True, file=sys.stderr, disable=None,
                 dynamic_ncols=True, leave=False)
+
+
+@contextmanager
+def native_stdout_silenced() -> Iterator[None]:
+    """Drop what native code prints on file descriptor 1 meanwhile: FAISS's on-disk lists print
+    progress with printf, which would land in the middle of `--json` output."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        with open(os.devnull, "wb") as null:
+            os.dup2(null.fileno(), 1)
+        yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)

@@ -32,6 +32,7 @@ from store.ann import AnnConfig
 from store.errors import InputError, first_line
 from store.files import drop_mapped_pages, progress
 from store.lock import writer_lock
+from store.sharded import ParallelMap
 from store.store import Store, expand
 from store.tables import image_rows, image_schema
 
@@ -311,22 +312,26 @@ def feature_hash(vector: np.ndarray) -> str:
 
 def import_features(sources: Sequence[str | os.PathLike], store_dir: str | os.PathLike, metadata: str | None = None,
                     model_name: str = IMPORTED, pretrained: str = IMPORTED, ann: AnnConfig | None = None,
-                    has_text_encoder: bool = False, wait: bool = False) -> dict:
+                    has_text_encoder: bool = False, wait: bool = False, parallel_map: ParallelMap | None = None,
+                    shards: int = 0) -> dict:
     """Add the features of *sources* to the store at *store_dir* (created if new); returns a summary.
 
     A row whose key is already stored keeps its id: skipped when its features are the same,
     updated (new vector) when they changed. *has_text_encoder*: whether clipdex can load
     *model_name* with *pretrained*, so the store takes text and image queries; the caller knows
     (the store knows nothing of models). Holds the store's writer lock (see :func:`writer_lock`).
+    With *parallel_map*, an IVF index is built in *shards* in parallel (:mod:`store.sharded`).
     """
     for given in sources:  # before the lock, so a typo creates no store folder
         if not os.path.exists(os.path.expanduser(os.fspath(given))):
             raise InputError(f"no such features file or folder: {given}")
     with writer_lock(expand(store_dir), wait=wait):
-        return _import(sources, expand(store_dir), metadata, model_name, pretrained, ann, has_text_encoder)
+        return _import(sources, expand(store_dir), metadata, model_name, pretrained, ann, has_text_encoder,
+                       parallel_map, shards)
 
 
-def _import(sources, store_dir: Path, metadata, model_name, pretrained, ann, has_text_encoder) -> dict:
+def _import(sources, store_dir: Path, metadata, model_name, pretrained, ann, has_text_encoder, parallel_map,
+            shards) -> dict:
     """Stream every source in chunks of IMPORT_CHUNK rows: memory does not grow with file size."""
     started = time.perf_counter()
     store, known = None, {}
@@ -393,7 +398,8 @@ def _import(sources, store_dir: Path, metadata, model_name, pretrained, ann, has
         raise InputError("no features to import")
     del known  # before the build, which has the memory budget to itself
     stale = store.manifest.index.table_version != store.tables.version() or not store.manifest.index.file
-    info = store.rebuild_index(ann or AnnConfig()) if imported or updated or stale else store.manifest.index
+    changed = imported or updated or stale
+    info = store.rebuild_index(ann or AnnConfig(), parallel_map, shards) if changed else store.manifest.index
     return {"read": read, "imported": imported, "updated": updated, "skipped": read - imported - updated,
             "count": store.manifest.count, "dim": store.manifest.dim, "space": store.manifest.space,
             "index": info.type, "recall_at_10": info.recall_at_10,

@@ -13,6 +13,7 @@ from store.errors import ModelMismatchError, StoreError
 from store.files import writing
 from store.lock import writer_lock
 from store.manifest import MANIFEST_NAME, IndexInfo, Manifest, now, read_manifest, write_manifest
+from store.sharded import ParallelMap, build_sharded
 from store.tables import Tables
 from store.values import StoredValues, ValuesWriter
 
@@ -134,8 +135,13 @@ class Store:
         self.update_manifest(next_id=first + count)
         return first
 
-    def rebuild_index(self, config: AnnConfig = AnnConfig()) -> IndexInfo:
-        """Build the FAISS index from the rows now in the table and record it in the manifest."""
+    def rebuild_index(self, config: AnnConfig = AnnConfig(), parallel_map: "ParallelMap | None" = None,
+                      shards: int = 0) -> IndexInfo:
+        """Build the FAISS index from the rows now in the table and record it in the manifest.
+
+        With *parallel_map* (e.g. Ray tasks), an IVF index is trained here and its *shards* are
+        added in parallel, then merged on disk into an ``.ivfdata`` file beside the index
+        (:mod:`store.sharded`)."""
         table_version = self.tables.version()
         source = self.tables.vector_source()
         current = self._manifest.index
@@ -144,7 +150,11 @@ class Store:
         relative, values = self._fresh_index_names(table_version)
         with writing(self.directory):
             writer = ValuesWriter(self.directory / values, source.all_ids(), source.dim, config.values_dtype)
-            built = build_from(source, config, writer)
+            if parallel_map is None:
+                built = build_from(source, config, writer)
+            else:
+                lists = self.directory / relative.removesuffix(".faiss")
+                built = build_sharded(source, config, writer, parallel_map, shards, lists.with_suffix(".ivfdata"))
             save_index(built.index, self.directory / relative)
         info = IndexInfo(type=built.kind, key=built.key, params=built.params, file=relative, count=source.count,
                          table_version=table_version, recall_at_10=built.recall_at_10,
@@ -184,6 +194,7 @@ class Store:
         """Every index file and values folder but *keep*. Only the writer (under the store's lock)
         calls this; a reader that mapped a removed file keeps it until it closes it."""
         folder = self.directory / INDEX_DIR
+        keep = keep | {name.removesuffix(".faiss") + ".ivfdata" for name in keep if name.endswith(".faiss")}
         for path in folder.iterdir() if folder.is_dir() else ():
             if f"{INDEX_DIR}/{path.name}" not in keep:
                 shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
@@ -221,13 +232,14 @@ class Store:
         return AnnIndex(index, values, rerank)
 
 
-def reindex(directory: str | Path, config: AnnConfig = AnnConfig(), wait: bool = False) -> IndexInfo:
+def reindex(directory: str | Path, config: AnnConfig = AnnConfig(), wait: bool = False,
+            parallel_map: ParallelMap | None = None, shards: int = 0) -> IndexInfo:
     """Build the store's index again from its rows (after a build that died, or to change its kind)."""
     with writer_lock(expand(directory), wait=wait):
         store = Store.open(directory, writable=True)
         if not store.tables.exists("images") or store.tables.count() == 0:
             raise StoreError(f"the store {store.directory} has no rows to index yet")
-        return store.rebuild_index(config)
+        return store.rebuild_index(config, parallel_map, shards)
 
 
 def expand(directory: str | Path) -> Path:

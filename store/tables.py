@@ -242,7 +242,8 @@ class Tables:
     def vector_source(self, batch_bytes: int = 32 << 20) -> "LanceVectorSource":
         """The stored vectors as an index build reads them: batches of about *batch_bytes* of
         float32 (the scan reads ahead several) and random samples."""
-        return LanceVectorSource(self.images, self.count(), self.dim, max(64, batch_bytes // (4 * self.dim)))
+        return LanceVectorSource(self.images, self.count(), self.dim, max(64, batch_bytes // (4 * self.dim)),
+                                 self.images_uri, self.version())
 
     def vectors(self) -> tuple[np.ndarray, np.ndarray]:
         """Every row's (id ``[n]`` int64, embedding ``[n, dim]`` float32), in table order."""
@@ -266,14 +267,30 @@ class Tables:
     def add(self, rows: pa.Table) -> None:
         if rows.num_rows:
             with writing(self.directory):
-                self.images.add(_conformed(rows, self.images.schema), on_bad_vectors="null")
+                self.images.add(conformed(rows, self.images.schema), on_bad_vectors="null")
 
     def upsert(self, rows: pa.Table) -> None:
         """Insert new ids and replace the rows of existing ones, in one atomic commit."""
         if rows.num_rows:
             with writing(self.directory):
                 (self.images.merge_insert("id").when_matched_update_all().when_not_matched_insert_all()
-                 .execute(_conformed(rows, self.images.schema), on_bad_vectors="null"))
+                 .execute(conformed(rows, self.images.schema), on_bad_vectors="null"))
+
+    @property
+    def images_uri(self) -> str:
+        """Where the images table's Lance dataset is: what a worker elsewhere writes fragments to."""
+        return str(self.directory / TABLE_DIR / f"{IMAGES}.lance")
+
+    def append_fragments(self, fragments: Sequence[Any]) -> None:
+        """Commit Lance fragments that workers wrote (new ids only) in one atomic Append: until then
+        no reader sees them, and after a crash they are unreferenced files, not rows."""
+        import lance
+
+        if fragments:
+            with writing(self.directory):
+                lance.LanceDataset.commit(self.images_uri, lance.LanceOperation.Append(list(fragments)),
+                                          read_version=self.images.version)
+            self.images.checkout_latest()
 
     def update_files(self, rows: pa.Table) -> None:
         """Rewrite path/hash/bytes/mtime of existing ids (moves and touched files) in one commit."""
@@ -316,8 +333,9 @@ class LanceVectorSource:
     """:class:`store.ann.VectorSource` over the images table: it streams (id, embedding) batches
     and takes samples by row offset, so no step holds every vector."""
 
-    def __init__(self, table, count: int, dim: int, batch_rows: int) -> None:
+    def __init__(self, table, count: int, dim: int, batch_rows: int, uri: str = "", version: int = 0) -> None:
         self.table, self.count, self.dim, self.batch_rows = table, count, dim, batch_rows
+        self.uri, self.version = uri, version  # where a worker elsewhere reads the same rows
 
     def batches(self):
         # One bounded read per batch: the streaming reader (to_batches) reads ahead without bound,
@@ -325,7 +343,7 @@ class LanceVectorSource:
         for start in range(0, self.count, self.batch_rows):
             batch = self.table.search().select(["id", "embedding"]).offset(start).limit(self.batch_rows).to_arrow()
             if batch.num_rows:
-                yield _ids_and_vectors(batch)
+                yield ids_and_vectors(batch)
 
     def all_ids(self) -> np.ndarray:
         chunks = [batch.column("id").to_numpy() for batch in self.table.search().select(["id"]).to_batches(1 << 20)]
@@ -337,21 +355,21 @@ class LanceVectorSource:
         ids, vectors = np.zeros(len(offsets), np.int64), np.zeros((len(offsets), self.dim), np.float32)
         for i in range(0, len(offsets), self.batch_rows):
             rows = self.table.take_offsets(offsets[i:i + self.batch_rows].tolist()).select(["id", "embedding"])
-            ids[i:i + self.batch_rows], vectors[i:i + self.batch_rows] = _ids_and_vectors(rows.to_arrow())
+            ids[i:i + self.batch_rows], vectors[i:i + self.batch_rows] = ids_and_vectors(rows.to_arrow())
         return ids, vectors
 
 
-def _ids_and_vectors(rows: pa.Table | pa.RecordBatch) -> tuple[np.ndarray, np.ndarray]:
+def ids_and_vectors(rows: pa.Table | pa.RecordBatch) -> tuple[np.ndarray, np.ndarray]:
     embedding = rows.column("embedding")
     if isinstance(embedding, pa.ChunkedArray):
         embedding = embedding.combine_chunks()
     dim = embedding.type.list_size
-    vectors = np.ascontiguousarray(embedding.values.to_numpy(zero_copy_only=False), np.float32).reshape(-1, dim)
+    vectors = np.ascontiguousarray(embedding.flatten().to_numpy(zero_copy_only=False), np.float32).reshape(-1, dim)
     return np.asarray(rows.column("id").to_numpy(zero_copy_only=False), np.int64), vectors
 
 
-def _conformed(rows: pa.Table, schema: pa.Schema) -> pa.Table:
-    """Full *rows* in the stored table's column order and types: nulls for the metadata columns
+def conformed(rows: pa.Table, schema: pa.Schema) -> pa.Table:
+    """Full *rows* in the stored table's (*schema*'s) column order and types: nulls for the metadata columns
     that imports added (and that these rows do not have), list caption vectors in a store an older
     clipdex made with fixed-size ones."""
     if rows.schema.equals(schema):

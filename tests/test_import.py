@@ -178,7 +178,7 @@ def test_a_build_that_died_is_recovered_by_reindex_or_the_next_import(tmp_path, 
     raw = np.random.default_rng(7).normal(size=(60, 8)).astype(np.float32)
     np.save(tmp_path / "f.npy", raw)
 
-    def killed(self, config=None):
+    def killed(self, *args):
         raise KeyboardInterrupt  # the process dies during the index build
 
     with monkeypatch.context() as patch:

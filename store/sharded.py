@@ -1,0 +1,116 @@
+"""An IVF build that scales out: FAISS's recipe for billion-scale indexes.
+
+The coarse quantizer (and the scalar quantizer) are trained once, on a sample, where the build
+runs. Shards of the table are then added to copies of the trained index by any parallel map
+(Ray tasks on a cluster, see indexer/ray_engine.py), each written to a shard file, and the
+shards' inverted lists are merged on disk (``faiss.contrib.ondisk.merge_ondisk``) into one
+``.ivfdata`` file beside the index, which readers map. The driver never holds the codes; it
+streams the rows once more for the values file and the recall measurement, as the local build
+does.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from store.ann import (
+    AnnConfig,
+    AnnIndex,
+    BuiltIndex,
+    ValuesSink,
+    _faiss,
+    _key,
+    _lossy,
+    _training_rows,
+    _Truth,
+    _tune,
+    build_from,
+    choose_kind,
+    recall_at_k,
+)
+from store.errors import StoreError
+from store.files import native_stdout_silenced, progress
+from store.tables import LanceVectorSource, ids_and_vectors
+
+SCALABLE_KINDS = ("ivf", "ivf-sq8")
+ParallelMap = Callable[[Callable[[Any], Any], Sequence[Any]], list]
+
+
+@dataclass(frozen=True)
+class ShardJob:
+    """Rows [offset, offset + count) of one version of the table, into one shard file."""
+    trained: str
+    uri: str
+    version: int
+    offset: int
+    count: int
+    out: str
+    batch_rows: int = 65_536
+
+
+def add_shard(job: ShardJob) -> int:
+    """Runs wherever the map puts it (it reads the table and writes the shard on the shared
+    store); returns the rows it added."""
+    import lance
+
+    faiss = _faiss()
+    index = faiss.read_index(job.trained)
+    scanner = lance.dataset(job.uri, version=job.version).scanner(
+        columns=["id", "embedding"], offset=job.offset, limit=job.count, batch_size=job.batch_rows)
+    for batch in scanner.to_batches():
+        if batch.num_rows:
+            ids, vectors = ids_and_vectors(batch)
+            index.add_with_ids(vectors, ids)
+    faiss.write_index(index, job.out)
+    return int(index.ntotal)
+
+
+def build_sharded(source: LanceVectorSource, config: AnnConfig, values: ValuesSink, parallel_map: ParallelMap,
+                  shards: int, ivfdata: Path) -> BuiltIndex:
+    """An IVF index over *source* with its lists in *ivfdata*; other kinds (exact search for a
+    small table, autofaiss's compressed ones) are built where this runs, as locally."""
+    faiss = _faiss()
+    started = time.perf_counter()
+    kind = choose_kind(source.count, source.dim, config)
+    if kind not in SCALABLE_KINDS:
+        return build_from(source, config, values)
+    key = _key(kind, source.count, source.dim, config)
+    index = faiss.index_factory(source.dim, key, faiss.METRIC_INNER_PRODUCT)
+    _, training = source.sample(_training_rows(index, source, config), seed=0)
+    index.train(training)
+    del training
+    work = ivfdata.with_name(f".{ivfdata.stem}.shards")
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    try:
+        faiss.write_index(index, str(work / "trained.faiss"))
+        bounds = np.linspace(0, source.count, max(1, shards) + 1).astype(np.int64)
+        jobs = [ShardJob(str(work / "trained.faiss"), source.uri, source.version, int(start), int(stop - start),
+                         str(work / f"shard-{number:04d}.faiss"))
+                for number, (start, stop) in enumerate(zip(bounds[:-1], bounds[1:])) if stop > start]
+        added = sum(parallel_map(add_shard, jobs))
+        if added != source.count:
+            raise StoreError("the table changed during the index build: run `clipdex reindex`")
+        truth = _Truth(source, config.recall_queries)
+        with progress(source.count, f"values and recall for {key}") as bar:
+            for ids, vectors in source.batches():
+                values.write(ids, vectors)
+                truth.add(ids, vectors)
+                bar.update(len(ids))
+        stored, found = values.finish(), truth.finish()
+        from faiss.contrib.ondisk import merge_ondisk
+
+        with native_stdout_silenced():
+            merge_ondisk(index, [job.out for job in jobs], str(ivfdata))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    params, rerank = _tune(index, stored, found, config, lossy=_lossy(key))
+    recall = recall_at_k(AnnIndex(index, stored, rerank), found)
+    return BuiltIndex(index, kind, key, params, recall, len(found.queries) if found else 0,
+                      time.perf_counter() - started, rerank)
