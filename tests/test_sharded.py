@@ -3,6 +3,7 @@ merged on disk; recall within 0.01 of the single-machine build, and a store that
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import sys
@@ -86,3 +87,16 @@ def test_the_ray_build_reaches_the_single_machine_recall(local_store, tmp_path):
         ray.shutdown()
     assert abs(info.recall_at_10 - Store.open(local_store).manifest.index.recall_at_10) <= 0.01
     assert (store / info.file.replace(".faiss", ".ivfdata")).is_file()
+
+
+def test_import_with_the_ray_engine_builds_the_index_in_shards(capfd, local_store, tmp_path):
+    pytest.importorskip("ray")
+    from tests.helpers import run
+
+    code, out, err = run(capfd, "import", local_store.parent / "features.npy", "--store", tmp_path / "store",
+                         "--index-type", "ivf-sq8", "--target-recall", "0.95", "--engine", "ray", "--json")
+    assert code == 0, err
+    summary = json.loads(out)  # nothing FAISS prints while merging gets into the JSON
+    info = Store.open(tmp_path / "store").manifest.index
+    assert summary["imported"] == COUNT and (tmp_path / "store" / info.file.replace(".faiss", ".ivfdata")).is_file()
+    assert abs(summary["recall_at_10"] - Store.open(local_store).manifest.index.recall_at_10) <= 0.01
