@@ -18,6 +18,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
+import socket
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -115,6 +117,8 @@ def embed_on_ray(store: "Store", model_name: str, pretrained: str | None, device
 
 def _start(ray, address: str | None) -> None:
     options = dict(include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
+    if address:
+        _check_reachable(address)
     try:
         with warnings.catch_warnings():
             # lancedb warns about fork in any process that forks after loading it; Ray's own
@@ -126,6 +130,18 @@ def _start(ray, address: str | None) -> None:
                 ray.init(num_cpus=os.cpu_count() or 1, **options)
     except ConnectionError as error:
         raise InputError(f"cannot reach the Ray cluster at {address}: {first_line(error)}") from error
+
+
+def _check_reachable(address: str) -> None:
+    """Ray retries an address that answers nothing for minutes, printing as it goes; a head that
+    is down or misspelt is one line at once instead."""
+    match = re.fullmatch(r"(?:ray://)?\[?([^\]]+?)\]?:(\d+)", address.strip())
+    if match is None:
+        return  # "auto", "local": Ray's own way to find a cluster
+    try:
+        socket.create_connection((match.group(1), int(match.group(2))), timeout=5).close()
+    except OSError as error:
+        raise InputError(f"cannot reach the Ray cluster at {address}: {error.strerror or first_line(error)}") from error
 
 
 def _run(ray, store, model_name, pretrained, device, jobs, exact_decode, max_pixels, commit_every, first_new_id,

@@ -7,6 +7,7 @@ work, and a rerun finishes the job with every image in the store exactly once.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -109,11 +110,10 @@ def index_paths(paths: Sequence[str | os.PathLike], store_dir: str | Path,
             raise InputError(f"no such file or folder: {found.missing[0]}")
         if not found.files and not found.failures:
             raise InputError(f"no image files found under {', '.join(map(str, paths))}")
-    with writer_lock(store_dir, wait=config.wait):
-        if config.engine == "ray":
-            with ray_session(config.ray) as cluster:
-                return _index(found, store_dir, config, started, cluster)
-        return _index(found, store_dir, config, started)
+    # The cluster first: an unreachable one stops the run before the store is touched.
+    cluster = ray_session(config.ray) if config.engine == "ray" else contextlib.nullcontext()
+    with cluster as joined, writer_lock(store_dir, wait=config.wait):
+        return _index(found, store_dir, config, started, joined)
 
 
 def _index(found: Scan, store_dir: Path, config: IndexConfig, started: float,

@@ -125,3 +125,10 @@ def test_the_ray_engine_without_ray_installed_is_one_line(capsys, tmp_path, monk
     code, out, err = run(capsys, "index", small_library[0], "--store", tmp_path / "store", *MODEL, "--engine", "ray")
     assert code == 1 and err.strip() == "error: the ray engine needs Ray: pip install 'clipdex[ray]'"
     assert not (tmp_path / "store").exists()
+
+
+def test_an_unreachable_cluster_is_one_line_and_touches_nothing(capsys, tmp_path, small_library):
+    code, out, err = run(capsys, "index", small_library[0], "--store", tmp_path / "store", *MODEL, "--engine", "ray",
+                         "--ray-address", "127.0.0.1:1")
+    assert code == 1 and err.strip().startswith("error: cannot reach the Ray cluster at 127.0.0.1:1: ")
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "store").exists()

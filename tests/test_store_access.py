@@ -166,3 +166,12 @@ def test_an_import_of_another_dimension_names_both(capsys, tmp_path):
     code, _, err = run(capsys, "import", tmp_path / "f16.npy", "--store", tmp_path / "s", "--model-name",
                        "imagebind_huge")
     assert code == 1 and "holds 8-d embeddings" in err and "cannot take 16-d embeddings" in err
+
+
+@pytest.mark.parametrize("name, options", [("rows.parquet", []), ("shards", ["--format", "clip-retrieval"])])
+def test_an_export_to_a_full_disk_is_one_line_and_leaves_nothing(capsys, small_disk, served_library, name, options):
+    mount, _ = small_disk
+    (mount / "filler").write_bytes(b"\0" * 196_000)  # a page or so left of the 200 KiB
+    code, out, err = run(capsys, "export", "--store", served_library[0], "--out", mount / name, *options)
+    assert code == 1 and "No space left on device" in err and len(err.strip().splitlines()) == 1
+    assert sorted(p.name for p in mount.iterdir()) == ["filler"]
