@@ -93,6 +93,8 @@ def ray_session(config: RayConfig) -> Iterator[Cluster]:
     """Ray for the length of a run: joined at *config.address*, or a local cluster started here
     and stopped after (a session already open in this process is used as it is)."""
     ray = ray_module()
+    if config.address:
+        _check_reachable(config.address)
     started_here = not ray.is_initialized()
     if started_here:
         _start(ray, config.address)
@@ -117,8 +119,6 @@ def embed_on_ray(store: "Store", model_name: str, pretrained: str | None, device
 
 def _start(ray, address: str | None) -> None:
     options = dict(include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
-    if address:
-        _check_reachable(address)
     try:
         with warnings.catch_warnings():
             # lancedb warns about fork in any process that forks after loading it; Ray's own
