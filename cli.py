@@ -290,7 +290,8 @@ def demo_command(directory: str, count: int) -> None:
               help="Store folder (created if new).")
 @model_options(default_model=None)
 @click.option("--batch-size", type=click.IntRange(min=1),
-              help="Images per forward pass (default: 64 on CPU, 256 on CUDA).")
+              help="Images per forward pass (default: 64 on CPU, 256 on CUDA); with --engine ray, jobs per actor "
+                   "call, each written as one Lance fragment (default 256).")
 @click.option("--workers", type=click.IntRange(min=0), help="Parallel decoders (default: one per core, at most 8).")
 @click.option("--decoder", type=click.Choice(["auto", "threads", "processes"]), default=INDEX.decoder,
               show_default=True,
