@@ -31,7 +31,7 @@ import pyarrow as pa
 from encoder.model import load_model
 from encoder.reduction import reduction_for
 from indexer.decode import decoded_batches
-from indexer.rows import caption_vectors
+from indexer.rows import caption_vectors, file_columns
 from store.errors import ImageError, InputError, first_line
 from store.tables import conformed, image_rows
 
@@ -108,13 +108,12 @@ def ray_session(config: RayConfig) -> Iterator[Cluster]:
 def embed_on_ray(store: "Store", model_name: str, pretrained: str | None, device: str, jobs: Sequence["Job"],
                  exact_decode: bool, max_pixels: int, commit_every: int, first_new_id: int, ray_config: RayConfig,
                  progress: Callable[[int], None]) -> tuple[int, list[tuple[int, ImageError]]]:
-    """Embed *jobs* on Ray and commit them to *store*; returns (rows written, decode failures by
-    position in *jobs*), as the local engine does."""
+    """Embed *jobs* on the Ray session open in this process (:func:`ray_session`) and commit them to
+    *store*; returns (rows written, decode failures by position in *jobs*), as the local engine does."""
     if not jobs:
         return 0, []
-    with ray_session(ray_config):
-        return _run(ray_module(), store, model_name, pretrained, device, jobs, exact_decode, max_pixels,
-                    commit_every, first_new_id, ray_config, progress)
+    return _run(ray_module(), store, model_name, pretrained, device, jobs, exact_decode, max_pixels, commit_every,
+                first_new_id, ray_config, progress)
 
 
 def _start(ray, address: str | None) -> None:
@@ -177,9 +176,10 @@ def _run(ray, store, model_name, pretrained, device, jobs, exact_decode, max_pix
             if row["replaced"]:
                 replaced.append(pa.ipc.open_stream(row["replaced"]).read_all())
             pending += row["rows"]
-            failures += [(position, ImageError(path, reason, detail))
-                         for position, path, reason, detail in json.loads(row["failures"])]
-            progress(row["rows"] + len(json.loads(row["failures"])))
+            failed = [(position, ImageError(path, reason, detail))
+                      for position, path, reason, detail in json.loads(row["failures"])]
+            failures += failed
+            progress(row["rows"] + len(failed))
         if pending >= commit_every:
             commit()
     commit()
@@ -199,18 +199,9 @@ def _actors(ray, config: RayConfig, jobs: int) -> int:
 
 
 def _job_table(jobs: Sequence["Job"]) -> pa.Table:
-    # Paths travel as bytes: a file name need not be valid UTF-8.
-    return pa.table({
-        "position": pa.array(range(len(jobs)), pa.int64()),
-        "id": pa.array([j.id for j in jobs], pa.int64()),
-        "hash": [j.hash for j in jobs],
-        "path": pa.array([os.fsencode(j.file.path) for j in jobs], pa.binary()),
-        "link_target": pa.array([os.fsencode(j.file.link_target) if j.file.link_target else None for j in jobs],
-                                pa.binary()),
-        "bytes": pa.array([j.file.bytes for j in jobs], pa.int64()),
-        "mtime": pa.array([j.file.mtime for j in jobs], pa.float64()),
-        "caption": pa.array([j.caption for j in jobs], pa.string()),
-    })
+    columns = file_columns(jobs)
+    columns["path"] = [os.fsencode(path) for path in columns["path"]]  # a file name need not be valid UTF-8
+    return pa.table({"position": pa.array(range(len(jobs)), pa.int64()), **columns})
 
 
 class _Embedder:
@@ -235,15 +226,12 @@ class _Embedder:
             failures += [[int(positions[p]), e.path, e.reason, e.detail] for p, e in batch.failures]
             if batch.positions:
                 taken = jobs.take(pa.array(batch.positions, pa.int64()))
-                captions = taken.column("caption").to_pylist()
+                files = {name: taken.column(name) for name in taken.column_names if name not in ("position", "path")}
                 tables.append(image_rows(
-                    work.dim, id=taken.column("id"), hash=taken.column("hash"),
-                    path=[os.fsdecode(p) for p in taken.column("path").to_pylist()],
-                    link_target=taken.column("link_target"), bytes=taken.column("bytes"),
-                    mtime=taken.column("mtime"), caption=taken.column("caption"),
+                    work.dim, **files, path=[paths[p] for p in batch.positions],
                     width=[w for w, _ in batch.sizes], height=[h for _, h in batch.sizes],
                     embedding=self.model.encode_pixels(batch.pixels),
-                    caption_embedding=caption_vectors(self.model, captions)))
+                    caption_embedding=caption_vectors(self.model, taken.column("caption").to_pylist())))
         fragments, replaced, count = [], b"", 0
         if tables:
             rows = pa.concat_tables(tables)

@@ -187,14 +187,7 @@ def build_from(source: VectorSource, config: AnnConfig, values: ValuesSink) -> B
     faiss = _faiss()
     started = time.perf_counter()
     kind = choose_kind(source.count, source.dim, config)
-    if kind == "flat":
-        base, key = faiss.IndexFlatIP(source.dim), "Flat"
-    else:
-        key = _key(kind, source.count, source.dim, config)
-        base = faiss.index_factory(source.dim, key, faiss.METRIC_INNER_PRODUCT)
-        _, training = source.sample(_training_rows(base, source, config), seed=0)
-        base.train(training)
-        del training
+    base, key = trained_index(source, config, kind)
     index = faiss.IndexIDMap(base) if kind == "flat" else base
     truth = _Truth(source, config.recall_queries)
     lists = _ListAssignment(index, source.count) if isinstance(index, faiss.IndexIVF) else None
@@ -210,11 +203,33 @@ def build_from(source: VectorSource, config: AnnConfig, values: ValuesSink) -> B
             bar.update(len(ids))
         if lists is not None:
             lists.add_all(source, bar.update)
-    stored, found = values.finish(), truth.finish()
+    return finished(index, kind, key, values.finish(), truth.finish(), config, started)
+
+
+def trained_index(source: VectorSource, config: AnnConfig, kind: str) -> tuple[object, str]:
+    """The empty index of *kind* for *source*, trained on a bounded sample, and its factory key."""
+    faiss = _faiss()
+    if kind == "flat":
+        return faiss.IndexFlatIP(source.dim), "Flat"
+    key = _key(kind, source.count, source.dim, config)
+    index = faiss.index_factory(source.dim, key, faiss.METRIC_INNER_PRODUCT)
+    _, training = source.sample(_training_rows(index, source, config), seed=0)
+    index.train(training)
+    return index, key
+
+
+def finished(index, kind: str, key: str, stored: StoredValues, found: GroundTruth | None, config: AnnConfig,
+             started: float) -> BuiltIndex:
+    """A filled index with its search parameters tuned and its recall measured."""
     params, rerank = _tune(index, stored, found, config, lossy=_lossy(key)) if kind != "flat" else ("", 1)
     recall = recall_at_k(AnnIndex(index, stored, rerank), found)
     return BuiltIndex(index, kind, key, params, recall, len(found.queries) if found else 0,
                       time.perf_counter() - started, rerank)
+
+
+def lists_file(index_file: Path) -> Path:
+    """Where an index built on disk (store/sharded.py) keeps its inverted lists: beside it."""
+    return index_file.with_suffix(".ivfdata")
 
 
 class _ListAssignment:
@@ -393,7 +408,7 @@ def load_index(path: Path, params: str = "", use_gpu: bool | None = None):
     file: opening takes milliseconds, pages load as searches touch them, and processes share them.
     A file replaced by a rebuild stays valid for whoever still maps it."""
     faiss = _faiss()
-    if path.with_suffix(".ivfdata").is_file():
+    if lists_file(path).is_file():
         # A scaled-out build's lists are in an .ivfdata file beside it, which FAISS maps itself
         # (IO_FLAG_MMAP on such an index crashes FAISS 1.13); ONDISK_SAME_DIR finds that file
         # beside the index wherever the store has moved since.

@@ -22,9 +22,10 @@ import pyarrow as pa
 from store.errors import InputError, StoreError, first_line
 from store.files import progress, writing
 from store.store import Store
+from store.tables import VECTOR_COLUMNS
 
 FORMATS = ("parquet", "csv", "clip-retrieval")
-VECTORS = ("embedding", "caption_embedding")
+VECTORS = VECTOR_COLUMNS
 # The exact bytes behind `path` and a link's target: for clipdex's server, not for readers.
 HIDDEN = ("path_bytes", "link_target")
 BATCH_BYTES = 32 << 20  # of vectors per batch read
@@ -167,7 +168,7 @@ def _clip_retrieval(batches, folder: Path, total: int, schema: pa.Schema, shard_
         (folder / part).mkdir(parents=True)
     shards = max(1, math.ceil(total / shard_rows))
     digits = int(math.log10(shards)) + 1
-    pending = _rows(batches, schema)
+    pending = _Rows(batches, schema)
     for number in range(shards):
         name, rows = str(number).zfill(digits), min(shard_rows, total - number * shard_rows)
         with contextlib.ExitStack() as files:
@@ -218,7 +219,7 @@ def _matrix(column: pa.Array, dim: int) -> np.ndarray:
     return column.flatten().to_numpy(zero_copy_only=False).reshape(-1, dim)  # flatten, not .values: slices
 
 
-class _rows:
+class _Rows:
     """Conformed batches, handed out *count* rows at a time across batch boundaries."""
 
     def __init__(self, batches, schema: pa.Schema) -> None:

@@ -21,18 +21,14 @@ import numpy as np
 
 from store.ann import (
     AnnConfig,
-    AnnIndex,
     BuiltIndex,
     ValuesSink,
     _faiss,
-    _key,
-    _lossy,
-    _training_rows,
     _Truth,
-    _tune,
     build_from,
     choose_kind,
-    recall_at_k,
+    finished,
+    trained_index,
 )
 from store.errors import StoreError
 from store.files import native_stdout_silenced, progress
@@ -80,11 +76,7 @@ def build_sharded(source: LanceVectorSource, config: AnnConfig, values: ValuesSi
     kind = choose_kind(source.count, source.dim, config)
     if kind not in SCALABLE_KINDS:
         return build_from(source, config, values)
-    key = _key(kind, source.count, source.dim, config)
-    index = faiss.index_factory(source.dim, key, faiss.METRIC_INNER_PRODUCT)
-    _, training = source.sample(_training_rows(index, source, config), seed=0)
-    index.train(training)
-    del training
+    index, key = trained_index(source, config, kind)
     work = ivfdata.with_name(f".{ivfdata.stem}.shards")
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
@@ -110,7 +102,4 @@ def build_sharded(source: LanceVectorSource, config: AnnConfig, values: ValuesSi
             merge_ondisk(index, [job.out for job in jobs], str(ivfdata))
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    params, rerank = _tune(index, stored, found, config, lossy=_lossy(key))
-    recall = recall_at_k(AnnIndex(index, stored, rerank), found)
-    return BuiltIndex(index, kind, key, params, recall, len(found.queries) if found else 0,
-                      time.perf_counter() - started, rerank)
+    return finished(index, kind, key, stored, found, config, started)

@@ -8,7 +8,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from store.ann import AnnConfig, AnnIndex, build_from, load_index, save_index
+from store.ann import AnnConfig, AnnIndex, build_from, lists_file, load_index, save_index
 from store.errors import ModelMismatchError, StoreError
 from store.files import writing
 from store.lock import writer_lock
@@ -153,8 +153,8 @@ class Store:
             if parallel_map is None:
                 built = build_from(source, config, writer)
             else:
-                lists = self.directory / relative.removesuffix(".faiss")
-                built = build_sharded(source, config, writer, parallel_map, shards, lists.with_suffix(".ivfdata"))
+                built = build_sharded(source, config, writer, parallel_map, shards,
+                                      lists_file(self.directory / relative))
             save_index(built.index, self.directory / relative)
         info = IndexInfo(type=built.kind, key=built.key, params=built.params, file=relative, count=source.count,
                          table_version=table_version, recall_at_10=built.recall_at_10,
@@ -194,7 +194,7 @@ class Store:
         """Every index file and values folder but *keep*. Only the writer (under the store's lock)
         calls this; a reader that mapped a removed file keeps it until it closes it."""
         folder = self.directory / INDEX_DIR
-        keep = keep | {name.removesuffix(".faiss") + ".ivfdata" for name in keep if name.endswith(".faiss")}
+        keep = keep | {lists_file(Path(name)).as_posix() for name in keep if name.endswith(".faiss")}
         for path in folder.iterdir() if folder.is_dir() else ():
             if f"{INDEX_DIR}/{path.name}" not in keep:
                 shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
