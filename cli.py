@@ -24,6 +24,7 @@ import pyarrow.parquet as pq
 
 from demo import DEMO_COUNT, DEMO_DIR, DEMO_SEED, demo_lines, plot_classification, plot_similarity, write_demo_library
 from encoder import DEFAULT_MODEL, MODELS, can_load, list_models, load_image
+from encoder.feed import DECODERS
 from indexer import IndexConfig, index_paths
 from indexer.ray_engine import RayConfig, ray_session
 from indexer.run import ENGINES
@@ -292,11 +293,14 @@ def demo_command(directory: str, count: int) -> None:
 @click.option("--batch-size", type=click.IntRange(min=1),
               help="Images per forward pass (default: 64 on CPU, 256 on CUDA); with --engine ray, jobs per actor "
                    "call, each written as one Lance fragment (default 256).")
-@click.option("--workers", type=click.IntRange(min=0), help="Parallel decoders (default: one per core, at most 8).")
-@click.option("--decoder", type=click.Choice(["auto", "threads", "processes"]), default=INDEX.decoder,
-              show_default=True,
-              help="Decode in threads (no start-up cost) or worker processes (more throughput for a GPU); "
-                   "auto: processes on CUDA, threads on CPU.")
+@click.option("--workers", type=click.IntRange(min=0),
+              help="Decoding threads (default: one per core, at most 8).")
+@click.option("--readers", type=click.IntRange(min=1),
+              help="Threads reading files (default: as many as --workers; more for network storage).")
+@click.option("--decoder", type=click.Choice(list(DECODERS)), default=INDEX.decoder, show_default=True,
+              help="pillow: decode on the host, large JPEGs reduced while decoding. torchvision: JPEGs decoded "
+                   "on the model's device (nvJPEG on CUDA) and resized there; other formats by Pillow. "
+                   "auto: torchvision on CUDA, pillow on CPU.")
 @click.option("--captions", multiple=True, type=click.Path(dir_okay=False),
               help="CSV or Parquet with columns path, caption (repeatable). Sidecar photo.txt files are read too.")
 @click.option("--engine", type=click.Choice(list(ENGINES)), default=INDEX.engine, show_default=True,
@@ -324,7 +328,7 @@ def demo_command(directory: str, count: int) -> None:
                    "drive looks exactly like an empty folder).")
 @click.option("--json", "as_json", is_flag=True,
               help='Print {"scanned", "embedded", "reused", "moved", "removed", "failed", "unavailable", ...} at the end.')
-def index_command(paths, store_dir, model_name, pretrained, device, batch_size, workers, decoder, captions, engine,
+def index_command(paths, store_dir, model_name, pretrained, device, batch_size, workers, readers, decoder, captions, engine,
                   ray_address, cpus_per_worker, gpus_per_worker, max_pixels, exact_decode, commit_every, ann, wait,
                   prune, as_json) -> None:
     """Embed the images under PATHS into the store, incrementally.
@@ -344,7 +348,8 @@ def index_command(paths, store_dir, model_name, pretrained, device, batch_size, 
       clipdex index ~/Pictures --store pictures.clipdex --model clipdex-shapes
     """
     config = IndexConfig(model=model_name, pretrained=pretrained, device=device, batch_size=batch_size,
-                         workers=workers, decoder=decoder, captions=tuple(captions), max_pixels=max_pixels,
+                         workers=workers, readers=readers, decoder=decoder, captions=tuple(captions),
+                         max_pixels=max_pixels,
                          exact_decode=exact_decode, commit_every=commit_every, wait=wait, prune=prune,
                          ann=ann, engine=engine,
                          ray=RayConfig(address=ray_address, workers=workers if engine == "ray" else None,
@@ -359,6 +364,8 @@ def index_command(paths, store_dir, model_name, pretrained, device, batch_size, 
                    f"{summary.reused} reused ({summary.moved} moved), {summary.unchanged} unchanged, "
                    f"{summary.removed} removed, {summary.failed} failed. "
                    f"Store: {summary.count} images, {summary.index} index{recall}.")
+    if click.get_current_context().find_root().params.get("verbose"):
+        click.echo(summary.stage_line(), err=True)
     for root, kept in summary.unavailable.items():
         click.echo(f"warning: {shown(root)} is missing, unreadable or empty; its {kept} images are kept "
                    "(pass --prune to remove them)", err=True)

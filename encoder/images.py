@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import stat
 from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO, Iterator
@@ -41,6 +42,40 @@ def decode_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS,
     With *draft*, JPEGs are decoded at the smallest power-of-two reduction that is still at least
     that size, several times faster when the model only needs a small input anyway.
     """
+    name = _checked(path)
+    with open_readable(name) as handle:
+        return _decode(handle, name, max_pixels, draft)
+
+
+def read_bytes(path: str | os.PathLike) -> bytearray:
+    """The content of an image file, with the checks and reasons of :func:`decode_image`; a
+    bytearray, so that tensors can be made of it without a copy. Opens first and asks why only when
+    that fails: the embedding stage reads every file, and four stat calls per file add up."""
+    name = str(path)
+    try:
+        handle = open(name, "rb", buffering=0)  # one read straight into the buffer below
+    except OSError as error:
+        _checked(name)  # names the reason: missing, dangling symlink, not a file
+        raise ImageError(name, "unreadable", error.strerror or first_line(error)) from error
+    with handle:
+        try:
+            info = os.fstat(handle.fileno())
+            if not stat.S_ISREG(info.st_mode):
+                raise ImageError(name, "not a file")
+            data = bytearray(info.st_size + 1)  # one byte more tells a file that grew meanwhile
+            count = handle.readinto(data) or 0
+            if count == len(data):
+                data += handle.readall()
+            else:
+                del data[count:]
+        except OSError as error:
+            raise ImageError(name, "unreadable", error.strerror or first_line(error)) from error
+    if not data:
+        raise ImageError(name, "empty file")
+    return data
+
+
+def _checked(path: str | os.PathLike) -> str:
     name = str(path)
     if not os.path.lexists(name):
         raise ImageError(name, "missing", "no such file")
@@ -50,8 +85,7 @@ def decode_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS,
         raise ImageError(name, "not a file")
     if os.path.getsize(name) == 0:
         raise ImageError(name, "empty file")
-    with open_readable(name) as handle:
-        return _decode(handle, name, max_pixels, draft)
+    return name
 
 
 def decode_file(handle: BinaryIO, name: str, max_pixels: int = DEFAULT_MAX_PIXELS,

@@ -3,11 +3,14 @@
 A file whose size and mtime match its row is unchanged and never read. Any other file is hashed:
 the same content at a path that vanished is a move (its id and embedding move with it), the same
 content as a file still present is a copy (embedding reused, new id), anything else is embedded.
+Content is only comparable at equal sizes, so a file whose size no other file or row has is
+embedded without being read here: the embedding stage hashes the bytes it reads anyway.
 """
 
 from __future__ import annotations
 
 import os
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
@@ -20,9 +23,9 @@ from store.files import is_under, stream_hash
 from store.tables import file_path
 
 
-def content_hash(path: str) -> str:
+def content_hash(path: str, algorithm: str) -> str:
     with open(path, "rb") as handle:
-        return stream_hash(handle)
+        return stream_hash(handle, algorithm)
 
 
 @dataclass(frozen=True)
@@ -31,7 +34,7 @@ class Job:
 
     id: int
     file: FoundFile
-    hash: str
+    hash: str | None  # None: not read yet; whoever reads the file for embedding hashes it
     caption: str | None = None
     source_id: int | None = None
 
@@ -64,7 +67,8 @@ class Plan:
 
 
 def make_plan(scan: Scan, rows: pa.Table, first_new_id: int, captions: Callable[[str], str | None],
-              workers: int = 4, progress: Callable[[int], None] | None = None, prune: bool = False) -> Plan:
+              workers: int = 4, progress: Callable[[int], None] | None = None, prune: bool = False, *,
+              hashing: str) -> Plan:
     """Decide what to embed, move, copy and remove. *rows* has id, hash, path, path_bytes, bytes,
     mtime, caption.
 
@@ -115,10 +119,21 @@ def make_plan(scan: Scan, rows: pa.Table, first_new_id: int, captions: Callable[
                 return absent.pop(path)
         return None
 
-    for file, digest in _hash_all(changed, workers, plan.failures, progress):
+    digests = dict(_hash_all(_worth_hashing(changed, scan, existing, absent), hashing, workers, plan.failures,
+                               progress))
+    if progress:
+        progress(len(scan.files) - plan.unchanged - len(digests))
+    failed = {failure.path for failure in plan.failures}
+    for file in changed:
+        if file.path in failed:
+            continue
         row = existing.get(file.path)
         caption = caption_of(file.path, row)
-        if row is not None and row["hash"] == digest:  # touched, not changed
+        digest = digests.get(file.path)
+        if digest is None:  # content no other file or row can share: hashed as it is read for embedding
+            plan.embed.append(Job(row["id"] if row is not None else plan.next_id, file, None, caption))
+            plan.next_id += row is None
+        elif row is not None and row["hash"] == digest:  # touched, not changed
             plan.moves.append(Job(row["id"], file, digest, caption))
         elif row is not None:  # modified in place: keeps its id
             plan.embed.append(Job(row["id"], file, digest, caption))
@@ -159,11 +174,28 @@ def _defer_copies_of_new_files(plan: Plan) -> Plan:
     return plan
 
 
-def _hash_all(files: list[FoundFile], workers: int, failures: list[Failure],
-              progress: Callable[[int], None] | None) -> Iterable[tuple[FoundFile, str]]:
+def _worth_hashing(changed: list[FoundFile], scan: Scan, existing: dict[str, dict],
+                   absent: dict[str, dict]) -> list[FoundFile]:
+    """The changed files whose hash can decide anything: a file can be a copy, a move or a touched
+    file only if another file or row has its exact size. The others (nearly every file of a new
+    library) are hashed by the reader that reads them for embedding, so they are read once."""
+    sizes = Counter(file.bytes for file in scan.files)
+    absent_sizes = {row["bytes"] for row in absent.values()}
+
+    def worth(file: FoundFile) -> bool:
+        row = existing.get(file.path)
+        if row is not None:  # modified in place keeps its id; equal size might be a touch
+            return row["bytes"] == file.bytes
+        return sizes[file.bytes] > 1 or file.bytes in absent_sizes
+
+    return [file for file in changed if worth(file)]
+
+
+def _hash_all(files: list[FoundFile], hashing: str, workers: int, failures: list[Failure],
+              progress: Callable[[int], None] | None) -> Iterable[tuple[str, str]]:
     def one(file: FoundFile) -> tuple[FoundFile, str | None, Failure | None]:
         try:
-            return file, content_hash(file.path), None
+            return file, content_hash(file.path, hashing), None
         except FileNotFoundError:
             return file, None, Failure(file.path, "missing", "vanished during the run")
         except OSError as error:
@@ -176,7 +208,7 @@ def _hash_all(files: list[FoundFile], workers: int, failures: list[Failure],
             if failure:
                 failures.append(failure)
             else:
-                yield file, digest
+                yield file.path, digest
 
 
 def read_captions(sources: Iterable[str | os.PathLike]) -> dict[str, str]:

@@ -29,8 +29,7 @@ import numpy as np
 import pyarrow as pa
 
 from encoder.model import load_model
-from encoder.reduction import reduction_for
-from indexer.decode import decoded_batches
+from indexer.pipeline import Batch, run_pipeline
 from indexer.rows import caption_vectors, file_columns
 from store.errors import ImageError, InputError, first_line
 from store.tables import conformed, image_rows
@@ -64,6 +63,7 @@ class _Work:
     uri: str
     schema: pa.Schema
     dim: int
+    hashing: str  # the store's content hash, for files the plan left unhashed
 
 
 def ray_module():
@@ -152,7 +152,8 @@ def _run(ray, store, model_name, pretrained, device, jobs, exact_decode, max_pix
     for name in ("ray", "ray.data"):  # Ray's plan and progress lines would bury clipdex's own
         logging.getLogger(name).setLevel(logging.ERROR)
     work = _Work(model_name, pretrained, device, exact_decode, max_pixels, max(1, int(ray_config.cpus_per_worker)),
-                 first_new_id, store.tables.images_uri, store.tables.images.schema, store.manifest.dim)
+                 first_new_id, store.tables.images_uri, store.tables.images.schema, store.manifest.dim,
+                 store.manifest.content_hash)
     table, size = _job_table(jobs), ray_config.batch_size
     blocks = [table.slice(start, size) for start in range(0, table.num_rows, size)]  # one block per actor call
     dataset = ray.data.from_arrow(blocks).map_batches(
@@ -213,7 +214,7 @@ class _Embedder:
         torch.set_num_threads(work.threads)
         self.work = work
         self.model = load_model(work.model, work.pretrained, device=work.device)
-        self.reduction = None if work.exact_decode else reduction_for(self.model.preprocess)
+        self.feed = self.model.feed("auto", work.exact_decode, work.max_pixels)
 
     def __call__(self, jobs: pa.Table) -> pa.Table:
         from lance.fragment import write_fragments
@@ -221,17 +222,22 @@ class _Embedder:
         work, paths = self.work, [os.fsdecode(p) for p in jobs.column("path").to_pylist()]
         positions = jobs.column("position").to_numpy()
         tables, failures = [], []
-        for batch in decoded_batches(paths, self.model.preprocess, self.reduction, 64, work.threads,
-                                     work.max_pixels, "threads"):
-            failures += [[int(positions[p]), e.path, e.reason, e.detail] for p, e in batch.failures]
+
+        def write(batch: Batch) -> None:
+            failures.extend([int(positions[p]), e.path, e.reason, e.detail] for p, e in batch.failures)
             if batch.positions:
                 taken = jobs.take(pa.array(batch.positions, pa.int64()))
                 files = {name: taken.column(name) for name in taken.column_names if name not in ("position", "path")}
+                files["hash"] = [batch.hashes.get(p, digest) for p, digest in zip(batch.positions,
+                                                                                   files["hash"].to_pylist())]
                 tables.append(image_rows(
                     work.dim, **files, path=[paths[p] for p in batch.positions],
-                    width=[w for w, _ in batch.sizes], height=[h for _, h in batch.sizes],
-                    embedding=self.model.encode_pixels(batch.pixels),
+                    width=[w for w, _ in batch.sizes], height=[h for _, h in batch.sizes], embedding=batch.vectors(),
                     caption_embedding=caption_vectors(self.model, taken.column("caption").to_pylist())))
+
+        unhashed = {i for i, digest in enumerate(jobs.column("hash").to_pylist()) if digest is None}
+        run_pipeline(paths, self.feed, write, 64, work.threads, work.threads, unhashed=unhashed,
+                     hashing=work.hashing)
         fragments, replaced, count = [], b"", 0
         if tables:
             rows = pa.concat_tables(tables)

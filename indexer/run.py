@@ -12,7 +12,7 @@ import logging
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Sequence
@@ -20,9 +20,8 @@ from typing import Sequence
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from encoder import DEFAULT_MAX_PIXELS, DEFAULT_MODEL, MODELS, ClipModel, pretrained_label, weights_sha256
-from encoder.reduction import reduction_for
-from indexer.decode import decoded_batches
+from encoder import DEFAULT_MAX_PIXELS, DEFAULT_MODEL, MODELS, ClipModel, ModelPool, pretrained_label, weights_sha256
+from indexer.pipeline import Batch, run_pipeline, stage_line
 from indexer.plan import Job, Plan, make_plan, read_captions, sidecar_caption
 from indexer.ray_engine import Cluster, RayConfig, embed_on_ray, ray_module, ray_session
 from indexer.rows import caption_vectors, file_columns
@@ -44,8 +43,9 @@ class IndexConfig:
     pretrained: str | None = None
     device: str = "auto"
     batch_size: int | None = None  # None: 64 on CPU, 256 on CUDA
-    workers: int | None = None  # None: one decoder per core, at most 8
-    decoder: str = "auto"  # threads | processes | auto (processes on CUDA, threads on CPU)
+    workers: int | None = None  # decoding threads; None: one per core, at most 8
+    readers: int | None = None  # threads reading files; None: as many as decoding threads
+    decoder: str = "auto"  # pillow | torchvision | auto (torchvision on CUDA): encoder.feed.make_feed
     captions: tuple[str, ...] = ()
     max_pixels: int = DEFAULT_MAX_PIXELS
     exact_decode: bool = False  # False: large JPEGs decoded reduced, as far as encoder.reduction allows
@@ -72,6 +72,8 @@ class IndexSummary:
     recall_at_10: float | None
     moved: int = 0  # files recognised by content at a new path (renamed folders included)
     unavailable: dict[str, int] = field(default_factory=dict)  # root -> rows kept, not seen this run
+    stages: dict[str, float] = field(default_factory=dict)  # scan, load (model, store), plan, embed, finish: s
+    feed: dict | None = None  # indexer.pipeline.StageReport.to_dict() of the embedding stages
 
     @property
     def indexed(self) -> int:
@@ -80,6 +82,11 @@ class IndexSummary:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def stage_line(self) -> str:
+        """Where the run's time went, and what bounded the embedding: one line for ``clipdex -v index``."""
+        line = "stages: " + " · ".join(f"{stage} {seconds:.2f}s" for stage, seconds in self.stages.items())
+        return line + (f" | embedding: {stage_line(self.feed)}" if self.feed and self.feed["images"] else "")
 
 
 def choose_model(existing: Store | None, config: IndexConfig) -> tuple[str, str | None]:
@@ -91,9 +98,10 @@ def choose_model(existing: Store | None, config: IndexConfig) -> tuple[str, str 
 
 
 def index_paths(paths: Sequence[str | os.PathLike], store_dir: str | Path,
-                config: IndexConfig = IndexConfig()) -> IndexSummary:
+                config: IndexConfig = IndexConfig(), models: ModelPool = MODELS) -> IndexSummary:
     """Embed the images under *paths* into the store at *store_dir*, incrementally (see module doc).
 
+    *models* is the pool the model comes from (a benchmark passes one with a stand-in encoder).
     Holds the store's writer lock for the whole run: a second writer fails at once (or waits with
     ``config.wait``), so two runs never hand one id to two files.
     """
@@ -104,6 +112,7 @@ def index_paths(paths: Sequence[str | os.PathLike], store_dir: str | Path,
         ray_module()  # before anything is scanned: a missing extra is one line at once
     store_dir = expand(store_dir)
     found = scan(paths, exclude=[store_dir])
+    scanned = time.perf_counter()
     LOG.info("scanned %d files in %.2fs", len(found.files), time.perf_counter() - started)
     if not Store.exists(store_dir):
         if found.missing:
@@ -113,10 +122,10 @@ def index_paths(paths: Sequence[str | os.PathLike], store_dir: str | Path,
     # The cluster first: an unreachable one stops the run before the store is touched.
     cluster = ray_session(config.ray) if config.engine == "ray" else contextlib.nullcontext()
     with cluster as joined, writer_lock(store_dir, wait=config.wait):
-        return _index(found, store_dir, config, started, joined)
+        return _index(found, store_dir, config, started, scanned, models, joined)
 
 
-def _index(found: Scan, store_dir: Path, config: IndexConfig, started: float,
+def _index(found: Scan, store_dir: Path, config: IndexConfig, started: float, scanned: float, models: ModelPool,
            cluster: Cluster | None = None) -> IndexSummary:
     existing = Store.open(store_dir, writable=True) if Store.exists(store_dir) else None
     name, pretrained = choose_model(existing, config)
@@ -124,7 +133,7 @@ def _index(found: Scan, store_dir: Path, config: IndexConfig, started: float,
     weights = weights_sha256(label)
     if existing is not None:  # refuse a mismatch before spending time on loading a model
         existing.check_model(name, label, weights_sha256=weights)
-    model = MODELS.get(name, pretrained, device=config.device)
+    model = models.get(name, pretrained, device=config.device)
     LOG.info("model loaded at %.2fs", time.perf_counter() - started)
     if existing is not None:
         existing.check_model(model.name, model.pretrained, model.embed_dim, weights)
@@ -132,16 +141,19 @@ def _index(found: Scan, store_dir: Path, config: IndexConfig, started: float,
         existing.tables.upgrade()
     store = existing or Store.create(store_dir, model.name, model.pretrained, model.embed_dim,
                                      preprocess=model.preprocess_cfg, weights_sha256=weights)
+    # Start-up, whatever the number of files: the model, and the store with its libraries' imports.
+    timings = {"scan": scanned - started, "load": time.perf_counter() - scanned}
     captions = _caption_lookup(config.captions)
     workers = config.workers if config.workers is not None else min(8, os.cpu_count() or 1)
 
     with _bar(config, len(found.files), "checking") as bar:
         plan = make_plan(found, store.tables.file_rows(), store.next_free_id(), captions, max(4, workers),
-                         bar.update, prune=config.prune)
+                         bar.update, prune=config.prune, hashing=store.manifest.content_hash)
     unknown = [root for root in found.missing if root not in plan.unavailable]
     if unknown:
         raise InputError(f"no such file or folder: {unknown[0]} (and the store holds nothing from there)")
     store.reserve_ids(plan.new_ids, first=plan.first_new_id)
+    timings["plan"] = time.perf_counter() - started - sum(timings.values())
     LOG.info("planned at %.2fs: %d to embed, %d moves, %d copies, %d removed", time.perf_counter() - started,
              len(plan.embed), len(plan.moves), len(plan.copies), len(plan.removed_ids))
 
@@ -152,8 +164,10 @@ def _index(found: Scan, store_dir: Path, config: IndexConfig, started: float,
             embedded, decode_failures = embed_on_ray(
                 store, name, pretrained, config.device, plan.embed, config.exact_decode, config.max_pixels,
                 config.commit_every, plan.first_new_id, config.ray, bar.update)
+        feed = None
     else:
-        embedded, decode_failures = _embed(store, model, plan.embed, config, workers, plan.first_new_id)
+        embedded, decode_failures, feed = _embed(store, model, plan.embed, config, workers, plan.first_new_id)
+    timings["embed"] = time.perf_counter() - started - sum(timings.values())
     LOG.info("embedded %d at %.2fs", embedded, time.perf_counter() - started)
     failed_modified = [plan.embed[pos].id for pos, _ in decode_failures if plan.embed[pos].id < plan.first_new_id]
     store.tables.delete_ids(plan.removed_ids + failed_modified)
@@ -177,12 +191,15 @@ def _index(found: Scan, store_dir: Path, config: IndexConfig, started: float,
         info = store.rebuild_index(config.ann, *((cluster.map, cluster.shards) if cluster else ()))
     else:
         store.update_manifest(count=store.tables.count(), failures=store.tables.failure_count())
+    timings["finish"] = time.perf_counter() - started - sum(timings.values())
     return IndexSummary(
         scanned=len(found.files) + len(found.failures), embedded=embedded, reused=plan.reused,
         removed=len(plan.removed_ids) + len(failed_modified), failed=len(failures), unchanged=plan.unchanged,
         seconds=round(time.perf_counter() - started, 3), count=store.manifest.count, index=info.type,
         recall_at_10=info.recall_at_10, moved=plan.moved,
-        unavailable={} if config.prune else dict(plan.unavailable))
+        unavailable={} if config.prune else dict(plan.unavailable),
+        stages={stage: round(seconds, 3) for stage, seconds in timings.items()},
+        feed=feed.to_dict() if feed else None)
 
 
 def _caption_lookup(sources: Sequence[str]):
@@ -224,7 +241,8 @@ def _write_copies(store: Store, model: ClipModel, plan: Plan) -> None:
 
 
 def _embed(store: Store, model: ClipModel, jobs: list[Job], config: IndexConfig, workers: int, first_new_id: int):
-    """Decode in parallel, embed full batches, commit every ``commit_every`` rows.
+    """Read, decode and embed in overlapped stages (indexer/pipeline.py); the writer thread builds
+    rows and commits every ``commit_every`` of them.
 
     New ids are appended; rows of modified files (older ids) are upserted, which costs a join.
     """
@@ -237,32 +255,37 @@ def _embed(store: Store, model: ClipModel, jobs: list[Job], config: IndexConfig,
             rows = pa.concat_tables(pending)
             is_new = pc.greater_equal(rows.column("id"), first_new_id)
             store.tables.add(rows.filter(is_new))
-            store.tables.upsert(rows.filter(pc.invert(is_new)))
+            if not pc.all(is_new).as_py():
+                store.tables.upsert(rows.filter(pc.invert(is_new)))
             embedded += pending_rows
             pending, pending_rows = [], 0
 
-    on_gpu = model.device.startswith("cuda")
-    executor = config.decoder if config.decoder != "auto" else "processes" if on_gpu else "threads"
-    batch_size = config.batch_size or (256 if on_gpu else 64)
-    reduction = None if config.exact_decode else reduction_for(model.preprocess)
-    batches = decoded_batches([job.file.path for job in jobs], model.preprocess, reduction,
-                              batch_size, workers, config.max_pixels, executor, pin_memory=on_gpu)
+    def write(batch: Batch) -> None:
+        nonlocal pending_rows
+        failures.extend(batch.failures)
+        if batch.positions:
+            batch_jobs = [_hashed(jobs[p], batch.hashes.get(p)) for p in batch.positions]
+            pending.append(image_rows(
+                model.embed_dim, **file_columns(batch_jobs),
+                width=[w for w, _ in batch.sizes], height=[h for _, h in batch.sizes], embedding=batch.vectors(),
+                caption_embedding=caption_vectors(model, [j.caption for j in batch_jobs])))
+            pending_rows += len(batch_jobs)
+        if pending_rows >= config.commit_every:
+            commit()
+
+    feed = model.feed(config.decoder, config.exact_decode, config.max_pixels)
+    batch_size = config.batch_size or (256 if model.device.startswith("cuda") else 64)
     with _bar(config, len(jobs), "embedding") as bar:
-        for batch in batches:
-            failures += batch.failures
-            if batch.positions:
-                batch_jobs = [jobs[p] for p in batch.positions]
-                pending.append(image_rows(
-                    model.embed_dim, **file_columns(batch_jobs),
-                    width=[w for w, _ in batch.sizes], height=[h for _, h in batch.sizes],
-                    embedding=model.encode_pixels(batch.pixels),
-                    caption_embedding=caption_vectors(model, [j.caption for j in batch_jobs])))
-                pending_rows += len(batch_jobs)
-            if pending_rows >= config.commit_every:
-                commit()
-            bar.update(len(batch.positions) + len(batch.failures))
+        report = run_pipeline([job.file.path for job in jobs], feed, write, batch_size,
+                              config.readers or workers, workers, bar.update,
+                              unhashed={position for position, job in enumerate(jobs) if job.hash is None},
+                              hashing=store.manifest.content_hash)
     commit()
-    return embedded, failures
+    return embedded, failures, report
+
+
+def _hashed(job: Job, digest: str | None) -> Job:
+    return job if digest is None else replace(job, hash=digest)
 
 
 def _failure_rows(failures: Sequence[Failure]) -> pa.Table:

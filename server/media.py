@@ -36,7 +36,7 @@ def image_from_upload(data: bytes, max_pixels: int) -> "Image.Image":
     return decode_bytes(data, "the uploaded image", max_pixels)
 
 
-def open_indexed(row: dict, roots: Sequence[str]) -> BinaryIO:
+def open_indexed(row: dict, roots: Sequence[str], content_hash: str) -> BinaryIO:
     """The file a row was indexed from, opened, or NotFoundError (404) / GoneError (410).
 
     A row serves only its own file: one under a folder indexed into the store, whose path still
@@ -68,7 +68,7 @@ def open_indexed(row: dict, roots: Sequence[str]) -> BinaryIO:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
             raise GoneError(f"image {image_id} ({shown}) is no longer a regular file")
-        if (info.st_size, info.st_mtime) != (row["bytes"], row["mtime"]) and stream_hash(handle) != row["hash"]:
+        if (info.st_size, info.st_mtime) != (row["bytes"], row["mtime"]) and stream_hash(handle, content_hash) != row["hash"]:
             raise GoneError(f"image {image_id} ({shown}) changed since it was indexed: index the folder again")
         handle.seek(0)
         return handle

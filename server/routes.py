@@ -123,7 +123,7 @@ def image_file(image_id: ImageIdPath, ctx: Context) -> StreamingResponse:
     from the URL, and a file swapped or changed since indexing is refused with 410."""
     snapshot = ctx.live.current()
     row = stored_row(snapshot, image_id, SERVED_COLUMNS)
-    handle = open_indexed(row, snapshot.store.manifest.roots)
+    handle = open_indexed(row, snapshot.store.manifest.roots, snapshot.store.manifest.content_hash)
     name = os.fsdecode(row["link_target"]) if row["link_target"] is not None else row["path"]
     return StreamingResponse(_chunks(handle), media_type=mimetypes.guess_type(name)[0] or "application/octet-stream",
                              headers={"Content-Length": str(os.fstat(handle.fileno()).st_size)})
@@ -134,7 +134,7 @@ def image_file(image_id: ImageIdPath, ctx: Context) -> StreamingResponse:
 def image_thumbnail(image_id: ImageIdPath, ctx: Context) -> Response:
     snapshot = ctx.live.current()
     row = stored_row(snapshot, image_id, SERVED_COLUMNS)
-    with open_indexed(row, snapshot.store.manifest.roots) as handle:
+    with open_indexed(row, snapshot.store.manifest.roots, snapshot.store.manifest.content_hash) as handle:
         made = thumbnail(snapshot.store.directory, handle, row["hash"], ctx.config.thumbnail_size)
     headers = {"Cache-Control": "private, max-age=86400"}
     if isinstance(made, bytes):

@@ -13,10 +13,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 from store.errors import StoreError
-from store.files import write_atomically
+from store.files import DEFAULT_CONTENT_HASH, write_atomically
 
 MANIFEST_NAME = "manifest.json"
-MANIFEST_VERSION = 4
+MANIFEST_VERSION = 5
 
 
 def now() -> str:
@@ -49,6 +49,7 @@ class Manifest:
     weights_sha256: str = ""  # content of a local checkpoint: the same weights at a new path are accepted
     roots: tuple[str, ...] = ()  # folders indexed into this store (real paths)
     preprocess: dict[str, Any] = field(default_factory=dict)
+    content_hash: str = DEFAULT_CONTENT_HASH  # how rows' file hashes are made: store.files.CONTENT_HASHES
     count: int = 0
     failures: int = 0
     next_id: int = 1
@@ -84,7 +85,14 @@ def _v3_to_v4(data: dict[str, Any]) -> dict[str, Any]:
     return data
 
 
-MIGRATIONS: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {1: _v1_to_v2, 2: _v2_to_v3, 3: _v3_to_v4}
+def _v4_to_v5(data: dict[str, Any]) -> dict[str, Any]:
+    # v5 names the hash of file content; every store before it used blake2b-128, and keeps it.
+    data.setdefault("content_hash", "blake2b-128")
+    return data
+
+
+MIGRATIONS: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {1: _v1_to_v2, 2: _v2_to_v3, 3: _v3_to_v4,
+                                                                     4: _v4_to_v5}
 
 
 def migrate(data: dict[str, Any]) -> dict[str, Any]:

@@ -76,6 +76,16 @@ def test_exact_decode_stores_the_models_own_preprocessing(jpegs, demo_model, tmp
     assert cosines.min() >= 0.99999
 
 
+def test_the_device_decoder_stores_the_models_own_preprocessing(jpegs, demo_model, tmp_path):
+    """--decoder torchvision (the GPU path: decode_jpeg, then the model's transform as tensor
+    operations) run on the CPU, where CI can check it."""
+    index_paths([Path(jpegs[0]).parent], tmp_path / "store", replace(DEMO, decoder="torchvision"))
+    cosines = np.einsum("nd,nd->n", model_own(demo_model, jpegs), stored(tmp_path / "store", jpegs))
+    worst = jpegs[int(cosines.argmin())]
+    assert cosines.min() >= 0.99, f"{worst}: cosine {cosines.min():.4f}"
+    assert np.median(cosines) >= 0.999
+
+
 def test_a_reduced_image_is_resized_to_the_size_the_model_makes_of_the_full_one(demo_model):
     reduction = reduction_for(demo_model.preprocess)
     resize = demo_model.preprocess.transforms[0]

@@ -216,17 +216,3 @@ def test_filters_and_query_algebra(heldout_library, tmp_path):
     assert sum(truth[h["path"]]["colour"] == "blue" for h in blue) >= 4
     example = rows[0]["path"]
     assert Query.create(store, image=example).limit(1).to_list()[0]["path"] == example
-
-
-def test_process_decoder_matches_threads(library, tmp_path):
-    """The worker-process decoder (the default on CUDA) gives exactly what the thread decoder gives."""
-    results = {}
-    for decoder in ("threads", "processes"):
-        config = IndexConfig(model="clipdex-shapes", device="cpu", workers=2, decoder=decoder, batch_size=4,
-                             progress=False)
-        assert index_paths([library], tmp_path / decoder, config).embedded == 12
-        table = Store.open(tmp_path / decoder).tables.images.search().select(["path", "embedding"]).to_arrow()
-        results[decoder] = dict(zip(table.column("path").to_pylist(), table.column("embedding").to_pylist()))
-    assert results["threads"].keys() == results["processes"].keys()
-    for path, vector in results["threads"].items():
-        np.testing.assert_allclose(vector, results["processes"][path], atol=1e-6)

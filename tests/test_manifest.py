@@ -20,6 +20,8 @@ def test_old_manifest_is_migrated_step_by_step(tmp_path):
     manifest = read_manifest(tmp_path)
     assert manifest.version == MANIFEST_VERSION and manifest.space == "ViT-B-32" and manifest.has_text_encoder
     assert manifest.count == 3 and manifest.index.type == "flat"
+    assert manifest.content_hash == "blake2b-128"  # what every store before v5 hashed files with
+    assert Manifest(model="m", pretrained="p", dim=8, space="m").content_hash == "blake3-128"
 
 
 def test_newer_or_damaged_manifest_is_a_clear_error(tmp_path):

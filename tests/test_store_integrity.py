@@ -16,11 +16,14 @@ import pyarrow as pa
 import pytest
 
 from indexer.plan import content_hash
+from indexer.run import IndexConfig, index_paths
 from store import Store, import_features
 from store.errors import StoreBusyError
 from store.lock import writer_lock
 from store.tables import file_path
 from tests.helpers import CAN_DROP_PRIVILEGES, MODEL, clipdex, local_client, run
+
+DEMO = IndexConfig(model="clipdex-shapes", device="cpu", progress=False)
 
 
 def rows_of(store_dir) -> list[dict]:
@@ -29,12 +32,12 @@ def rows_of(store_dir) -> list[dict]:
 
 def assert_each_file_once(store_dir, files) -> None:
     """Rows = the files, one each, with unique ids, each row's hash that of the file at its path."""
-    rows = rows_of(store_dir)
+    rows, hashing = rows_of(store_dir), Store.open(store_dir).manifest.content_hash
     paths = [file_path(r["path"], r["path_bytes"]) for r in rows]
     assert sorted(paths) == sorted(str(f) for f in files)
     assert len({r["id"] for r in rows}) == len(rows)
     for row, path in zip(rows, paths):
-        assert row["hash"] == content_hash(path), path
+        assert row["hash"] == content_hash(path, hashing), path
 
 
 def images(folder) -> list[Path]:
@@ -282,3 +285,24 @@ def test_info_says_plainly_when_there_is_no_index(capsys, tmp_path):
     Store.create(tmp_path / "s", "m", "p", 4)
     code, out, _ = run(capsys, "info", "--store", tmp_path / "s")
     assert code == 0 and "no index yet" in out and "images:    0" in out
+
+
+def test_a_store_made_before_blake3_keeps_hashing_with_blake2b(library, tmp_path):
+    """Rows hashed with blake2b stay comparable: a touched file is recognised, not re-embedded."""
+    store_dir = tmp_path / "store"
+    index_paths([library], store_dir, DEMO)
+    manifest = json.loads((store_dir / "manifest.json").read_text())
+    del manifest["content_hash"]
+    manifest["version"] = 4
+    (store_dir / "manifest.json").write_text(json.dumps(manifest))
+    store = Store.open(store_dir, writable=True)
+    assert store.manifest.content_hash == "blake2b-128"
+    rows = store.tables.file_rows()
+    paths = [file_path(p, b) for p, b in zip(rows.column("path").to_pylist(), rows.column("path_bytes").to_pylist())]
+    for row_id, path in zip(rows.column("id").to_pylist(), paths):  # the rows as a v4 store holds them
+        store.tables.images.update(where=f"id = {row_id}", values={"hash": content_hash(path, "blake2b-128")})
+    touched = images(library)[0]
+    os.utime(touched, (1_800_000_000, 1_800_000_000))
+    summary = index_paths([library], store_dir, DEMO)
+    assert (summary.embedded, summary.reused) == (0, 0) and summary.unchanged == len(paths) - 1
+    assert_each_file_once(store_dir, images(library))

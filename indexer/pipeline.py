@@ -1,0 +1,207 @@
+"""Stage 3: read → decode → embed → write, each stage on its own threads, overlapped.
+
+    reader threads ─bytes─▶ decode threads ─prepared─▶ embed (this thread, owns the device) ─vectors─▶ writer thread
+
+A batch is read by one reader, prepared by one decoder (``Feed.prepare``: a full decode on the
+host, or only the header when the device decodes), embedded, then handed to the writer, which
+builds rows and commits while the device works on the next batches. At most ``depth`` batches are
+read or decoded ahead and at most two wait for the writer, so memory stays bounded however many
+files there are and a slow stage holds the others back instead of piling work up.
+
+Every stage times the work it does; :class:`StageReport` says how busy each was, so a run shows
+what bounds it (``clipdex -v index`` prints it as one line).
+
+Batches reach the writer in file order. Files that cannot be read or decoded become failures
+(data, never exceptions), so one bad file costs one row in the failures table and nothing else.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Callable, Collection, Iterator, Protocol, Sequence
+
+from encoder.feed import Embedded, Prepared, Timing
+from encoder.images import read_bytes
+from store.errors import ImageError
+from store.files import bytes_hash
+
+STAGES = ("read", "decode", "embed", "write")
+
+
+class Feed(Protocol):
+    def prepare(self, data: bytes | bytearray, name: str) -> Prepared: ...
+
+    def embed(self, items: Sequence[Prepared], names: Sequence[str], timing: Timing) -> Embedded: ...
+
+
+@dataclass
+class Batch:
+    """What the writer receives: rows for ``positions`` (indexes into the path list)."""
+
+    positions: list[int]
+    sizes: list[tuple[int, int]]
+    embedded: Embedded | None
+    failures: list[tuple[int, ImageError]] = field(default_factory=list)
+    hashes: dict[int, str] = field(default_factory=dict)  # position -> content hash, where asked for
+
+    def vectors(self):
+        return self.embedded.vectors()
+
+
+@dataclass(frozen=True)
+class StageReport:
+    seconds: float
+    images: int
+    busy: dict[str, float]  # stage -> seconds of work, summed over its threads
+    threads: dict[str, int]
+
+    @property
+    def images_per_second(self) -> float:
+        return self.images / self.seconds if self.seconds else 0.0
+
+    def utilisation(self, stage: str) -> float:
+        """The share of the run's wall time the stage's threads were working (1.0: always)."""
+        threads = self.threads.get(stage, 1)
+        return min(1.0, self.busy.get(stage, 0.0) / (self.seconds * threads)) if self.seconds else 0.0
+
+    @property
+    def bound(self) -> str:
+        return max(STAGES, key=self.utilisation)
+
+    def to_dict(self) -> dict:
+        return {"seconds": round(self.seconds, 3), "images": self.images,
+                "images_per_second": round(self.images_per_second, 1), "bound": self.bound,
+                "stages": {stage: {"busy": round(self.utilisation(stage), 3), "seconds": round(busy, 3),
+                                   "threads": self.threads.get(stage, 1)} for stage, busy in self.busy.items()}}
+
+
+def stage_line(report: dict) -> str:
+    """One line from :meth:`StageReport.to_dict`: how busy each stage was and which one bounds the run."""
+    stages = report["stages"]
+    busy = " · ".join(f"{stage} {stages[stage]['busy']:.0%}" for stage in STAGES if stage in stages)
+    extra = "".join(f", {stage} {stages[stage]['seconds']:.1f}s" for stage in stages if stage not in STAGES)
+    return (f"{busy} busy{extra}; {report['images_per_second']:,.0f} img/s over {report['images']:,} images, "
+            f"bound by {report['bound']}")
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.busy = dict.fromkeys(STAGES, 0.0)
+        self._lock = threading.Lock()
+
+    @contextmanager
+    def timing(self, stage: str) -> Iterator[None]:
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            with self._lock:
+                self.busy[stage] = self.busy.get(stage, 0.0) + time.perf_counter() - started
+
+
+def run_pipeline(paths: Sequence[str], feed: Feed, write: Callable[[Batch], None], batch_size: int,
+                 readers: int, decoders: int, progress: Callable[[int], None] | None = None,
+                 unhashed: Collection[int] = (), hashing: str = "") -> StageReport:
+    """Embed *paths* through *feed* and hand every batch to *write* (on the writer thread), in order.
+
+    The readers hash the content of the positions in *unhashed* with *hashing* (a key of
+    store.files.CONTENT_HASHES) into ``Batch.hashes``: of exactly the bytes that were embedded, with
+    no second read.
+    """
+    clock, started = _Clock(), time.perf_counter()
+    readers, decoders = max(1, readers), max(1, decoders)
+    depth = max(4, 2 * decoders)
+
+    def read(start: int) -> tuple[list[tuple[int, bytearray | None, ImageError | None]], dict[int, str]]:
+        with clock.timing("read"):
+            out, hashes = [], {}
+            for position in range(start, min(start + batch_size, len(paths))):
+                try:
+                    data = read_bytes(paths[position])
+                except ImageError as error:
+                    out.append((position, None, error))
+                    continue
+                if position in unhashed:
+                    hashes[position] = bytes_hash(data, hashing)
+                out.append((position, data, None))
+            return out, hashes
+
+    def decode(read_batch):
+        loaded, hashes = read_batch
+        with clock.timing("decode"):
+            positions, prepared, failures = [], [], []
+            for position, data, error in loaded:
+                if data is not None:
+                    try:
+                        prepared.append(feed.prepare(data, paths[position]))
+                        positions.append(position)
+                        continue
+                    except ImageError as raised:
+                        error = raised
+                    except Exception as bug:  # a decoder bug on one file must not end the run
+                        error = ImageError(paths[position], "corrupt", repr(bug)[:200])
+                failures.append((position, error))
+            return positions, prepared, failures, hashes
+
+    def written(batch: Batch) -> None:
+        with clock.timing("write"):
+            write(batch)
+
+    read_pool = ThreadPoolExecutor(readers, thread_name_prefix="clipdex-read")
+    decode_pool = ThreadPoolExecutor(decoders, thread_name_prefix="clipdex-decode")
+    write_pool = ThreadPoolExecutor(1, thread_name_prefix="clipdex-write")
+
+    def staged(start: int) -> Future:
+        """A future for batch *start*, read then decoded, without holding a thread while it waits."""
+        done: Future = Future()
+
+        def on_decoded(future: Future) -> None:
+            if future.exception() is not None:
+                done.set_exception(future.exception())
+            else:
+                done.set_result(future.result())
+
+        def on_read(future: Future) -> None:
+            try:
+                decode_pool.submit(decode, future.result()).add_done_callback(on_decoded)
+            except BaseException as error:  # read failed, or the pools are closing
+                done.set_exception(error)
+
+        read_pool.submit(read, start).add_done_callback(on_read)
+        return done
+
+    images = 0
+    starts = iter(range(0, len(paths), batch_size))
+    ahead: deque[Future] = deque(staged(start) for _, start in zip(range(depth), starts))
+    writes: deque[Future] = deque()
+    try:
+        while ahead:
+            positions, prepared, failures, hashes = ahead.popleft().result()
+            for start in starts:
+                ahead.append(staged(start))
+                break
+            embedded = None
+            if prepared:
+                embedded = feed.embed(prepared, [paths[p] for p in positions], clock.timing)
+                failures += [(positions[i], error) for i, error in embedded.failures]
+                positions = [positions[i] for i in embedded.kept]
+                prepared = [prepared[i] for i in embedded.kept]
+            writes.append(write_pool.submit(written, Batch(positions, [p.size for p in prepared], embedded,
+                                                           sorted(failures, key=lambda f: f[0]), hashes)))
+            while len(writes) > 2 or (writes and writes[0].done()):
+                writes.popleft().result()  # a failed write (a full disk) stops the run here
+            images += len(positions) + len(failures)
+            if progress:
+                progress(len(positions) + len(failures))
+        while writes:
+            writes.popleft().result()
+    finally:
+        for pool in (read_pool, decode_pool, write_pool):
+            pool.shutdown(wait=True, cancel_futures=True)
+    return StageReport(time.perf_counter() - started, images, dict(clock.busy),
+                       {"read": readers, "decode": decoders, "embed": 1, "write": 1})
