@@ -59,13 +59,11 @@ class Embedded:
 
     kept: list[int]
     failures: list[tuple[int, ImageError]] = field(default_factory=list)
-    _vectors: Any = None  # np.ndarray, or (pinned tensor, CUDA event) while the copy is in flight
+    _vectors: Any = None  # np.ndarray, or ClipModel.encode_pixels_async's wait while the copy is in flight
 
     def vectors(self) -> np.ndarray:
-        if isinstance(self._vectors, tuple):
-            host, event = self._vectors
-            event.synchronize()
-            self._vectors = host.numpy()
+        if callable(self._vectors):
+            self._vectors = self._vectors()
         return self._vectors
 
 
@@ -84,7 +82,7 @@ class PillowFeed:
         import torch
 
         with timing("embed"):
-            vectors = self.model.encode_pixels(torch.stack([item.pixels for item in items]))
+            vectors = self.model.encode_pixels_async(torch.stack([item.pixels for item in items]))
         return Embedded(list(range(len(items))), _vectors=vectors)
 
 
@@ -175,7 +173,7 @@ class TorchvisionFeed:
         if pixels is None:
             return Embedded([], failures, np.zeros((0, self.model.embed_dim), np.float32))
         with timing("embed"):
-            return Embedded(kept, failures, self._forward(pixels))
+            return Embedded(kept, failures, self.model.encode_pixels_async(pixels))
 
     def _decode(self, jpegs: list["torch.Tensor"]) -> list["torch.Tensor | None"]:
         """Decoded upright RGB images on the device, None where the decoder refuses a file."""
@@ -196,20 +194,6 @@ class TorchvisionFeed:
                 except RuntimeError:
                     out.append(None)
             return out
-
-    def _forward(self, pixels: "torch.Tensor"):
-        import torch
-
-        model = self.model
-        with torch.inference_mode(), model._autocast():
-            features = torch.nn.functional.normalize(model.model.encode_image(pixels).float(), dim=-1)
-            if not model.device.startswith("cuda"):
-                return features.numpy()
-            host = torch.empty(features.shape, dtype=features.dtype, pin_memory=True)
-            host.copy_(features, non_blocking=True)
-            event = torch.cuda.Event()
-            event.record()
-            return host, event
 
 
 def make_feed(model: "ClipModel", decoder: str = "auto", exact_decode: bool = False,

@@ -104,11 +104,29 @@ class ClipModel:
 
     def encode_pixels(self, pixels: "torch.Tensor") -> np.ndarray:
         """Embed a preprocessed batch ``[B, 3, H, W]``."""
+        return self.encode_pixels_async(pixels)()
+
+    def encode_pixels_async(self, pixels: "torch.Tensor") -> Callable[[], np.ndarray]:
+        """Start embedding a batch; the call returned waits for the vectors. On CUDA they are copied
+        back into pinned memory asynchronously, so the caller can queue the next batch first."""
         import torch
 
         with torch.inference_mode(), self._autocast():
             features = self.model.encode_image(pixels.to(self.device, non_blocking=True))
-            return torch.nn.functional.normalize(features.float(), dim=-1).cpu().numpy()
+            features = torch.nn.functional.normalize(features.float(), dim=-1)
+            if not self.device.startswith("cuda"):
+                vectors = features.numpy()
+                return lambda: vectors
+            host = torch.empty(features.shape, dtype=features.dtype, pin_memory=True)
+            host.copy_(features, non_blocking=True)
+            copied = torch.cuda.Event()
+            copied.record()
+
+        def wait() -> np.ndarray:
+            copied.synchronize()
+            return host.numpy()
+
+        return wait
 
     def feed(self, decoder: str = "auto", exact_decode: bool = False, max_pixels: int | None = None):
         """How the indexer turns file bytes into this model's embeddings (encoder/feed.py)."""
