@@ -5,9 +5,10 @@ Two feeds, one interface:
 
 - :class:`PillowFeed`: the host decodes (Pillow, JPEGs reduced as ``encoder.reduction`` allows)
   and applies the model's own preprocessing; the device only runs the model. The CPU path.
-- :class:`TorchvisionFeed`: the host only reads the header (size, orientation, the pixel limit);
-  JPEGs are decoded by ``torchvision.io.decode_jpeg`` on the model's device (nvJPEG on CUDA), in
-  one batched call, then resized, cropped and normalised there with the parameters of the model's
+- :class:`TorchvisionFeed`: the host only reads the header (size and colour space from
+  libjpeg-turbo's header reader, EXIF orientation, the pixel limit); JPEGs are decoded by
+  ``torchvision.io.decode_jpeg`` on the model's device (nvJPEG on CUDA), in one batched call,
+  turned upright, then resized, cropped and normalised there with the parameters of the model's
   own transform. Other formats, and JPEGs the device decoder refuses, are decoded by Pillow. The
   GPU path: the host hands the device bytes, not pixels.
 
@@ -25,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 import numpy as np
 from PIL import Image
 
-from encoder.images import DEFAULT_MAX_PIXELS, ORIENTATION_TAG, decode_file, to_rgb
+from encoder.images import DEFAULT_MAX_PIXELS, ORIENTATION_TAG, decode_file, jpeg_orientation, to_rgb
 from encoder.reduction import Reduction, reduction_for
 from store.errors import ImageError, InputError
 
@@ -35,7 +36,9 @@ if TYPE_CHECKING:
     from encoder.model import ClipModel
 
 DECODERS = ("auto", "pillow", "torchvision")
-DEVICE_JPEG_MODES = ("RGB", "L")  # what nvJPEG decodes to RGB faithfully; CMYK and the rest go to Pillow
+# What nvJPEG decodes to RGB faithfully, as libjpeg-turbo and Pillow name it; CMYK and YCCK go to Pillow.
+DEVICE_COLORSPACES = ("YCbCr", "Gray", "RGB")
+DEVICE_JPEG_MODES = ("RGB", "L")
 Timing = Callable[[str], AbstractContextManager]
 
 
@@ -50,6 +53,7 @@ class Prepared:
     size: tuple[int, int]  # upright (width, height) of the full image
     pixels: "torch.Tensor | None" = None  # the model's input, preprocessed on the host
     jpeg: "torch.Tensor | None" = None  # the file's bytes, to decode on the device
+    orientation: int = 1  # of jpeg: the EXIF orientation the device applies after decoding
     image: "torch.Tensor | None" = None  # upright RGB uint8 [3, H, W], decoded on the host
 
 
@@ -131,19 +135,15 @@ class TorchvisionFeed:
     def prepare(self, data: bytes | bytearray, name: str) -> Prepared:
         import torch
 
-        try:
-            with Image.open(io.BytesIO(data)) as probe:  # the header only: no pixel is decoded here
-                width, height = probe.size
-                kind, mode, orientation = probe.format, probe.mode, probe.getexif().get(ORIENTATION_TAG, 1)
-        except Exception:  # not even a header: Pillow names the reason as it does for every file
+        header = _jpeg_header(data) or _pillow_header(data)
+        if header is None:  # not a JPEG the device decodes, or not even a header: Pillow decodes it, or names why not
             return self._on_host(data, name)
+        width, height, orientation = header
         if width * height > self.max_pixels:
             raise ImageError(name, "too large", f"{width}x{height} pixels, limit {self.max_pixels:,}")
-        if kind != "JPEG" or mode not in DEVICE_JPEG_MODES:
-            return self._on_host(data, name)
         size = (height, width) if orientation in (5, 6, 7, 8) else (width, height)
         return Prepared(size, jpeg=torch.frombuffer(data if isinstance(data, bytearray) else bytearray(data),
-                                                    dtype=torch.uint8))
+                                                    dtype=torch.uint8), orientation=orientation)
 
     def _on_host(self, data: bytes | bytearray, name: str) -> Prepared:
         from torchvision.transforms.v2.functional import pil_to_tensor
@@ -167,6 +167,8 @@ class TorchvisionFeed:
                     except ImageError as error:
                         failures.append((i, error))
                         continue
+                else:
+                    decoded = upright(decoded, items[i].orientation)
                 images[i] = decoded
             kept = [i for i, image in enumerate(images) if image is not None]
             pixels = self.transform([images[i] for i in kept], [items[i].size for i in kept]) if kept else None
@@ -180,7 +182,8 @@ class TorchvisionFeed:
         from torchvision.io import ImageReadMode, decode_jpeg
 
         def one_call(batch):
-            return decode_jpeg(batch, mode=ImageReadMode.RGB, device=self.model.device, apply_exif_orientation=True)
+            # nvJPEG ignores apply_exif_orientation (torchvision 0.29): upright() turns every device the same way
+            return decode_jpeg(batch, mode=ImageReadMode.RGB, device=self.model.device, apply_exif_orientation=False)
 
         if not jpegs:
             return []
@@ -194,6 +197,45 @@ class TorchvisionFeed:
                 except RuntimeError:
                     out.append(None)
             return out
+
+
+def _jpeg_header(data: bytes | bytearray) -> tuple[int, int, int] | None:
+    """(width, height, EXIF orientation) of a JPEG the device decodes, from libjpeg-turbo's header
+    reader (a few µs); None when Pillow must look (another format, CMYK, XMP, anything odd)."""
+    import simplejpeg
+
+    if not data.startswith(b"\xff\xd8"):
+        return None
+    try:
+        height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
+    except ValueError:
+        return None
+    orientation = jpeg_orientation(data) if colorspace in DEVICE_COLORSPACES else None
+    return None if orientation is None else (width, height, orientation)
+
+
+def _pillow_header(data: bytes | bytearray) -> tuple[int, int, int] | None:
+    """:func:`_jpeg_header` by Pillow's reading of the header, for the files that one leaves to it."""
+    try:
+        with Image.open(io.BytesIO(data)) as probe:  # the header only: no pixel is decoded here
+            width, height = probe.size
+            kind, mode, orientation = probe.format, probe.mode, probe.getexif().get(ORIENTATION_TAG, 1)
+    except Exception:
+        return None
+    return (width, height, orientation) if kind == "JPEG" and mode in DEVICE_JPEG_MODES else None
+
+
+def upright(image: "torch.Tensor", orientation: int) -> "torch.Tensor":
+    """A decoded [C, H, W] image turned as its EXIF *orientation* says (as ImageOps.exif_transpose)."""
+    import torch
+
+    rows, columns = image.dim() - 2, image.dim() - 1
+    turns = {2: lambda: image.flip(columns), 3: lambda: image.flip((rows, columns)), 4: lambda: image.flip(rows),
+             5: lambda: image.transpose(rows, columns), 6: lambda: torch.rot90(image, -1, (rows, columns)),
+             7: lambda: image.transpose(rows, columns).flip((rows, columns)),
+             8: lambda: torch.rot90(image, 1, (rows, columns))}
+    turn = turns.get(orientation)
+    return turn() if turn else image
 
 
 def make_feed(model: "ClipModel", decoder: str = "auto", exact_decode: bool = False,
@@ -213,4 +255,4 @@ def make_feed(model: "ClipModel", decoder: str = "auto", exact_decode: bool = Fa
 
 
 __all__ = ["DECODERS", "DeviceTransform", "Embedded", "PillowFeed", "Prepared", "TorchvisionFeed",
-           "device_transform", "make_feed"]
+           "device_transform", "make_feed", "upright"]

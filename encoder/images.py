@@ -6,7 +6,6 @@ import io
 import os
 import stat
 from contextlib import contextmanager
-from pathlib import Path
 from typing import BinaryIO, Iterator
 
 import numpy as np
@@ -23,7 +22,7 @@ Image.MAX_IMAGE_PIXELS = None
 
 
 def is_image_path(path: str | os.PathLike) -> bool:
-    return Path(path).suffix.lower() in IMAGE_EXTENSIONS
+    return os.path.splitext(path)[1].lower() in IMAGE_EXTENSIONS
 
 
 def load_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
@@ -49,30 +48,82 @@ def decode_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS,
 
 def read_bytes(path: str | os.PathLike) -> bytearray:
     """The content of an image file, with the checks and reasons of :func:`decode_image`; a
-    bytearray, so that tensors can be made of it without a copy. Opens first and asks why only when
-    that fails: the embedding stage reads every file, and four stat calls per file add up."""
-    name = str(path)
+    bytearray, so that tensors can be made of it without a copy.
+
+    The embedding stage reads every file on threads that give up the GIL at each system call and
+    wait for it after: so three calls (open, fstat, read) and no file object, and the reasons are
+    looked for only when the open fails. O_NONBLOCK: a FIFO put in a file's place cannot hang a reader.
+    """
+    name = os.fspath(path)
     try:
-        handle = open(name, "rb", buffering=0)  # one read straight into the buffer below
+        fd = os.open(name, os.O_RDONLY | os.O_NONBLOCK)
     except OSError as error:
         _checked(name)  # names the reason: missing, dangling symlink, not a file
         raise ImageError(name, "unreadable", error.strerror or first_line(error)) from error
-    with handle:
-        try:
-            info = os.fstat(handle.fileno())
-            if not stat.S_ISREG(info.st_mode):
-                raise ImageError(name, "not a file")
-            data = bytearray(info.st_size + 1)  # one byte more tells a file that grew meanwhile
-            count = handle.readinto(data) or 0
-            if count == len(data):
-                data += handle.readall()
-            else:
-                del data[count:]
-        except OSError as error:
-            raise ImageError(name, "unreadable", error.strerror or first_line(error)) from error
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise ImageError(name, "not a file")
+        data = _read_open(fd, info.st_size)
+    except OSError as error:
+        raise ImageError(name, "unreadable", error.strerror or first_line(error)) from error
+    finally:
+        os.close(fd)
     if not data:
         raise ImageError(name, "empty file")
     return data
+
+
+def _read_open(fd: int, size: int) -> bytearray:
+    """Every byte of the open file *fd*, which fstat said holds *size*: one read for a local file."""
+    data = bytearray(size + 1)  # one byte more tells a file that grew meanwhile
+    got = 0
+    with memoryview(data) as view:
+        while count := os.readv(fd, [view[got:]]):
+            got += count
+            if got >= size:  # a short read (a network file system) goes on
+                break
+    if got > size:
+        while chunk := os.read(fd, 1 << 20):
+            data += chunk
+    else:
+        del data[got:]
+    return data
+
+
+def jpeg_orientation(data: bytes | bytearray) -> int | None:
+    """The EXIF orientation of a JPEG's bytes (1 without one), as Pillow reads it, from the header
+    segments alone; None where Pillow might read it differently (XMP, an Exif block split over
+    segments, any header it would have to make sense of), so that the caller asks Pillow.
+
+    Pillow's own header parse is Python and costs ~30 µs a file: when the device decodes, that was
+    most of the host's work per image. Only the Exif block itself goes to Pillow here.
+    """
+    exif, at, end = None, 2, len(data)
+    while True:
+        if at + 4 > end or data[at] != 0xFF:
+            return None
+        marker = data[at + 1]
+        if marker == 0xDA:  # start of scan: every header segment has been seen
+            break
+        if marker in (0x00, 0x01, 0xD8, 0xD9, 0xFF) or 0xD0 <= marker <= 0xD7:  # fill bytes, no-length markers
+            return None
+        length = (data[at + 2] << 8) | data[at + 3]
+        if length < 2 or at + 2 + length > end:
+            return None
+        if marker == 0xE1:  # Exif, XMP (Pillow also takes orientation from XMP) or an extension
+            if exif is not None or not data.startswith(b"Exif\x00\x00", at + 4):
+                return None
+            exif = bytes(data[at + 4:at + 2 + length])
+        at += 2 + length
+    if exif is None:
+        return 1
+    try:
+        parsed = Image.Exif()
+        parsed.load(exif)
+        return int(parsed.get(ORIENTATION_TAG, 1))
+    except Exception:  # Pillow decides what a malformed block means
+        return None
 
 
 def _checked(path: str | os.PathLike) -> str:

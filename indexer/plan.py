@@ -242,11 +242,15 @@ def _real_folder(path: str) -> str:
     return os.path.join(os.path.realpath(os.path.dirname(path)), os.path.basename(path))
 
 
+def sidecar_path(path: str) -> str:
+    """Where the caption of *path* may lie: ``photo.txt`` beside ``photo.jpg``."""
+    return os.path.splitext(path)[0] + ".txt"
+
+
 def sidecar_caption(path: str) -> str | None:
     """The text of ``photo.txt`` beside ``photo.jpg``, if there is one."""
-    sidecar = os.path.splitext(path)[0] + ".txt"
     try:
-        with open(sidecar, encoding="utf-8") as handle:
+        with open(sidecar_path(path), encoding="utf-8") as handle:
             return handle.read().strip() or None
     except (OSError, UnicodeDecodeError):
         return None

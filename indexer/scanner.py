@@ -8,8 +8,8 @@ empty: a missing root, and every folder the walk could not read, whose rows must
 from __future__ import annotations
 
 import os
+import stat
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Iterable
 
 from encoder.images import is_image_path
@@ -38,6 +38,7 @@ class Scan:
     failures: tuple[Failure, ...]
     missing: tuple[str, ...] = ()  # roots that do not exist (an unmounted drive, a typo)
     unlisted: tuple[str, ...] = ()  # folders that could not be listed: what is under them is unknown
+    sidecars: frozenset[str] = frozenset()  # the .txt files seen beside images (captions, indexer.plan.sidecar_path)
 
     def covers(self, path: str) -> bool:
         """True if *path* lies under a scanned root in a folder that was listed, so its absence
@@ -61,7 +62,7 @@ def scan(paths: Iterable[str | os.PathLike], exclude: Iterable[str | os.PathLike
     store itself) are never entered.
     """
     excluded = {resolve_root(p) for p in exclude}
-    roots, missing, unlisted, files, failures = [], [], [], {}, []
+    roots, missing, unlisted, files, failures, sidecars = [], [], [], {}, [], set()
     for given in paths:
         root = resolve_root(given)
         if not os.path.lexists(root):
@@ -75,13 +76,18 @@ def scan(paths: Iterable[str | os.PathLike], exclude: Iterable[str | os.PathLike
                 for name in names:
                     if is_image_path(name):
                         _stat(os.path.join(folder, name), files, failures)
+                    elif name.endswith(".txt"):  # listed anyway: the planner need not try to open one per image
+                        sidecars.add(os.path.join(folder, name))
             for error in walk_errors:
                 folder = error.filename or root
                 unlisted.append(os.fsdecode(folder))
                 failures.append(Failure(os.fsdecode(folder), "unreadable", error.strerror or str(error)))
         elif is_image_path(root):
             _stat(root, files, failures)
-    return Scan(tuple(roots), tuple(files[p] for p in sorted(files)), tuple(failures), tuple(missing), tuple(unlisted))
+            if os.path.isfile(sidecar := os.path.splitext(root)[0] + ".txt"):
+                sidecars.add(sidecar)
+    return Scan(tuple(roots), tuple(files[p] for p in sorted(files)), tuple(failures), tuple(missing), tuple(unlisted),
+                frozenset(sidecars))
 
 
 def _stat(path: str, files: dict[str, FoundFile], failures: list[Failure]) -> None:
@@ -93,7 +99,7 @@ def _stat(path: str, files: dict[str, FoundFile], failures: list[Failure]) -> No
     except OSError as error:
         failures.append(Failure(path, "unreadable", error.strerror or str(error)))
         return
-    if not Path(path).is_file():
+    if not stat.S_ISREG(info.st_mode):
         return
     target = os.path.realpath(path) if os.path.islink(path) else None
     files[path] = FoundFile(path, info.st_size, info.st_mtime, target)

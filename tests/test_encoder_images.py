@@ -1,10 +1,11 @@
 import os
+import threading
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from encoder.images import is_image_path, load_image
+from encoder.images import is_image_path, load_image, read_bytes
 from store.errors import ImageError
 
 
@@ -54,17 +55,57 @@ def written(path, content: bytes):
     return path
 
 
+@pytest.mark.parametrize("read", [load_image, read_bytes], ids=["decoder", "embedding reader"])
 @pytest.mark.parametrize("make, reason", [
     (lambda d: d / "absent.jpg", "missing"),
     (lambda d: written(d / "empty.jpg", b""), "empty file"),
-    (lambda d: written(d / "text.jpg", b"hello"), "not an image"),
     (lambda d: d, "not a file"),
 ])
-def test_unusable_files_say_why(tmp_path, make, reason):
+def test_unusable_files_say_why(tmp_path, read, make, reason):
     with pytest.raises(ImageError) as caught:
-        load_image(make(tmp_path))
+        read(make(tmp_path))
     assert caught.value.reason == reason
     assert str(caught.value).startswith(str(make(tmp_path)))
+
+
+def test_a_file_that_is_no_picture_says_so(tmp_path):
+    with pytest.raises(ImageError) as caught:
+        load_image(written(tmp_path / "text.jpg", b"hello"))
+    assert caught.value.reason == "not an image"
+
+
+def test_a_fifo_in_a_files_place_is_not_a_file_and_hangs_no_reader(tmp_path):
+    os.mkfifo(tmp_path / "pipe.jpg")
+    reasons = []
+
+    def attempt():
+        try:
+            read_bytes(tmp_path / "pipe.jpg")
+        except ImageError as error:
+            reasons.append(error.reason)
+
+    reader = threading.Thread(target=attempt, daemon=True)
+    reader.start()
+    reader.join(10)
+    assert reasons == ["not a file"]
+
+
+def test_the_reader_reads_every_byte_of_a_file_that_grows_or_comes_in_parts(tmp_path, monkeypatch):
+    data = os.urandom(300_000)
+    path = written(tmp_path / "a.jpg", data)
+    assert read_bytes(path) == data
+    readv, fstat = os.readv, os.fstat
+    monkeypatch.setattr(os, "readv", lambda fd, buffers: readv(fd, [memoryview(buffers[0])[:1000]]))
+    assert read_bytes(path) == data  # short reads, as from a network file system
+    monkeypatch.setattr(os, "readv", readv)
+
+    def smaller(fd):
+        fields = list(fstat(fd)[:10])
+        fields[6] = 1000  # st_size: the file grew after fstat
+        return os.stat_result(fields)
+
+    monkeypatch.setattr(os, "fstat", smaller)
+    assert read_bytes(path) == data
 
 
 def test_truncated_jpeg_is_corrupt(tmp_path):

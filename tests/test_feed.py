@@ -16,7 +16,8 @@ import pytest
 from PIL import Image, ImageOps
 
 from demo.shapes import sample
-from encoder.feed import Embedded, Prepared, device_transform, make_feed
+from encoder.feed import Embedded, Prepared, device_transform, make_feed, upright
+from encoder.images import jpeg_orientation
 from indexer.pipeline import STAGES, run_pipeline, stage_line
 from indexer.run import IndexConfig, index_paths
 from store.errors import InputError
@@ -79,6 +80,49 @@ def test_auto_decodes_on_the_host_on_a_cpu_and_torchvision_needs_the_plain_trans
     assert device_transform(lambda image: image) is None
     with pytest.raises(InputError, match="unknown decoder"):
         make_feed(demo_model, "nvjpeg")
+
+
+def _jpeg(orientation: int | None = None, xmp: bytes | None = None, size=(48, 30)) -> bytes:
+    """A JPEG that is not symmetric in any direction, with an EXIF and/or XMP orientation."""
+    picture = Image.linear_gradient("L").resize(size).convert("RGB")
+    picture.paste((255, 0, 0), (0, 0, size[0] // 3, size[1] // 4))
+    options = {}
+    if orientation is not None:
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        options["exif"] = exif
+    if xmp is not None:
+        options["xmp"] = xmp
+    buffer = io.BytesIO()
+    picture.save(buffer, "JPEG", quality=95, **options)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_the_device_path_turns_every_exif_orientation_as_pillow_does(orientation, demo_model):
+    """nvJPEG ignores EXIF orientation, so the feed reads it from the header and turns the decoded
+    image itself: the same pixels as libjpeg's own turning, the same size as Pillow's."""
+    import torch
+    from torchvision.io import decode_jpeg
+
+    data = _jpeg(orientation)
+    prepared = make_feed(demo_model, "torchvision").prepare(bytearray(data), "turned.jpg")
+    assert prepared.orientation == orientation
+    assert prepared.size == ImageOps.exif_transpose(Image.open(io.BytesIO(data))).size
+    tensor = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    turned = upright(decode_jpeg(tensor, apply_exif_orientation=False), orientation)
+    assert torch.equal(turned, decode_jpeg(tensor, apply_exif_orientation=True))
+    assert tuple(turned.shape[:0:-1]) == prepared.size
+
+
+def test_the_header_reader_leaves_to_pillow_what_pillow_might_read_otherwise(demo_model):
+    xmp = b'<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:Description tiff:Orientation="6"/></x:xmpmeta>'
+    assert jpeg_orientation(_jpeg()) == 1
+    assert jpeg_orientation(_jpeg(8)) == 8
+    assert jpeg_orientation(_jpeg(xmp=xmp)) is None  # Pillow takes orientation from XMP too
+    assert jpeg_orientation(_jpeg(3)[:40]) is None
+    sideways = make_feed(demo_model, "torchvision").prepare(bytearray(_jpeg(xmp=xmp)), "xmp.jpg")
+    assert sideways.jpeg is not None and sideways.orientation == 6 and sideways.size == (30, 48)
 
 
 class _Recording:

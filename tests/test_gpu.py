@@ -32,6 +32,8 @@ def test_the_gpu_feed_stores_what_the_cpu_path_stores(tmp_path):
     import io
     from dataclasses import replace
 
+    from PIL import Image
+
     from demo.shapes import sample
     from indexer.run import IndexConfig, index_paths
     from store.store import Store
@@ -48,6 +50,10 @@ def test_the_gpu_feed_stores_what_the_cpu_path_stores(tmp_path):
     buffer = io.BytesIO()
     picture.save(buffer, "JPEG")
     (folder / "truncated.jpg").write_bytes(buffer.getvalue()[:len(buffer.getvalue()) // 2])
+    for orientation in range(2, 9):  # nvJPEG ignores EXIF orientation: the feed turns them itself
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        sample(5, 200 + orientation, short_side=(300, 600))[0].save(folder / f"turned_{orientation}.jpg", exif=exif)
 
     cpu = IndexConfig(model="clipdex-shapes", device="cpu", exact_decode=True, progress=False)
     index_paths([folder], tmp_path / "cpu", cpu)
@@ -65,8 +71,31 @@ def test_the_gpu_feed_stores_what_the_cpu_path_stores(tmp_path):
         return dict(zip(table.column("path").to_pylist(), table.column("reason").to_pylist()))
 
     on_cpu, on_gpu = rows(tmp_path / "cpu"), rows(tmp_path / "gpu")
-    assert on_cpu.keys() == on_gpu.keys() and len(on_cpu) == 43
+    assert on_cpu.keys() == on_gpu.keys() and len(on_cpu) == 50
     assert failed(tmp_path / "gpu") == failed(tmp_path / "cpu")
     for path, (vector, width, height) in on_gpu.items():
         assert (width, height) == on_cpu[path][1:]
         assert float(np.dot(vector, on_cpu[path][0])) >= 0.99, path
+
+
+def test_nvjpeg_images_are_turned_upright_as_the_cpu_decoder_turns_them():
+    """decode_jpeg on CUDA ignores apply_exif_orientation; encoder.feed.upright does the turning."""
+    import io
+
+    from PIL import Image
+    from torchvision.io import decode_jpeg
+
+    from encoder.feed import upright
+
+    picture = Image.linear_gradient("L").resize((96, 60)).convert("RGB")
+    picture.paste((255, 0, 0), (0, 0, 32, 15))
+    for orientation in range(1, 9):
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        buffer = io.BytesIO()
+        picture.save(buffer, "JPEG", quality=95, exif=exif)
+        data = torch.frombuffer(bytearray(buffer.getvalue()), dtype=torch.uint8)
+        on_cpu = decode_jpeg(data, apply_exif_orientation=True)
+        on_gpu = upright(decode_jpeg([data], device="cuda")[0], orientation).cpu()
+        assert on_gpu.shape == on_cpu.shape, orientation
+        assert (on_gpu.float() - on_cpu.float()).abs().mean() < 4, orientation

@@ -185,6 +185,16 @@ def test_captions_from_csv_and_sidecars(library, tmp_path):
     assert np.linalg.norm(by_path[str(files[0])]["caption_embedding"]) == pytest.approx(1.0, rel=1e-4)
 
 
+def test_a_file_given_by_itself_takes_its_sidecar_caption(library, tmp_path):
+    """The scan lists the sidecars it sees (the planner opens only those): a file given directly
+    has no folder listing, so its sidecar is looked for."""
+    photo = sorted(library.rglob("shape_*"))[0]
+    photo.with_suffix(".txt").write_text("given by itself\n")
+    index_paths([photo], tmp_path / "store", IndexConfig(model="clipdex-shapes", device="cpu", progress=False))
+    rows = Store.open(tmp_path / "store").tables.images.search().select(["caption"]).to_arrow().to_pylist()
+    assert rows == [{"caption": "given by itself"}]
+
+
 def test_text_search_quality_through_the_pipeline(heldout_library, tmp_path):
     from demo.quality import store_quality
 
