@@ -18,6 +18,7 @@ import shutil
 import subprocess
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -25,19 +26,30 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def make_jpegs(directory: Path, count: int, seed: int = 2024, short_side: tuple[int, int] = (300, 1200)) -> list[str]:
-    """*count* JPEGs of mixed sizes (short side 300-1200 px by default), generated once and reused."""
+def make_jpegs(directory: Path, count: int, seed: int = 2024, short_side: tuple[int, int] = (300, 1200),
+               processes: int = 1) -> list[str]:
+    """*count* JPEGs of mixed sizes (short side 300-1200 px by default), generated once and reused,
+    in *processes* slices (20,000 pictures take minutes on one core)."""
+    per = -(-count // max(1, processes))
+    slices = [(directory, seed, short_side, start, min(count, start + per)) for start in range(0, count, per)]
+    if processes > 1:
+        with ProcessPoolExecutor(processes) as pool:
+            list(pool.map(_make_slice, slices))
+    else:
+        for one in slices:
+            _make_slice(one)
+    return [str(directory / f"img_{index:05d}.jpg") for index in range(count)]
+
+
+def _make_slice(task) -> None:
     from demo.shapes import sample
 
+    directory, seed, short_side, start, stop = task
     directory.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for index in range(count):
+    for index in range(start, stop):
         path = directory / f"img_{index:05d}.jpg"
         if not path.exists():
-            image, _ = sample(seed, index, short_side=short_side)
-            image.save(path, quality=90)
-        paths.append(str(path))
-    return paths
+            sample(seed, index, short_side=short_side)[0].save(path, quality=90)
 
 
 def weights_for(model: str, work: Path) -> str:
@@ -55,13 +67,13 @@ def weights_for(model: str, work: Path) -> str:
     return str(path)
 
 
-def forward_only(model: str, weights: str, batch: int = 64, seconds: float = 20.0) -> float:
+def forward_only(model: str, weights: str, batch: int = 64, seconds: float = 20.0, device: str = "cpu") -> float:
     import torch
 
     from encoder.model import load_model
 
-    clip = load_model(model, weights, device="cpu")
-    pixels = torch.randn(batch, 3, *clip.image_size)
+    clip = load_model(model, weights, device=device)
+    pixels = torch.randn(batch, 3, *clip.image_size, device=device)
     clip.encode_pixels(pixels)  # warm-up
     done, started = 0, time.perf_counter()
     while time.perf_counter() - started < seconds:
@@ -79,14 +91,36 @@ def timed(command: list[str], env: dict | None = None) -> tuple[float, str]:
     return seconds, result.stdout
 
 
-def run_clipdex(model: str, weights: str, images: Path, work: Path, batch: int, *options: str) -> dict:
+def run_clipdex(model: str, weights: str, images: Path, work: Path, batch: int, *options: str,
+                device: str = "cpu") -> dict:
     store = work / f"store-{model}"
     shutil.rmtree(store, ignore_errors=True)
     clipdex = str(Path(sys.executable).parent / "clipdex")
-    seconds, out = timed([clipdex, "index", str(images), "--store", str(store), "--model", model,
-                          "--pretrained", weights, "--device", "cpu", "--batch-size", str(batch), "--json", *options])
+    with GpuUtilisation(device) as gpu:
+        seconds, out = timed([clipdex, "index", str(images), "--store", str(store), "--model", model, "--pretrained",
+                              weights, "--device", device, "--batch-size", str(batch), "--json", *options])
     summary = json.loads(out)
-    return {"seconds": seconds, "embedded": summary["embedded"], "inner_seconds": summary["seconds"]}
+    return {"seconds": seconds, "embedded": summary["embedded"], "inner_seconds": summary["seconds"],
+            "stages": summary["stages"], "feed": summary["feed"], "gpu_utilisation": gpu.mean}
+
+
+class GpuUtilisation:
+    """The GPU's mean utilisation (nvidia-smi, every 200 ms) while the block runs; None off CUDA."""
+
+    def __init__(self, device: str) -> None:
+        self.device, self.mean, self._sampler = device, None, None
+
+    def __enter__(self) -> "GpuUtilisation":
+        if self.device.startswith("cuda") and shutil.which("nvidia-smi"):
+            self._sampler = subprocess.Popen(["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits",
+                                              "-lms", "200"], stdout=subprocess.PIPE, text=True)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._sampler is not None:
+            self._sampler.terminate()
+            samples = [float(line) for line in self._sampler.communicate()[0].split() if line.strip().isdigit()]
+            self.mean = round(sum(samples) / len(samples), 1) if samples else None
 
 
 def run_lancedb(model: str, weights: str, paths: list[str], work: Path) -> dict:
@@ -124,22 +158,24 @@ def main() -> None:
     parser.add_argument("--skip-lancedb", action="store_true")
     parser.add_argument("--exact-decode", action="store_true", help="also time clipdex index --exact-decode")
     parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--device", default="cpu", help="cuda: clipdex and the forward-only ceiling on the GPU "
+                        "(fp16 autocast), with the GPU's utilisation during the run")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "indexing.json")
     args = parser.parse_args()
 
     args.work.mkdir(parents=True, exist_ok=True)
     low, high = (int(side) for side in args.short_side.split(","))
     images = args.work / (f"jpegs-{args.images}" if (low, high) == (300, 1200) else f"jpegs-{args.images}-{low}-{high}")
-    paths = make_jpegs(images, args.images, short_side=(low, high))
-    report = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.platform()}",
+    paths = make_jpegs(images, args.images, short_side=(low, high), processes=os.cpu_count() or 1)
+    report = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.platform()}", "device": args.device,
               "images": len(paths), "command": " ".join(sys.argv), "models": {}}
     for model in args.models.split(","):
         weights = weights_for(model, args.work)
-        row = {"forward_only_img_s": forward_only(model, weights)}
-        row["clipdex"] = run_clipdex(model, weights, images, args.work, args.batch_size)
+        row = {"forward_only_img_s": forward_only(model, weights, args.batch_size, device=args.device)}
+        row["clipdex"] = run_clipdex(model, weights, images, args.work, args.batch_size, device=args.device)
         if args.exact_decode:
             row["clipdex_exact_decode"] = run_clipdex(model, weights, images, args.work, args.batch_size,
-                                                      "--exact-decode")
+                                                      "--exact-decode", device=args.device)
         if not args.skip_lancedb:
             row["lancedb"] = run_lancedb(model, weights, paths, args.work)
         if args.clip_retrieval:

@@ -36,7 +36,8 @@ if TYPE_CHECKING:
     from encoder.model import ClipModel
 
 DECODERS = ("auto", "pillow", "torchvision")
-# What nvJPEG decodes to RGB faithfully, as libjpeg-turbo and Pillow name it; CMYK and YCCK go to Pillow.
+# What nvJPEG decodes to RGB faithfully, as libjpeg-turbo names the colour spaces and Pillow the
+# modes; CMYK and YCCK JPEGs go to Pillow.
 DEVICE_COLORSPACES = ("YCbCr", "Gray", "RGB")
 DEVICE_JPEG_MODES = ("RGB", "L")
 Timing = Callable[[str], AbstractContextManager]
