@@ -17,7 +17,7 @@ from typing import Callable, Iterable
 
 import pyarrow as pa
 
-from indexer.scanner import Failure, FoundFile, Scan
+from indexer.scanner import Failure, FoundFile, Scan, sidecar_path
 from store.errors import InputError, first_line
 from store.files import is_under, stream_hash
 from store.tables import file_path
@@ -240,11 +240,6 @@ def _real_folder(path: str) -> str:
     """*path* with its folder resolved like the scanner's roots (the file itself may be a link)."""
     path = os.path.normpath(path)
     return os.path.join(os.path.realpath(os.path.dirname(path)), os.path.basename(path))
-
-
-def sidecar_path(path: str) -> str:
-    """Where the caption of *path* may lie: ``photo.txt`` beside ``photo.jpg``."""
-    return os.path.splitext(path)[0] + ".txt"
 
 
 def sidecar_caption(path: str) -> str | None:

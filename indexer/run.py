@@ -23,10 +23,10 @@ import pyarrow.compute as pc
 
 from encoder import DEFAULT_MAX_PIXELS, DEFAULT_MODEL, MODELS, ClipModel, ModelPool, pretrained_label, weights_sha256
 from indexer.pipeline import Batch, run_pipeline, stage_line
-from indexer.plan import Job, Plan, make_plan, read_captions, sidecar_caption, sidecar_path
+from indexer.plan import Job, Plan, make_plan, read_captions, sidecar_caption
 from indexer.ray_engine import Cluster, RayConfig, embed_on_ray, ray_module, ray_session
 from indexer.rows import caption_vectors, file_columns
-from indexer.scanner import Failure, Scan, scan
+from indexer.scanner import Failure, Scan, scan, sidecar_path
 from store.ann import AnnConfig
 from store.errors import InputError
 from store.files import prune_thumbnails
@@ -153,7 +153,7 @@ def _long_lived_frozen():
     """Keeps the garbage collector off what start-up made (the model, the libraries: ~0.5M objects).
 
     The run makes objects by the thousand per batch, so full collections come every few seconds,
-    and each one walked everything: ~0.15 s apiece, a fifth of the host's time at 5,000 img/s.
+    and each one walked everything: 0.1-0.2 s apiece, a fifth of the host's time at 5,000 img/s.
     Unfrozen at the end, so a long-lived process still collects them.
     """
     gc.freeze()

@@ -38,7 +38,7 @@ class Scan:
     failures: tuple[Failure, ...]
     missing: tuple[str, ...] = ()  # roots that do not exist (an unmounted drive, a typo)
     unlisted: tuple[str, ...] = ()  # folders that could not be listed: what is under them is unknown
-    sidecars: frozenset[str] = frozenset()  # the .txt files seen beside images (captions, indexer.plan.sidecar_path)
+    sidecars: frozenset[str] = frozenset()  # the .txt files seen beside images (captions: sidecar_path)
 
     def covers(self, path: str) -> bool:
         """True if *path* lies under a scanned root in a folder that was listed, so its absence
@@ -48,6 +48,11 @@ class Scan:
 
     def files_under(self, root: str) -> int:
         return sum(1 for f in self.files if is_under(f.path, root))
+
+
+def sidecar_path(path: str) -> str:
+    """Where the caption of *path* may lie: ``photo.txt`` beside ``photo.jpg``."""
+    return os.path.splitext(path)[0] + ".txt"
 
 
 def resolve_root(given: str | os.PathLike) -> str:
@@ -84,8 +89,8 @@ def scan(paths: Iterable[str | os.PathLike], exclude: Iterable[str | os.PathLike
                 failures.append(Failure(os.fsdecode(folder), "unreadable", error.strerror or str(error)))
         elif is_image_path(root):
             _stat(root, files, failures)
-            if os.path.isfile(sidecar := os.path.splitext(root)[0] + ".txt"):
-                sidecars.add(sidecar)
+            if os.path.isfile(sidecar_path(root)):
+                sidecars.add(sidecar_path(root))
     return Scan(tuple(roots), tuple(files[p] for p in sorted(files)), tuple(failures), tuple(missing), tuple(unlisted),
                 frozenset(sidecars))
 
