@@ -40,6 +40,7 @@ DECODERS = ("auto", "pillow", "torchvision")
 # modes; CMYK and YCCK JPEGs go to Pillow.
 DEVICE_COLORSPACES = ("YCbCr", "Gray", "RGB")
 DEVICE_JPEG_MODES = ("RGB", "L")
+JPEG_START = b"\xff\xd8"  # anything else is no JPEG to Pillow either: decoded on the host, with no header probe
 Timing = Callable[[str], AbstractContextManager]
 
 
@@ -136,7 +137,7 @@ class TorchvisionFeed:
     def prepare(self, data: bytes | bytearray, name: str) -> Prepared:
         import torch
 
-        header = _jpeg_header(data) or _pillow_header(data)
+        header = (_jpeg_header(data) or _pillow_header(data)) if data.startswith(JPEG_START) else None
         if header is None:  # not a JPEG the device decodes, or not even a header: Pillow decodes it, or names why not
             return self._on_host(data, name)
         width, height, orientation = header
@@ -205,8 +206,6 @@ def _jpeg_header(data: bytes | bytearray) -> tuple[int, int, int] | None:
     reader (a few µs); None when Pillow must look (another format, CMYK, XMP, anything odd)."""
     import simplejpeg
 
-    if not data.startswith(b"\xff\xd8"):
-        return None
     try:
         height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
     except ValueError:
@@ -226,17 +225,22 @@ def _pillow_header(data: bytes | bytearray) -> tuple[int, int, int] | None:
     return (width, height, orientation) if kind == "JPEG" and mode in DEVICE_JPEG_MODES else None
 
 
-def upright(image: "torch.Tensor", orientation: int) -> "torch.Tensor":
-    """A decoded [C, H, W] image turned as its EXIF *orientation* says (as ImageOps.exif_transpose)."""
-    import torch
+# EXIF orientation -> how a decoded [..., H, W] image is turned upright, as ImageOps.exif_transpose turns it.
+_TURNS: dict[int, Callable[["torch.Tensor"], "torch.Tensor"]] = {
+    2: lambda image: image.flip(-1),
+    3: lambda image: image.flip((-2, -1)),
+    4: lambda image: image.flip(-2),
+    5: lambda image: image.transpose(-2, -1),
+    6: lambda image: image.rot90(-1, (-2, -1)),
+    7: lambda image: image.transpose(-2, -1).flip((-2, -1)),
+    8: lambda image: image.rot90(1, (-2, -1)),
+}
 
-    rows, columns = image.dim() - 2, image.dim() - 1
-    turns = {2: lambda: image.flip(columns), 3: lambda: image.flip((rows, columns)), 4: lambda: image.flip(rows),
-             5: lambda: image.transpose(rows, columns), 6: lambda: torch.rot90(image, -1, (rows, columns)),
-             7: lambda: image.transpose(rows, columns).flip((rows, columns)),
-             8: lambda: torch.rot90(image, 1, (rows, columns))}
-    turn = turns.get(orientation)
-    return turn() if turn else image
+
+def upright(image: "torch.Tensor", orientation: int) -> "torch.Tensor":
+    """A decoded [C, H, W] image turned as its EXIF *orientation* says (1 and unknown values: as it is)."""
+    turn = _TURNS.get(orientation)
+    return turn(image) if turn else image
 
 
 def make_feed(model: "ClipModel", decoder: str = "auto", exact_decode: bool = False,
