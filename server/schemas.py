@@ -8,6 +8,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from search.blend import BlendParams
+from search.filters import MAX_LENGTH as MAX_FILTER_LENGTH
 from search.query import DEFAULT_K
 from search.zeroshot import DEFAULT_TEMPLATE, DEFAULT_TOP_K
 
@@ -55,7 +56,7 @@ class SearchRequest(Source):
     add: list[Term] = Field(default_factory=list, max_length=16, description="Terms added to the query.")
     subtract: list[Term] = Field(default_factory=list, max_length=16, description="Terms subtracted from it.")
     k: int = Field(DEFAULT_K, description="How many results, at least 1 (at most the server's max_k, see /info).")
-    where: str | None = Field(None, max_length=2000,
+    where: str | None = Field(None, max_length=MAX_FILTER_LENGTH,
                               description="A SQL prefilter on the metadata columns, e.g. \"width > 500\".",
                               examples=["width > 100 AND path LIKE '%beach%'"])
 
@@ -67,7 +68,7 @@ class SearchForm(FormFields):
 
     image: bytes = Field(description="An image file (JPEG, PNG, ...).")
     k: int = DEFAULT_K
-    where: str | None = Field(None, max_length=2000)
+    where: str | None = Field(None, max_length=MAX_FILTER_LENGTH)
 
 
 class Hit(BaseModel):
