@@ -1,5 +1,6 @@
 """Loading a CLIP model and embedding with it: open_clip registry names with hub tags, local
-checkpoint files and the bundled models, all through ``open_clip.create_model_and_transforms``.
+checkpoint files and the bundled models, all through ``open_clip.create_model_and_transforms``
+with the checkpoints read by :mod:`encoder.checkpoints` (weights only, checked against a store's hash).
 Embeddings come out L2-normalised, so cosine similarity is a dot product.
 """
 
@@ -14,8 +15,10 @@ from urllib.parse import urlparse
 
 import numpy as np
 
+from encoder.checkpoints import check_sha256, open_clip_reads_weights_only
 from encoder.registry import DEFAULT_MODEL, open_clip_module, pretrained_label, resolve_pretrained
-from store.errors import InputError, ModelLoadError, first_line
+from encoder.registry import weights_sha256 as registry_sha256
+from store.errors import ClipdexError, InputError, ModelLoadError, first_line
 
 if TYPE_CHECKING:
     import torch
@@ -159,22 +162,34 @@ def _cause(error: BaseException) -> str:
     return f"{type(error).__name__}: {sentence}" if sentence else type(error).__name__
 
 
-def load_model(name: str = DEFAULT_MODEL, pretrained: str | None = None, device: str = "auto") -> ClipModel:
+def load_model(name: str = DEFAULT_MODEL, pretrained: str | None = None, device: str = "auto",
+               weights_sha256: str = "") -> ClipModel:
     """Load *name* with *pretrained* (hub tag, checkpoint file, or None for the model's default).
 
+    Every checkpoint is read by :mod:`encoder.checkpoints`: weights only, never pickled code.
+    *weights_sha256* is what a store recorded for a local checkpoint file: the file is checked
+    against it as it is read, and another file is a :class:`ModelMismatchError`.
     Raises :class:`ModelLoadError` with an actionable message when the weights cannot be had.
     """
     device = resolve_device(device)
     checkpoint = resolve_pretrained(name, pretrained)
     open_clip = open_clip_module()
+    schema = name.startswith(("hf-hub:", "local-dir:"))  # open_clip finds these weights itself
+    is_file = bool(checkpoint) and not schema and os.path.isfile(checkpoint)
     is_tag = bool(checkpoint) and not os.path.isfile(checkpoint)
+    sha256 = weights_sha256 if is_file else ""  # hub tags and schema models are named, not hashed
+    numpy_weights = is_file and checkpoint.endswith((".npz", ".npy"))
+    if numpy_weights and sha256:  # open_clip reads these with np.load, which unpickles nothing
+        check_sha256(checkpoint, sha256, registry_sha256(checkpoint))
     host = _weights_host(name, checkpoint) if is_tag else None
     offline = bool(host) and not _reachable(host)
     try:
-        with _hub_offline(offline), _quiet_open_clip():
+        with _hub_offline(offline), _quiet_open_clip(), open_clip_reads_weights_only(name, sha256) as read:
             model, _, preprocess = open_clip.create_model_and_transforms(
                 name, pretrained=checkpoint or None, device=device)
             tokenizer = open_clip.get_tokenizer(name)
+    except ClipdexError:
+        raise  # refused by encoder.checkpoints, already one line naming the file
     except Exception as error:  # open_clip raises bare RuntimeError/FileNotFoundError/pickle errors
         if is_tag:
             where = f"{host} is unreachable and they are not in the local cache" if offline else str(error)[:300]
@@ -187,6 +202,9 @@ def load_model(name: str = DEFAULT_MODEL, pretrained: str | None = None, device:
                                  f"that open_clip can read ({_cause(error)}); pass a .pt/.bin/.safetensors state_dict "
                                  "saved from this architecture") from error
         raise ModelLoadError(f"could not load '{name}' from {checkpoint or 'its config'}: {_cause(error)}") from error
+    if is_file and not numpy_weights and not read:
+        raise ModelLoadError(f"open_clip {open_clip.__version__} loaded {checkpoint} without clipdex's checkpoint "
+                             "reader (open_clip.factory.load_state_dict); clipdex supports open_clip_torch>=3,<4")
     model.eval()
     label = pretrained_label(name, pretrained)
     LOG.info("loaded %s (%s) on %s", name, label, device)

@@ -5,11 +5,11 @@ loads weights; :mod:`encoder.model` does.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from encoder.checkpoints import file_sha256
 from store.errors import ModelLoadError
 
 MODEL_DATA = Path(__file__).resolve().parent / "model_data"
@@ -119,8 +119,5 @@ def weights_sha256(label: str) -> str:
     recognised at a new path); empty for hub tags and bundled weights, which are named, not files."""
     if not label or not os.path.isfile(label):
         return ""
-    digest = hashlib.sha256()
     with open(label, "rb") as handle:
-        while chunk := handle.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
+        return file_sha256(handle)

@@ -64,6 +64,7 @@ class _Work:
     schema: pa.Schema
     dim: int
     hashing: str  # the store's content hash, for files the plan left unhashed
+    weights_sha256: str = ""  # a local checkpoint's, as the store recorded it: each worker checks its copy
 
 
 def ray_module():
@@ -153,7 +154,7 @@ def _run(ray, store, model_name, pretrained, device, jobs, exact_decode, max_pix
         logging.getLogger(name).setLevel(logging.ERROR)
     work = _Work(model_name, pretrained, device, exact_decode, max_pixels, max(1, int(ray_config.cpus_per_worker)),
                  first_new_id, store.tables.images_uri, store.tables.images.schema, store.manifest.dim,
-                 store.manifest.content_hash)
+                 store.manifest.content_hash, store.manifest.weights_sha256)
     table, size = _job_table(jobs), ray_config.batch_size
     blocks = [table.slice(start, size) for start in range(0, table.num_rows, size)]  # one block per actor call
     dataset = ray.data.from_arrow(blocks).map_batches(
@@ -213,7 +214,7 @@ class _Embedder:
 
         torch.set_num_threads(work.threads)
         self.work = work
-        self.model = load_model(work.model, work.pretrained, device=work.device)
+        self.model = load_model(work.model, work.pretrained, device=work.device, weights_sha256=work.weights_sha256)
         self.feed = self.model.feed("auto", work.exact_decode, work.max_pixels)
 
     def __call__(self, jobs: pa.Table) -> pa.Table:
