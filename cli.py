@@ -326,11 +326,14 @@ def demo_command(directory: str, count: int) -> None:
 @click.option("--prune", is_flag=True,
               help="Remove the rows of PATHS that are missing, unreadable or empty (kept by default: an unmounted "
                    "drive looks exactly like an empty folder).")
+@click.option("--cross-mounts", is_flag=True,
+              help="Also index file systems mounted below PATHS (by default only the file system each path is on; "
+                   "/proc, /sys, /dev and other kernel file systems never).")
 @click.option("--json", "as_json", is_flag=True,
               help='Print {"scanned", "embedded", "reused", "moved", "removed", "failed", "unavailable", ...} at the end.')
 def index_command(paths, store_dir, model_name, pretrained, device, batch_size, workers, readers, decoder, captions, engine,
                   ray_address, cpus_per_worker, gpus_per_worker, max_pixels, exact_decode, commit_every, ann, wait,
-                  prune, as_json) -> None:
+                  prune, cross_mounts, as_json) -> None:
     """Embed the images under PATHS into the store, incrementally.
 
     \b
@@ -351,7 +354,7 @@ def index_command(paths, store_dir, model_name, pretrained, device, batch_size, 
                          workers=workers, readers=readers, decoder=decoder, captions=tuple(captions),
                          max_pixels=max_pixels,
                          exact_decode=exact_decode, commit_every=commit_every, wait=wait, prune=prune,
-                         ann=ann, engine=engine,
+                         cross_mounts=cross_mounts, ann=ann, engine=engine,
                          ray=RayConfig(address=ray_address, workers=workers if engine == "ray" else None,
                                        cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker,
                                        batch_size=batch_size or RayConfig.batch_size))
@@ -366,6 +369,11 @@ def index_command(paths, store_dir, model_name, pretrained, device, batch_size, 
                    f"Store: {summary.count} images, {summary.index} index{recall}.")
     if click.get_current_context().find_root().params.get("verbose"):
         click.echo(summary.stage_line(), err=True)
+    if summary.skipped_mounts:
+        listed = ", ".join(shown(mount) for mount in summary.skipped_mounts[:3])
+        more = f" and {len(summary.skipped_mounts) - 3} more" if len(summary.skipped_mounts) > 3 else ""
+        click.echo(f"note: not entered, being other file systems: {listed}{more} (pass --cross-mounts to index them)",
+                   err=True)
     for root, kept in summary.unavailable.items():
         click.echo(f"warning: {shown(root)} is missing, unreadable or empty; its {kept} images are kept "
                    "(pass --prune to remove them)", err=True)
@@ -526,18 +534,21 @@ def import_command(features, store_dir, metadata, model_name, pretrained, ann, e
 
 @cli.command("export", context_settings=CONTEXT)
 @click.option("--store", "store_dir", required=True, type=click.Path(file_okay=False))
-@click.option("--out", required=True, type=click.Path(),
-              help="A .parquet or .csv file, or a folder for --format clip-retrieval.")
+@click.option("--out", required=True, type=click.Path(allow_dash=True),
+              help="A .parquet or .csv file, or a folder for --format clip-retrieval; - writes CSV (or "
+                   "--format parquet) to standard output, and the summary to stderr. Never inside the store, "
+                   "and never a link, device or FIFO.")
 @click.option("--format", "kind", type=click.Choice(list(EXPORT_FORMATS)),
-              help="Default: from the extension of --out. clip-retrieval writes img_emb/img_emb_N.npy (float32), "
-                   "metadata/metadata_N.parquet (image_path, caption, ...) and text_emb/ when every row has a "
-                   "caption embedding.")
+              help="Default: from the extension of --out (csv for -). clip-retrieval writes img_emb/img_emb_N.npy "
+                   "(float32), metadata/metadata_N.parquet (image_path, caption, ...) and text_emb/ when every "
+                   "row has a caption embedding.")
 @click.option("--columns", help="Comma-separated columns to write (default: all but path_bytes and link_target; "
                                 "CSV leaves the vectors out).")
 @click.option("--where", "where", help='Only rows matching this condition, e.g. "width >= 512 AND caption IS NOT NULL".')
 @click.option("--shard-rows", default=1_000_000, show_default=True, type=click.IntRange(min=1),
               help="Rows per clip-retrieval shard.")
-@click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
+@click.option("--overwrite", is_flag=True,
+              help="Replace --out if it is a regular file (for clip-retrieval: a folder of a previous export).")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 def export_command(store_dir, out, kind, columns, where, shard_rows, overwrite, as_json) -> None:
     """Write the store's rows out: id, path, metadata and embeddings (fixed-size float32 lists).
@@ -552,19 +563,27 @@ def export_command(store_dir, out, kind, columns, where, shard_rows, overwrite, 
       clipdex export --store pictures.clipdex --out pictures.parquet
       clipdex export --store pictures.clipdex --out big.csv --where "width >= 1024" --columns id,path,caption
       clipdex export --store cc3m.clipdex --out cc3m_embeddings --format clip-retrieval
+      clipdex export --store pictures.clipdex --out - --columns id,path,caption | grep circle
     """
+    to_stdout = out == "-"
     store = Store.open(store_dir)
     condition = parse_filter(where, store.tables.filter_columns()) if where is not None else None
     config = ExportConfig(out=Path(out), format=export_format_for(out, kind),
                           columns=tuple(c.strip() for c in columns.split(",") if c.strip()) if columns else (),
                           where=condition, overwrite=overwrite, shard_rows=shard_rows)
-    summary = export_store(store, config)
+    if to_stdout and config.format == "parquet" and sys.stdout.isatty():
+        raise InputError("Parquet is binary: send standard output to a file or a pipe, or export --format csv")
+    try:
+        summary = export_store(store, config, stream=sys.stdout.buffer if to_stdout else None)
+    except BrokenPipeError:  # the reader of standard output stopped early (| head)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error as Python exits
+        raise InputError("standard output was closed before the export finished") from None
     if as_json:
-        click.echo(json.dumps(asdict(summary)))
+        click.echo(json.dumps(asdict(summary)), err=to_stdout)
     else:
         click.echo(f"exported {summary.rows} rows ({', '.join(summary.columns)}) to {summary.out} as "
                    f"{summary.format}, {summary.bytes / 1e6:.1f} MB in {summary.seconds:.1f}s."
-                   + (f" {summary.note}." if summary.note else ""))
+                   + (f" {summary.note}." if summary.note else ""), err=to_stdout)
 
 
 @cli.command("reindex", context_settings=CONTEXT)
@@ -656,7 +675,9 @@ def cache_query_command(store_dir, queries_path, k, alpha, weighting, temperatur
               help="Also answer requests whose Host header is NAME (repeatable; '*' for any). Others are refused: "
                    "that stops web pages from reaching the API through DNS rebinding.")
 @click.option("--cors-origin", "cors_origins", multiple=True, metavar="ORIGIN",
-              help="Let pages from ORIGIN (e.g. https://app.example) call the API from a browser (repeatable).")
+              help="Let pages from ORIGIN (e.g. https://app.example) call the API from a browser (repeatable). "
+                   "Requests that browsers send for pages of any other site are refused. '*' (any site) "
+                   "needs --api-key.")
 @click.option("--access-log", metavar="FILE", help="Append one line per request to FILE ('-': standard output).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
 def serve_command(store_dir, host, port, api_key, max_k, max_batch, max_body_mb, allow_hosts, cors_origins, access_log,
@@ -672,11 +693,14 @@ def serve_command(store_dir, host, port, api_key, max_k, max_batch, max_body_mb,
       curl -s localhost:8000/search -H 'Content-Type: application/json' -d '{"text": "a red circle", "k": 3}'
     """
     from server import create_app, serve  # start-up time: FastAPI and uvicorn load only for `serve`
+    from server.security import check_cors_origins, open_access_log  # as above
 
     if api_key is not None and not api_key.strip():
         raise InputError("--api-key is empty: give a key, or leave the option out")
+    check_cors_origins(tuple(cors_origins), api_key)
     if access_log and access_log != "-":
         _check_output(access_log)
+        open_access_log(access_log).close()
     config = ServeConfig(store=Path(store_dir), host=host, port=port, api_key=api_key, max_k=max_k,
                          max_batch=max_batch, max_body_bytes=int(max_body_mb * MIB), device=device,
                          allow_hosts=tuple(allow_hosts), cors_origins=tuple(cors_origins), access_log=access_log)

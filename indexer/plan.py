@@ -20,7 +20,7 @@ import pyarrow as pa
 from indexer.scanner import Failure, FoundFile, Scan, sidecar_path
 from store.errors import InputError, first_line
 from store.files import is_under, stream_hash
-from store.tables import file_path
+from store.tables import IDENTITY_COLUMNS, file_path
 
 
 def content_hash(path: str, algorithm: str) -> str:
@@ -98,7 +98,7 @@ def make_plan(scan: Scan, rows: pa.Table, first_new_id: int, captions: Callable[
     changed: list[FoundFile] = []
     for file in scan.files:
         row = existing.get(file.path)
-        if row is not None and (row["bytes"], row["mtime"], row.get("link_target")) == (file.bytes, file.mtime, _raw(file.link_target)):
+        if row is not None and _same_file(row, file):
             plan.unchanged += 1
             caption = caption_of(file.path, row)
             if caption != row["caption"]:
@@ -156,6 +156,15 @@ def _unavailable_roots(scan: Scan, existing: dict[str, dict]) -> list[str]:
     candidates = list(scan.missing) + [root for root in scan.roots
                                        if root in scan.unlisted or scan.files_under(root) == 0]
     return [root for root in candidates if any(is_under(path, root) for path in stored)]
+
+
+def _same_file(row: dict, file: FoundFile) -> bool:
+    """Unchanged: the size, mtime and link of the row, and the same inode where the row recorded one
+    (a file replaced by another of the same size, its mtime set back, is read again)."""
+    if (row["bytes"], row["mtime"], row.get("link_target")) != (file.bytes, file.mtime, _raw(file.link_target)):
+        return False
+    recorded = tuple(row.get(name) for name in IDENTITY_COLUMNS)
+    return None in recorded or file.identity is None or recorded == file.identity
 
 
 def _raw(path: str | None) -> bytes | None:

@@ -10,6 +10,7 @@ import pyarrow as pa
 
 from encoder import ClipModel
 from indexer.plan import Job
+from store.tables import IDENTITY_COLUMNS
 
 
 def caption_vectors(model: ClipModel, captions: Sequence[str | None]) -> pa.Array:
@@ -30,5 +31,7 @@ def file_columns(jobs: Sequence[Job]) -> dict[str, list]:
         "id": [j.id for j in jobs], "hash": [j.hash for j in jobs], "path": [j.file.path for j in jobs],
         "link_target": [os.fsencode(j.file.link_target) if j.file.link_target else None for j in jobs],
         "bytes": [j.file.bytes for j in jobs], "mtime": [j.file.mtime for j in jobs],
+        **{name: [j.file.identity[i] if j.file.identity else None for j in jobs]
+           for i, name in enumerate(IDENTITY_COLUMNS)},
         "caption": [j.caption for j in jobs],
     }

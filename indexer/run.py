@@ -55,6 +55,7 @@ class IndexConfig:
     progress: bool = True
     wait: bool = False  # another writer holds the store: wait for it (False: fail at once, naming it)
     prune: bool = False  # remove the rows of roots that are missing, unreadable or empty
+    cross_mounts: bool = False  # also enter file systems mounted below a root (never /proc, /sys and the like)
     engine: str = "local"  # local | ray (decode and embed on a Ray cluster: indexer/ray_engine.py)
     ray: RayConfig = field(default_factory=RayConfig)
 
@@ -75,6 +76,7 @@ class IndexSummary:
     unavailable: dict[str, int] = field(default_factory=dict)  # root -> rows kept, not seen this run
     stages: dict[str, float] = field(default_factory=dict)  # scan, load (model, store), plan, embed, finish: s
     feed: dict | None = None  # indexer.pipeline.StageReport.to_dict() of the embedding stages
+    skipped_mounts: tuple[str, ...] = ()  # file systems mounted below a root, not entered (see --cross-mounts)
 
     @property
     def indexed(self) -> int:
@@ -112,7 +114,7 @@ def index_paths(paths: Sequence[str | os.PathLike], store_dir: str | Path,
     if config.engine == "ray":
         ray_module()  # before anything is scanned: a missing extra is one line at once
     store_dir = expand(store_dir)
-    found = scan(paths, exclude=[store_dir])
+    found = scan(paths, exclude=[store_dir], cross_mounts=config.cross_mounts)
     scanned = time.perf_counter()
     LOG.info("scanned %d files in %.2fs", len(found.files), time.perf_counter() - started)
     if not Store.exists(store_dir):
@@ -134,7 +136,9 @@ def _index(found: Scan, store_dir: Path, config: IndexConfig, started: float, sc
     weights = weights_sha256(label)
     if existing is not None:  # refuse a mismatch before spending time on loading a model
         existing.check_model(name, label, weights_sha256=weights)
-    model = models.get(name, pretrained, device=config.device)
+    # The file read must be the one the store recorded (or, for a new store, the one just hashed).
+    recorded = (existing.manifest.weights_sha256 if existing is not None else "") or weights
+    model = models.get(name, pretrained, device=config.device, weights_sha256=recorded)
     LOG.info("model loaded at %.2fs", time.perf_counter() - started)
     if existing is not None:
         existing.check_model(model.name, model.pretrained, model.embed_dim, weights)
@@ -222,7 +226,7 @@ def _update(found: Scan, store: Store, model: ClipModel, name: str, pretrained: 
         recall_at_10=info.recall_at_10, moved=plan.moved,
         unavailable={} if config.prune else dict(plan.unavailable),
         stages={stage: round(seconds, 3) for stage, seconds in timings.items()},
-        feed=feed.to_dict() if feed else None)
+        feed=feed.to_dict() if feed else None, skipped_mounts=found.skipped_mounts)
 
 
 def _caption_lookup(sources: Sequence[str], sidecars: Collection[str]):

@@ -20,7 +20,16 @@ from server.context import Encoder, ServerContext
 from server.live import LiveStore
 from server.routes import public, router
 from server.schemas import ClassifyForm, ClassifyRequest, SearchForm, SearchRequest
-from server.security import KEY_HEADER, AccessLog, BodyLimit, HostCheck, key_guard
+from server.security import (
+    KEY_HEADER,
+    AccessLog,
+    BodyLimit,
+    HostCheck,
+    SiteCheck,
+    check_cors_origins,
+    key_guard,
+    open_access_log,
+)
 from store.errors import ClipdexError, GoneError, InputError, NotFoundError
 
 LOG = logging.getLogger(__name__)
@@ -28,6 +37,8 @@ LOG = logging.getLogger(__name__)
 
 def create_app(config: ServeConfig, live: LiveStore | None = None) -> FastAPI:
     """The app for one store. *live* defaults to a :class:`LiveStore` on ``config.store``."""
+    check_cors_origins(config.cors_origins, config.api_key)
+    log = open_access_log(config.access_log) if config.access_log else None
     live = live or LiveStore(config.store, config.refresh_seconds, config.device, config.metadata_cache_rows)
     ctx = ServerContext(config, live, Encoder(config.device))
     if live.current().store.manifest.has_text_encoder:
@@ -42,14 +53,16 @@ def create_app(config: ServeConfig, live: LiveStore | None = None) -> FastAPI:
     app = FastAPI(title="clipdex", version=_version(), lifespan=lifespan, docs_url=None, redoc_url=None,
                   openapi_url=None, description="Search and cache retrieval over one clipdex store.")
     app.state.context = ctx
-    # Added last runs first: the log sees every request, the Host check precedes everything else.
+    # Added last runs first: the log sees every request, the Host check precedes everything else,
+    # then the site check (before CORS: a preflight from a foreign origin is refused too).
     app.add_middleware(BodyLimit, max_bytes=config.max_body_bytes)
     if config.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=list(config.cors_origins), allow_methods=["GET", "POST"],
                            allow_headers=["Content-Type", "Authorization", KEY_HEADER], allow_credentials=False)
+    app.add_middleware(SiteCheck, origins=frozenset(config.cors_origins))
     app.add_middleware(HostCheck, hosts=config.hosts)
-    if config.access_log:
-        app.add_middleware(AccessLog, target=config.access_log)
+    if log is not None:
+        app.add_middleware(AccessLog, out=log)
     _install_error_handlers(app)
     generate = app.openapi
 

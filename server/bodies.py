@@ -20,10 +20,10 @@ COMPONENTS = "#/components/schemas/{model}"
 
 
 async def read_body(request: Request, json_model: type[JsonBody], form_model: type[FormBody]) -> JsonBody | FormBody:
-    kind = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
+    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if kind == "application/json":
         return _validated(json_model, await request.body(), as_json=True)
-    if kind in ("multipart/form-data", "application/x-www-form-urlencoded"):  # the latter: a form without the file
+    if kind == "multipart/form-data":  # not a urlencoded form: a web page on another site can send one unasked
         lists = {name for name, field in form_model.model_fields.items() if get_origin(field.annotation) is list}
         data: dict[str, Any] = {}
         async with request.form(max_files=1, max_fields=2000) as form:
@@ -37,7 +37,7 @@ async def read_body(request: Request, json_model: type[JsonBody], form_model: ty
                 else:
                     data[key] = value
         return _validated(form_model, data, as_json=False)
-    raise HTTPException(415, f"send application/json or multipart/form-data, not {kind}")
+    raise HTTPException(415, f"send application/json or multipart/form-data, not {kind or 'a body without a type'}")
 
 
 def _validated(model: type[BaseModel], data: Any, as_json: bool) -> Any:

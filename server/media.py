@@ -9,13 +9,16 @@ import errno
 import io
 import os
 import stat
+import threading
+from collections import OrderedDict
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO, Sequence
 
 from encoder.images import decode_bytes, decode_file
 from store.errors import GoneError, InputError, NotFoundError
-from store.files import is_under, stream_hash, thumbnail_file, write_atomically
-from store.tables import file_path
+from store.files import FILE_MODE, is_under, stream_hash, thumbnail_file
+from store.nofollow import folder_beneath, open_no_symlinks, replace_beneath
+from store.tables import IDENTITY_COLUMNS, file_identity, file_path
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -39,11 +42,12 @@ def image_from_upload(data: bytes, max_pixels: int) -> "Image.Image":
 def open_indexed(row: dict, roots: Sequence[str], content_hash: str) -> BinaryIO:
     """The file a row was indexed from, opened, or NotFoundError (404) / GoneError (410).
 
-    A row serves only its own file: one under a folder indexed into the store, whose path still
-    leads to the real file it led to when indexed (a symlink re-pointed at /etc/passwd does not),
-    a regular file of the recorded size and modification time, or else of the recorded content.
-    Rows of imported features have no file and serve nothing. The checks run on the open file, so
-    nothing can be swapped in between checking and sending.
+    A row serves only its own file: one under a folder indexed into the store, reached from the
+    root down without following any symbolic link but the one the index recorded for the row, and
+    that is the very file indexed: the same (device, inode, ctime) as recorded (ctime changes on
+    every write, rename or chmod and cannot be set back), or else of the recorded content. Rows of
+    imported features have no file and serve nothing. The checks run on the open descriptor, so
+    nothing can be swapped in between checking and sending; every failure closes it.
     """
     image_id, shown = row["id"], row["path"]
     if row["bytes"] is None or row["mtime"] is None:
@@ -52,46 +56,124 @@ def open_indexed(row: dict, roots: Sequence[str], content_hash: str) -> BinaryIO
     if not any(is_under(path, root) for root in roots):
         raise NotFoundError(f"image {image_id} is not under a folder indexed into this store"
                             + ("" if roots else " (run `clipdex index` on the store to record its folders)"))
-    expected = os.fsdecode(row["link_target"]) if row.get("link_target") is not None else path
-    if os.path.realpath(path) != expected:
+    linked = row.get("link_target") is not None
+    target = os.fsdecode(row["link_target"]) if linked else path
+    if linked and os.path.realpath(path) != target:
         raise GoneError(f"image {image_id} ({shown}) now leads to another file than the one indexed")
     try:
-        fd = os.open(expected, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        if linked:  # the link itself must still lie in its indexed folder, reached without links
+            os.close(open_no_symlinks(os.path.dirname(path), _SEARCH_FLAGS))
+        fd = open_no_symlinks(target, os.O_RDONLY | os.O_NONBLOCK)
     except FileNotFoundError:
         raise NotFoundError(f"image {image_id} was indexed from {shown}, which is no longer there") from None
     except PermissionError:
         raise NotFoundError(f"image {image_id} is at {shown}, which the server is not allowed to read") from None
-    except OSError as error:  # ELOOP: swapped for a symlink after the check above
-        raise GoneError(f"image {image_id} ({shown}) changed since it was indexed ({errno.errorcode.get(error.errno, '')})") from None
-    handle = os.fdopen(fd, "rb")
+    except OSError as error:  # ELOOP, ENOTDIR: a folder or the file swapped for a link since indexing
+        raise GoneError(f"image {image_id} ({shown}) changed since it was indexed "
+                        f"({errno.errorcode.get(error.errno, 'error')})") from None
     try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
+        if not stat.S_ISREG(os.fstat(fd).st_mode):  # before fdopen, which refuses a folder with an error of its own
             raise GoneError(f"image {image_id} ({shown}) is no longer a regular file")
-        if (info.st_size, info.st_mtime) != (row["bytes"], row["mtime"]) and stream_hash(handle, content_hash) != row["hash"]:
-            raise GoneError(f"image {image_id} ({shown}) changed since it was indexed: index the folder again")
-        handle.seek(0)
+        handle = os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+    try:
+        _check_same_file(handle, row, content_hash)
         return handle
     except BaseException:
         handle.close()
         raise
 
 
-def thumbnail(store_dir: Path, handle: BinaryIO, content_hash: str, size: int) -> Path | bytes:
+_SEARCH_FLAGS = getattr(os, "O_PATH", os.O_RDONLY) | os.O_DIRECTORY
+# Files whose content was checked against their row's hash, by what the kernel says of them: a
+# descriptor with the same (device, inode, ctime, size) holds the same bytes (any write moves ctime).
+_VERIFIED: OrderedDict[tuple, None] = OrderedDict()
+_VERIFIED_MAX = 4096
+_VERIFIED_LOCK = threading.Lock()
+
+
+def _check_same_file(handle: BinaryIO, row: dict, content_hash: str) -> None:
+    image_id, shown = row["id"], row["path"]
+    info = os.fstat(handle.fileno())
+    identity = file_identity(info)
+    recorded = tuple(row.get(name) for name in IDENTITY_COLUMNS)
+    if recorded == identity and info.st_size == row["bytes"]:
+        return
+    # Another inode, or an older store that recorded none: only the indexed content will do.
+    key = (image_id, row["hash"], *identity, info.st_size)
+    with _VERIFIED_LOCK:
+        if key in _VERIFIED:
+            _VERIFIED.move_to_end(key)
+            return
+    if stream_hash(handle, content_hash) != row["hash"]:
+        raise GoneError(f"image {image_id} ({shown}) changed since it was indexed: index the folder again")
+    handle.seek(0)
+    with _VERIFIED_LOCK:
+        _VERIFIED[key] = None
+        while len(_VERIFIED) > _VERIFIED_MAX:
+            _VERIFIED.popitem(last=False)
+
+
+MAX_THUMBNAIL_BYTES = 4 << 20  # a 1024 px JPEG at quality 85 is a few hundred KB
+
+
+def thumbnail(store_dir: Path, handle: BinaryIO, content_hash: str, size: int) -> bytes:
     """A JPEG at most *size* px on its longer side of the opened file, made once per content and
-    kept in the store (or returned as bytes when the store cannot be written). Nothing is created
-    where the store folder itself has gone."""
+    kept in the store's thumbnails/ (when the store can be written). The cache is read and written
+    without following any link: a link, folder or device planted in it is removed and the
+    thumbnail made again, so a writer of thumbnails/ cannot make the server send another file.
+    Nothing is created where the store folder itself has gone."""
     target = thumbnail_file(store_dir, content_hash, size)
-    if target.is_file():
-        return target
-    image, _ = decode_file(handle, getattr(handle, "name", "image"), draft=(size, size))
-    image.thumbnail((size, size))
-    out = io.BytesIO()
-    image.save(out, "JPEG", quality=85)
+    parts = target.relative_to(store_dir).parts
     try:
-        target.parent.parent.mkdir(exist_ok=True)  # not parents=True: a vanished store stays vanished
-        target.parent.mkdir(exist_ok=True)
-        write_atomically(target, out.getvalue())  # concurrent requests: last rename wins, same bytes
+        store_fd = os.open(store_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     except OSError:
+        store_fd = None
+    try:
+        cached = _cached(store_fd, parts) if store_fd is not None else None
+        if cached is not None:
+            return cached
+        image, _ = decode_file(handle, getattr(handle, "name", "image"), draft=(size, size))
+        image.thumbnail((size, size))
+        out = io.BytesIO()
+        image.save(out, "JPEG", quality=85)
+        if store_fd is not None:
+            _keep(store_fd, parts, out.getvalue())
         return out.getvalue()
-    return target
+    finally:
+        if store_fd is not None:
+            os.close(store_fd)
+
+
+def _cached(store_fd: int, parts: Sequence[str]) -> bytes | None:
+    """The kept thumbnail if it is a regular file reached without links; anything else in its
+    place is removed (and None returned, so it is made again)."""
+    relative = os.path.join(*parts)
+    try:
+        fd = open_no_symlinks(relative, os.O_RDONLY | os.O_NONBLOCK, dir_fd=store_fd)
+    except FileNotFoundError:
+        return None
+    except OSError:  # a link on the way or in its place; _keep replaces whatever is in the way
+        return None
+    try:
+        info = os.fstat(fd)
+        if stat.S_ISREG(info.st_mode) and 0 < info.st_size <= MAX_THUMBNAIL_BYTES:
+            return os.read(fd, MAX_THUMBNAIL_BYTES)
+        return None
+    finally:
+        os.close(fd)
+
+
+def _keep(store_fd: int, parts: Sequence[str], data: bytes) -> None:
+    try:
+        folder = folder_beneath(store_fd, parts[:-1])
+    except OSError:  # a read-only store serves thumbnails made on each request
+        return
+    try:
+        replace_beneath(folder, parts[-1], data, FILE_MODE)  # concurrent requests: last rename wins, same bytes
+    except OSError:
+        pass
+    finally:
+        os.close(folder)

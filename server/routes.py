@@ -11,7 +11,7 @@ from typing import Annotated, Any
 
 import numpy as np
 from fastapi import APIRouter, Depends, Path, Request
-from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse, Response, StreamingResponse
+from fastapi.responses import HTMLResponse, RedirectResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from search.blend import BlendParams
@@ -38,13 +38,14 @@ from server.schemas import (
 )
 from server.security import PageAccess, page_access
 from store.errors import InputError
+from store.tables import IDENTITY_COLUMNS
 
 # Routes that need the API key (when one is set); /health and the page are on `public`.
 router = APIRouter(responses=ERROR_RESPONSES)
 public = APIRouter()
 ImageIdPath = Annotated[int, Path(ge=0, le=2**63 - 1, description="A stable image id of this store.")]
 HIT_COLUMNS = ("id", "path", "width", "height", "caption")
-SERVED_COLUMNS = ["path", "path_bytes", "link_target", "bytes", "mtime", "hash"]
+SERVED_COLUMNS = ["path", "path_bytes", "link_target", "bytes", "mtime", "hash", *IDENTITY_COLUMNS]
 
 
 def context(request: Request) -> ServerContext:
@@ -136,10 +137,7 @@ def image_thumbnail(image_id: ImageIdPath, ctx: Context) -> Response:
     row = stored_row(snapshot, image_id, SERVED_COLUMNS)
     with open_indexed(row, snapshot.store.manifest.roots, snapshot.store.manifest.content_hash) as handle:
         made = thumbnail(snapshot.store.directory, handle, row["hash"], ctx.config.thumbnail_size)
-    headers = {"Cache-Control": "private, max-age=86400"}
-    if isinstance(made, bytes):
-        return Response(made, media_type="image/jpeg", headers=headers)
-    return FileResponse(made, media_type="image/jpeg", headers=headers)
+    return Response(made, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=86400"})
 
 
 def _chunks(handle, size: int = 1 << 16):

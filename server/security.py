@@ -11,11 +11,14 @@ import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, TextIO
+from urllib.parse import urlsplit
 
 from fastapi import Depends, Request, Security
 from fastapi.security import APIKeyHeader
 from starlette.exceptions import HTTPException
 from starlette.responses import Response
+
+from store.errors import InputError
 
 KEY_HEADER = "X-API-Key"
 KEY_COOKIE = "clipdex_key"
@@ -168,12 +171,97 @@ def host_name(header: str) -> str:
     return header.rsplit(":", 1)[0] if header.count(":") == 1 else header
 
 
+BODY_TYPES = ("application/json", "multipart/form-data")
+BODY_METHODS = ("POST", "PUT", "PATCH", "DELETE")
+
+
+class SiteCheck:
+    """ASGI middleware: refuse what a page on another web site makes the visitor's browser send.
+
+    A page the user merely visits can send ``fetch("http://127.0.0.1:8000/search", {method:
+    "POST", body})`` with no preflight when the body is text/plain or a form; the browser then
+    names the page's site in ``Origin`` (and ``Sec-Fetch-Site: cross-site``). Such a request is
+    refused unless that origin was given with --cors-origin; a request with neither header (curl,
+    Python, another server) is not a browser's and passes. Following a link to the server (a
+    top-level GET navigation) passes too: the page that linked cannot read the answer. Bodies are
+    taken only as JSON or multipart, the types a browser will not send cross-site unasked.
+    """
+
+    def __init__(self, app: Callable, origins: frozenset[str]) -> None:
+        self.app, self.origins = app, origins
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope.get("headers") or [])
+        refusal = self.refusal(scope["method"], headers)
+        if refusal is not None:
+            return await _json(send, *refusal)
+        await self.app(scope, receive, send)
+
+    def refusal(self, method: str, headers: dict[bytes, bytes]) -> tuple[int, str] | None:
+        origin = _text(headers.get(b"origin")) or _referrer_origin(headers.get(b"referer"))
+        site = _text(headers.get(b"sec-fetch-site"))
+        host = (_text(headers.get(b"host")) or "").lower()
+        navigation = method == "GET" and _text(headers.get(b"sec-fetch-mode")) == "navigate"
+        if site == "same-origin" or (origin not in (None, "null") and urlsplit(origin).netloc.lower() == host):
+            pass  # the server's own page (a browser sets Sec-Fetch-Site itself; no page can)
+        elif origin is not None and ("*" in self.origins or origin in self.origins):
+            pass
+        elif origin is not None or site in ("cross-site", "same-site"):
+            if not navigation:
+                named = f"the page at {origin[:100]}" if origin else "a page on another site"
+                return 403, (f"{named} may not call this server from a browser "
+                             "(start it with --cors-origin ORIGIN to allow one)")
+        if method in BODY_METHODS:
+            kind = (_text(headers.get(b"content-type")) or "").split(";")[0].strip().lower()
+            if kind not in BODY_TYPES:
+                return 415, f"send application/json or multipart/form-data, not {kind or 'a body without a type'}"
+        return None
+
+
+def _text(value: bytes | None) -> str | None:
+    """A header's value; None when it is absent or empty."""
+    return value.decode("latin-1").strip() or None if value is not None else None
+
+
+def _referrer_origin(referer: bytes | None) -> str | None:
+    """The origin of the page that sent a request without an Origin header (an <img> on it)."""
+    parts = urlsplit(_text(referer) or "")
+    return f"{parts.scheme}://{parts.netloc}" if parts.scheme and parts.netloc else None
+
+
+def check_cors_origins(origins: tuple[str, ...], api_key: str | None) -> None:
+    """Origins as --cors-origin must name them, and '*' only behind a key: every site could
+    otherwise read every result and image of the store through its visitors' browsers."""
+    for origin in origins:
+        if origin == "*":
+            if api_key is None:
+                raise InputError("--cors-origin '*' lets every web site read this store through its visitors' "
+                                 "browsers: give --api-key too, or name the origins (--cors-origin https://app.example)")
+            continue
+        parts = urlsplit(origin)
+        if parts.scheme not in ("http", "https") or not parts.netloc or parts.path not in ("", "/") or parts.query:
+            raise InputError(f"--cors-origin {origin!r} is not an origin: give scheme://host[:port], "
+                             "e.g. https://app.example or http://localhost:3000")
+
+
+def open_access_log(target: str) -> TextIO:
+    """The access log's stream, opened at start-up: a file that cannot be written is one line then,
+    not a 500 on every request."""
+    if target == "-":
+        return sys.stdout
+    try:
+        return open(target, "a", buffering=1, encoding="utf-8")
+    except OSError as error:
+        raise InputError(f"cannot write the access log {target}: {error.strerror or error}") from error
+
+
 class AccessLog:
     """ASGI middleware: one line per request, ``time client "METHOD path" status ms``."""
 
-    def __init__(self, app: Callable, target: str) -> None:
-        self.app = app
-        self.out: TextIO = sys.stdout if target == "-" else open(target, "a", buffering=1, encoding="utf-8")
+    def __init__(self, app: Callable, out: TextIO) -> None:
+        self.app, self.out = app, out
         self.lock = threading.Lock()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

@@ -4,6 +4,9 @@ Rows are read from one version of the images table (a writer committing meanwhil
 nothing that is being exported) in batches of bounded size and written as they come, so memory
 does not grow with the store. The output appears under its name only when complete: it is
 written under a temporary name beside it and renamed.
+
+Export writes only where it should (:mod:`store.export_target`). ``stream`` writes CSV or
+Parquet to an open binary stream instead (``--out -``).
 """
 
 from __future__ import annotations
@@ -11,25 +14,28 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from store.errors import InputError, StoreError, first_line
+from store.export_target import checked_target, write_beside
 from store.files import progress, writing
 from store.store import Store
-from store.tables import VECTOR_COLUMNS
+from store.tables import INTERNAL_COLUMNS, VECTOR_COLUMNS
 
 FORMATS = ("parquet", "csv", "clip-retrieval")
 VECTORS = VECTOR_COLUMNS
-# The exact bytes behind `path` and a link's target: for clipdex's server, not for readers.
-HIDDEN = ("path_bytes", "link_target")
+# The exact bytes behind `path`, a link's target, the file's inode: for clipdex's server, not for readers.
+HIDDEN = INTERNAL_COLUMNS
 BATCH_BYTES = 32 << 20  # of vectors per batch read
 MIN_BATCH_ROWS = 256
+STDOUT = "-"  # --out - : standard output (CSV unless --format parquet)
 
 
 @dataclass(frozen=True)
@@ -55,54 +61,89 @@ class ExportSummary:
 
 
 def format_for(out: str | os.PathLike, given: str | None) -> str:
-    """The format asked for, else the one *out*'s extension names."""
+    """The format asked for, else the one *out*'s extension names (CSV for standard output)."""
     if given:
         return given
+    if os.fspath(out) == STDOUT:
+        return "csv"
     suffix = Path(out).suffix.lower()
     if suffix in (".parquet", ".csv"):
         return suffix[1:]
     raise InputError(f"cannot tell the format from {out}: name a .parquet or .csv file, or pass --format")
 
 
-def export_store(store: Store, config: ExportConfig) -> ExportSummary:
+def export_store(store: Store, config: ExportConfig, stream: BinaryIO | None = None) -> ExportSummary:
+    """Write the rows *config* asks for to ``config.out``, or to *stream* (CSV or Parquet) when given."""
     started = time.perf_counter()
     dataset = store.tables.images.to_lance()  # one version from here on
     columns = _columns(dataset.schema, config)
-    out = Path(config.out)
-    if out.exists() and not config.overwrite:
-        raise InputError(f"{out} already exists: pass --overwrite to replace it")
-    if not out.parent.is_dir():
-        raise InputError(f"the folder {out.parent} does not exist")
+    if stream is None:
+        out, existing = checked_target(Path(config.out), Path(store.directory), config.format, config.overwrite)
+    elif config.format == "clip-retrieval":
+        raise InputError("a clip-retrieval export is a folder of shards: name one with --out")
     try:
         total = dataset.count_rows(filter=config.where)
     except (ValueError, OSError, RuntimeError) as error:
         raise InputError(f"cannot apply the filter {config.where!r}: {first_line(error)}") from error
     dim = store.manifest.dim
-    schema = _output_schema(dataset.schema, columns, dim)
+    missing = (dataset.count_rows(filter=_both(config.where, "caption_embedding IS NULL"))
+               if "caption_embedding" in columns else 0)
+    schema = _output_schema(dataset.schema, columns, dim,
+                            ragged=("caption_embedding",) if missing and config.format == "parquet" else ())
     with_text, note = False, ""
     if config.format == "clip-retrieval" and "caption_embedding" in columns:
-        missing = dataset.count_rows(filter=_both(config.where, "caption_embedding IS NULL"))
         with_text = missing == 0
         note = "" if with_text else f"text_emb/ not written: {missing} of {total} rows have no caption embedding"
     rows_per_batch = max(MIN_BATCH_ROWS, BATCH_BYTES // (4 * dim * max(1, sum(c in VECTORS for c in columns))))
     batches = dataset.scanner(columns=list(columns), filter=config.where, batch_size=rows_per_batch,
                               batch_readahead=2, fragment_readahead=1).to_batches()
-    temporary = out.with_name(f".{out.name}.partial-{os.getpid()}")
-    _remove(temporary)
-    bar = progress(total, f"export {out.name}", unit="row") if config.progress else None
+    bar = progress(total, f"export {Path(config.out).name}", unit="row") if config.progress else None
+
+    def write(target) -> None:  # a new folder for clip-retrieval, else an open binary stream
+        if config.format == "clip-retrieval":
+            _clip_retrieval(batches, target, total, schema, config.shard_rows, with_text, bar)
+        else:
+            _table_file(batches, target, config.format, schema, bar)
+
     try:
-        with writing(out.parent):
-            if config.format == "clip-retrieval":
-                _clip_retrieval(batches, temporary, total, schema, config.shard_rows, with_text, bar)
-            else:
-                _table_file(batches, temporary, config.format, schema, bar)
-            _replace(temporary, out)
+        if stream is not None:
+            sink = _Counted(stream)
+            write(sink)
+            stream.flush()
+            size = sink.written
+        else:
+            with writing(out.parent):
+                size = write_beside(out, existing, config.format, write)
     finally:
-        _remove(temporary)
         if bar is not None:
             bar.close()
-    size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file()) if out.is_dir() else out.stat().st_size
-    return ExportSummary(total, str(out), config.format, columns, size, round(time.perf_counter() - started, 3), note)
+    return ExportSummary(total, STDOUT if stream is not None else str(config.out), config.format, columns, size,
+                         round(time.perf_counter() - started, 3), note)
+
+
+class _Counted:
+    """A binary stream that counts the bytes written to it and tells that count as its position:
+    a pipe cannot tell its own, and Parquet needs one."""
+
+    closed = False
+
+    def __init__(self, stream: BinaryIO) -> None:
+        self.stream, self.written = stream, 0
+
+    def write(self, data) -> int:
+        self.stream.write(data)
+        size = memoryview(data).nbytes
+        self.written += size
+        return size
+
+    def tell(self) -> int:
+        return self.written
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+    def writable(self) -> bool:
+        return True
 
 
 def _both(where: str | None, condition: str) -> str:
@@ -130,22 +171,65 @@ def _columns(schema: pa.Schema, config: ExportConfig) -> tuple[str, ...]:
     return tuple(chosen)
 
 
-def _output_schema(schema: pa.Schema, columns: tuple[str, ...], dim: int) -> pa.Schema:
+def _output_schema(schema: pa.Schema, columns: tuple[str, ...], dim: int, ragged: tuple[str, ...] = ()) -> pa.Schema:
     """*columns* of *schema*, vectors as fixed-size lists of *dim* floats whatever list type the store
-    keeps them in."""
-    return pa.schema([pa.field(c, pa.list_(pa.float32(), dim)) if c in VECTORS else schema.field(c) for c in columns])
+    keeps them in; those in *ragged* (a vector column with null rows, for Parquet) as plain lists,
+    each row still *dim* floats: pyarrow up to 25 cannot read a null fixed-size list back from a
+    Parquet file (apache/arrow#35692), though it writes one."""
+    def vector(name: str) -> pa.DataType:
+        return pa.list_(pa.float32()) if name in ragged else pa.list_(pa.float32(), dim)
+
+    return pa.schema([pa.field(c, vector(c)) if c in VECTORS else schema.field(c) for c in columns])
 
 
 def _conform(batch: pa.RecordBatch, schema: pa.Schema) -> pa.RecordBatch:
-    return pa.RecordBatch.from_arrays([column.cast(field.type) for column, field in zip(batch.columns, schema)],
+    return pa.RecordBatch.from_arrays([_conformed(column, field.type) for column, field in zip(batch.columns, schema)],
                                       schema=schema)
 
 
-def _table_file(batches, path: Path, kind: str, schema: pa.Schema, bar) -> None:
+def _conformed(column: pa.Array, kind: pa.DataType) -> pa.Array:
+    """*column* as *kind*. Vectors are rebuilt, never cast: pyarrow crashes (SIGSEGV) casting the
+    all-null caption_embedding batches Lance reads from a store without captions (their values
+    buffer is an empty, dangling one) to a fixed-size list. A null row of a fixed-size list gets
+    zeros under its null bit (``pa.nulls`` of one has no values, which Parquet readers reject)."""
+    if column.type == kind and (column.null_count < len(column) or not pa.types.is_fixed_size_list(kind)):
+        return column
+    if not (pa.types.is_fixed_size_list(kind) or pa.types.is_list(kind)):
+        return column.cast(kind)
+    rows, dim = len(column), kind.list_size if pa.types.is_fixed_size_list(kind) else _width(column)
+    valid = column.is_valid().to_numpy(zero_copy_only=False)
+    if not valid.any() and pa.types.is_list(kind):
+        return pa.nulls(rows, kind)  # all offsets 0: a valid empty list column
+    values = np.zeros(0, kind.value_type.to_pandas_dtype())
+    if valid.any():  # never flatten an all-null batch
+        values = column.flatten().cast(kind.value_type).to_numpy(zero_copy_only=False)  # valid rows' only
+        if len(values) != int(valid.sum()) * dim:
+            raise StoreError(f"a vector column holds rows of other than {dim} values")
+    mask = None if valid.all() else pa.array(~valid)
+    if pa.types.is_list(kind):
+        offsets = np.concatenate([[0], np.cumsum(np.where(valid, dim, 0))]).astype(np.int32)
+        return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values), type=kind, mask=mask)
+    full = np.zeros((rows, dim), values.dtype)
+    full[valid] = values.reshape(-1, dim)
+    return pa.FixedSizeListArray.from_arrays(pa.array(full.reshape(-1)), type=kind, mask=mask)
+
+
+def _width(column: pa.Array) -> int:
+    """How many values each valid row of a list column holds (0 if none is valid)."""
+    if pa.types.is_fixed_size_list(column.type):
+        return column.type.list_size
+    lengths = pc.unique(pc.drop_null(pc.list_value_length(column))).to_pylist()
+    if len(lengths) > 1:
+        raise StoreError(f"a vector column holds rows of different lengths {sorted(lengths)[:5]}")
+    return lengths[0] if lengths else 0
+
+
+def _table_file(batches, sink, kind: str, schema: pa.Schema, bar) -> None:
+    """*batches* as one Parquet or CSV file written to *sink*, an open binary stream (left open)."""
     import pyarrow.csv as pacsv
     import pyarrow.parquet as pq
 
-    writer = pq.ParquetWriter(path, schema) if kind == "parquet" else pacsv.CSVWriter(path, schema)
+    writer = pq.ParquetWriter(sink, schema) if kind == "parquet" else pacsv.CSVWriter(sink, schema)
     with writer:
         for batch in batches:
             writer.write_batch(_conform(batch, schema))
@@ -165,7 +249,7 @@ def _clip_retrieval(batches, folder: Path, total: int, schema: pa.Schema, shard_
                              for f in schema if f.name not in VECTORS])
     parts = ("img_emb", "metadata", "text_emb") if with_text else ("img_emb", "metadata")
     for part in parts:
-        (folder / part).mkdir(parents=True)
+        os.mkdir(folder / part)
     shards = max(1, math.ceil(total / shard_rows))
     digits = int(math.log10(shards)) + 1
     pending = _Rows(batches, schema)
@@ -175,7 +259,8 @@ def _clip_retrieval(batches, folder: Path, total: int, schema: pa.Schema, shard_
             images = files.enter_context(_NpyWriter(folder / "img_emb" / f"img_emb_{name}.npy", rows, dim))
             texts = (files.enter_context(_NpyWriter(folder / "text_emb" / f"text_emb_{name}.npy", rows, dim))
                      if with_text else None)
-            meta = files.enter_context(pq.ParquetWriter(folder / "metadata" / f"metadata_{name}.parquet", meta_schema))
+            meta_file = files.enter_context(open(folder / "metadata" / f"metadata_{name}.parquet", "xb"))
+            meta = files.enter_context(pq.ParquetWriter(meta_file, meta_schema))
             filled = 0
             while filled < rows:
                 part = pending.take(rows - filled)
@@ -199,7 +284,7 @@ class _NpyWriter:
         self.path, self.rows, self.dim, self.written = path, rows, dim, 0
 
     def __enter__(self) -> "_NpyWriter":
-        self.handle = open(self.path, "wb")
+        self.handle = open(self.path, "xb")
         header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float32)), "fortran_order": False,
                   "shape": (self.rows, self.dim)}
         np.lib.format.write_array_header_1_0(self.handle, header)
@@ -234,22 +319,3 @@ class _Rows:
         part = self.batch.slice(self.at, count)
         self.at += part.num_rows
         return part
-
-
-def _replace(temporary: Path, out: Path) -> None:
-    if out.is_dir() and temporary.is_dir():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-        os.replace(temporary, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        if out.is_dir():
-            shutil.rmtree(out)
-        os.replace(temporary, out)
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir():
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        path.unlink(missing_ok=True)

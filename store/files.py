@@ -130,8 +130,13 @@ def thumbnail_file(store_dir: str | os.PathLike, content_hash: str, size: int) -
 def prune_thumbnails(store_dir: str | os.PathLike, keep: set[str]) -> int:
     """Delete the thumbnails of content no row has any more; returns how many went."""
     removed = 0
-    for folder in (Path(store_dir) / THUMBNAIL_DIR).glob("??"):
-        for thumb in folder.glob("*.jpg"):
+    top = Path(store_dir) / THUMBNAIL_DIR
+    if top.is_symlink():  # planted: what it points at is not the store's to delete
+        return 0
+    for folder in top.glob("??"):
+        if folder.is_symlink() or not folder.is_dir():
+            continue
+        for thumb in folder.glob("*.jpg"):  # unlink removes a planted link itself, never its target
             if thumb.name.rsplit("-", 1)[0] not in keep:
                 thumb.unlink(missing_ok=True)
                 removed += 1

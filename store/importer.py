@@ -306,6 +306,17 @@ def _fit_metadata(store: Store, given: SourceRows, source: str) -> SourceRows:
     return replace(given, extra=pa.table(dict(zip(given.extra.column_names, columns))))
 
 
+def _refuse_indexed_keys(source: str, keys: Sequence[str], indexed: dict[str, int]) -> None:
+    """An imported row never takes the place of a file `clipdex index` embedded: its vector, size
+    and content hash would be lost, and the server would refuse the file. Checked before any of
+    the source's rows is written."""
+    for row, key in enumerate(keys):
+        if key in indexed:
+            raise InputError(f"{source}: row {row} is keyed {key!r}, a file indexed into this store (id "
+                             f"{indexed[key]}); an import never replaces an indexed file's row: import into "
+                             "another store, or give the row another path")
+
+
 def feature_hash(vector: np.ndarray) -> str:
     return hashlib.blake2b(np.ascontiguousarray(vector, np.float32).tobytes(), digest_size=16).hexdigest()
 
@@ -334,7 +345,7 @@ def _import(sources, store_dir: Path, metadata, model_name, pretrained, ann, has
             shards) -> dict:
     """Stream every source in chunks of IMPORT_CHUNK rows: memory does not grow with file size."""
     started = time.perf_counter()
-    store, known = None, {}
+    store, known, indexed = None, {}, {}
     read = imported = updated = 0
     for source, raw, meta, texts in read_sources(sources, metadata):
         given = source_rows(source, len(raw), meta)
@@ -348,13 +359,18 @@ def _import(sources, store_dir: Path, metadata, model_name, pretrained, ann, has
             known = dict(zip(rows.column("path").to_pylist(), zip(rows.column("id").to_pylist(),
                                                                   rows.column("hash").to_pylist(),
                                                                   rows.column("caption").to_pylist())))
+            indexed = {path: image_id for path, image_id, size in zip(
+                rows.column("path").to_pylist(), rows.column("id").to_pylist(), rows.column("bytes").to_pylist())
+                if size is not None}
         if raw.shape[1] != store.manifest.dim:
             raise InputError(f"{source} has {raw.shape[1]}-d features; the store holds "
                              f"{store.manifest.dim}-d features of '{store.manifest.space}'")
         if given.extra is not None:
             given = _fit_metadata(store, given, source)
-        read += len(raw)
         unique = isinstance(keys, RowKeys)
+        if not unique:
+            _refuse_indexed_keys(source, keys, indexed)
+        read += len(raw)
         if unique:
             positions = np.arange(len(keys), dtype=np.int64)
         else:

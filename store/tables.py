@@ -21,8 +21,14 @@ IMAGES = "images"
 FAILURES = "failures"
 TABLE_DIR = "lance"
 # Columns the indexer needs to decide what changed; never the vectors.
-FILE_COLUMNS = ["id", "hash", "path", "path_bytes", "link_target", "bytes", "mtime", "caption"]
-METADATA_COLUMNS = ["id", "path", "path_bytes", "link_target", "hash", "bytes", "mtime", "width", "height", "caption"]
+# Which file a row was indexed from, as the kernel names it: (st_dev, st_ino, st_ctime_ns) of the
+# file read. The server serves a row only from that file; ctime cannot be set back by a user.
+IDENTITY_COLUMNS = ["file_dev", "file_ino", "file_ctime_ns"]
+FILE_COLUMNS = ["id", "hash", "path", "path_bytes", "link_target", "bytes", "mtime", *IDENTITY_COLUMNS, "caption"]
+METADATA_COLUMNS = ["id", "path", "path_bytes", "link_target", "hash", "bytes", "mtime", *IDENTITY_COLUMNS, "width",
+                    "height", "caption"]
+# Columns for clipdex's own use (exact names, file identity): not filters, not exported by default.
+INTERNAL_COLUMNS = ("path_bytes", "link_target", *IDENTITY_COLUMNS)
 
 
 def split_path(path: str) -> tuple[str, bytes | None]:
@@ -38,6 +44,16 @@ def split_path(path: str) -> tuple[str, bytes | None]:
         return path, None
     except UnicodeDecodeError:
         return raw.decode("utf-8", "backslashreplace"), raw
+
+
+def file_identity(info: os.stat_result) -> tuple[int, int, int]:
+    """The identity columns of a stat result; device and inode numbers are unsigned 64-bit, stored
+    as the int64 of the same bits."""
+    return _signed(info.st_dev), _signed(info.st_ino), info.st_ctime_ns
+
+
+def _signed(value: int) -> int:
+    return value - (1 << 64) if value >= 1 << 63 else value
 
 
 def file_path(path: str, raw: bytes | None) -> str:
@@ -57,6 +73,7 @@ def image_schema(dim: int) -> pa.Schema:
         pa.field("link_target", pa.binary()),
         pa.field("bytes", pa.int64()),
         pa.field("mtime", pa.float64()),
+        *(pa.field(name, pa.int64()) for name in IDENTITY_COLUMNS),  # null for imported rows and older stores
         pa.field("width", pa.int32()),
         pa.field("height", pa.int32()),
         pa.field("caption", pa.string()),
@@ -188,10 +205,10 @@ class Tables:
                 self.images.add_columns(pa.schema(new))
 
     def filter_columns(self) -> list[str]:
-        """Columns a `where` filter may name: every stored column but vectors and raw bytes."""
+        """Columns a `where` filter may name: every stored column but vectors and internal ones."""
         return [f.name for f in self.images.schema
                 if not (pa.types.is_fixed_size_list(f.type) or pa.types.is_list(f.type)
-                        or pa.types.is_binary(f.type))]
+                        or pa.types.is_binary(f.type) or f.name in INTERNAL_COLUMNS)]
 
     def _present(self, columns: Sequence[str]) -> list[str]:
         """*columns* that the images table has (an older store may lack newer, nullable ones)."""

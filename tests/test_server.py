@@ -204,9 +204,11 @@ def test_uploads_too_large_or_not_images_are_refused(client):
     assert response.status_code == 413
     assert upload({"image": ("notes.txt", b"hello, world")}) == (400, "the uploaded image: not an image (unrecognised content)")
     assert upload({"image": ("empty.jpg", b"")}) == (400, "the uploaded image: empty file")
-    status, error = upload(data={"k": "3"})
+    status, error = upload(data={"k": "3"})  # a urlencoded form: what any web page may send unasked
+    assert status == 415 and "application/json or multipart/form-data" in error
+    status, error = upload({"other": ("a.txt", b"x")}, {"k": "3"})
     assert status == 422 and "image" in error
-    status, error = upload(data={"image": "not a file"})
+    status, error = upload({"other": ("a.txt", b"x")}, {"image": "not a file"})
     assert status == 422 and "file upload" in error
     status, error = upload({"image": ("a.jpg", b"x")}, {"k": "3", "colour": "red"})
     assert status == 422 and "colour" in error
