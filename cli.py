@@ -542,8 +542,8 @@ def import_command(features, store_dir, metadata, model_name, pretrained, ann, e
               help="Default: from the extension of --out (csv for -). clip-retrieval writes img_emb/img_emb_N.npy "
                    "(float32), metadata/metadata_N.parquet (image_path, caption, ...) and text_emb/ when every "
                    "row has a caption embedding.")
-@click.option("--columns", help="Comma-separated columns to write (default: all but path_bytes and link_target; "
-                                "CSV leaves the vectors out).")
+@click.option("--columns", help="Comma-separated columns to write (default: all but clipdex's own path_bytes, "
+                                "link_target, file_dev, file_ino and file_ctime_ns; CSV leaves the vectors out).")
 @click.option("--where", "where", help='Only rows matching this condition, e.g. "width >= 512 AND caption IS NOT NULL".')
 @click.option("--shard-rows", default=1_000_000, show_default=True, type=click.IntRange(min=1),
               help="Rows per clip-retrieval shard.")
@@ -693,7 +693,7 @@ def serve_command(store_dir, host, port, api_key, max_k, max_batch, max_body_mb,
       curl -s localhost:8000/search -H 'Content-Type: application/json' -d '{"text": "a red circle", "k": 3}'
     """
     from server import create_app, serve  # start-up time: FastAPI and uvicorn load only for `serve`
-    from server.security import check_cors_origins, open_access_log  # as above
+    from server.security import check_cors_origins, open_access_log  # as above (create_app checks too)
 
     if api_key is not None and not api_key.strip():
         raise InputError("--api-key is empty: give a key, or leave the option out")
