@@ -39,6 +39,15 @@ def clipdex(*args, wait=True, unprivileged=False, **kwargs) -> subprocess.Popen 
 LOCAL = "http://127.0.0.1:8000"  # a Host the server answers to (the test client's own is "testserver")
 
 
+def bitmap(path: Path, colour: tuple[int, int, int]) -> Path:
+    """A 32 x 32 BMP of one colour: two of them differ in content, never in length."""
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (32, 32), colour).save(path, "BMP")
+    return path
+
+
 def local_client(app, **kwargs):
     from fastapi.testclient import TestClient
 

@@ -27,7 +27,7 @@ from indexer import IndexConfig, index_paths
 from server import ServeConfig, create_app
 from store import InputError, Store
 from store.files import thumbnail_file
-from tests.helpers import clipdex, local_client
+from tests.helpers import bitmap, clipdex, local_client
 
 REPO = Path(__file__).resolve().parents[1]
 INDEX = IndexConfig(model="clipdex-shapes", device="cpu", workers=0, progress=False)
@@ -40,13 +40,6 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
-
-
-def bitmap(path: Path, colour: tuple[int, int, int]) -> Path:
-    """A BMP of fixed size: two of them differ in content, never in length."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.new("RGB", (32, 32), colour).save(path, "BMP")
-    return path
 
 
 class Server:

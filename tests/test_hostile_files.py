@@ -10,20 +10,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from PIL import Image
 
 from indexer import IndexConfig, index_paths
 from indexer.scanner import PSEUDO_FILE_SYSTEMS, mount_type, scan
 from store import InputError, Store, import_features
-from tests.helpers import MODEL, run
+from tests.helpers import MODEL, bitmap, run
 
 INDEX = IndexConfig(model="clipdex-shapes", device="cpu", workers=0, progress=False)
 IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
-
-
-def bitmap(path, colour) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.new("RGB", (32, 32), colour).save(path, "BMP")
 
 
 def rows(store) -> dict[str, dict]:
