@@ -26,7 +26,8 @@ from demo import DEMO_COUNT, DEMO_DIR, DEMO_SEED, demo_lines, plot_classificatio
 from encoder import DEFAULT_MODEL, MODELS, can_load, list_models, load_image
 from encoder.feed import DECODERS
 from indexer import IndexConfig, index_paths
-from indexer.ray_engine import RayConfig, ray_session
+from indexer.config import RayConfig
+from indexer.engines import engine_for
 from indexer.run import ENGINES
 from search import (
     DEFAULT_TEMPLATE,
@@ -51,7 +52,7 @@ from store.errors import os_error_line
 from store.export import FORMATS as EXPORT_FORMATS
 from store.export import ExportConfig, export_store
 from store.export import format_for as export_format_for
-from store.importer import IMPORTED
+from store.importer import IMPORTED, ImportConfig
 from store.report import inspect
 from store.store import reindex
 from store.values import VALUES_DTYPES
@@ -291,8 +292,8 @@ def demo_command(directory: str, count: int) -> None:
               help="Store folder (created if new).")
 @model_options(default_model=None)
 @click.option("--batch-size", type=click.IntRange(min=1),
-              help="Images per forward pass (default: 64 on CPU, 256 on CUDA); with --engine ray, jobs per actor "
-                   "call, each written as one Lance fragment (default 256).")
+              help="Images per forward pass (default: 64 on CPU, 256 on CUDA); with --engine ray also the jobs "
+                   "per actor call, each written as one Lance fragment (default 256).")
 @click.option("--workers", type=click.IntRange(min=0),
               help="Decoding threads (default: one per core, at most 8).")
 @click.option("--readers", type=click.IntRange(min=1),
@@ -305,7 +306,9 @@ def demo_command(directory: str, count: int) -> None:
               help="CSV or Parquet with columns path, caption (repeatable). Sidecar photo.txt files are read too.")
 @click.option("--engine", type=click.Choice(list(ENGINES)), default=INDEX.engine, show_default=True,
               help="Where decoding and embedding run: this process, or a Ray cluster (needs clipdex[ray]; the "
-                   "store must be on a path every node reaches). --workers is then the number of actors.")
+                   "store must be on a path every node reaches). --workers is then the number of actors, and "
+                   "each actor reads and decodes with as many threads as --cpus-per-worker (--readers: reading "
+                   "threads per actor).")
 @click.option("--ray-address", help="Join this Ray cluster (e.g. 10.0.0.1:6379) instead of starting a local one.")
 @click.option("--cpus-per-worker", default=INDEX.ray.cpus_per_worker, show_default=True,
               type=click.FloatRange(min=0.1), help="CPUs each Ray actor reserves (and its torch threads).")
@@ -355,9 +358,10 @@ def index_command(paths, store_dir, model_name, pretrained, device, batch_size, 
                          max_pixels=max_pixels,
                          exact_decode=exact_decode, commit_every=commit_every, wait=wait, prune=prune,
                          cross_mounts=cross_mounts, ann=ann, engine=engine,
-                         ray=RayConfig(address=ray_address, workers=workers if engine == "ray" else None,
-                                       cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker,
-                                       batch_size=batch_size or RayConfig.batch_size))
+                         ray=RayConfig(address=ray_address, cpus_per_worker=cpus_per_worker,
+                                       gpus_per_worker=gpus_per_worker,
+                                       **(dict(workers=workers, batch_size=batch_size or RayConfig.batch_size)
+                                          if engine == "ray" else {})))
     summary = index_paths(paths, store_dir, config)
     if as_json:
         click.echo(json.dumps(summary.to_dict()))
@@ -479,12 +483,11 @@ def build_engine_options(command):
 
 @contextlib.contextmanager
 def build_cluster(engine: str, address: str | None):
-    """(parallel map, shards) for a scaled-out index build, or (None, 0) to build here."""
-    if engine != "ray":
-        yield None, 0
-        return
-    with ray_session(RayConfig(address=address)) as cluster:
-        yield cluster.map, cluster.shards
+    """The workers of a scaled-out index build (Ray tasks), or None to build here: the engine's
+    session, chosen from the registry as `index` chooses it."""
+    config = IndexConfig(engine=engine, ray=RayConfig(address=address))
+    with engine_for(config).session(config) as session:
+        yield session.workers
 
 
 @cli.command("import", context_settings=CONTEXT)
@@ -519,17 +522,16 @@ def import_command(features, store_dir, metadata, model_name, pretrained, ann, e
     Example:
       clipdex import cc3m_imagebind/ --store cc3m.clipdex --model-name imagebind_huge
     """
-    has_text_encoder = model_name != IMPORTED and can_load(model_name, pretrained)
-    with build_cluster(engine, ray_address) as (parallel_map, shards):
-        summary = import_features(features, store_dir, metadata, model_name, pretrained, ann=ann,
-                                  has_text_encoder=has_text_encoder, wait=wait, parallel_map=parallel_map,
-                                  shards=shards)
+    config = ImportConfig(metadata=metadata, model_name=model_name, pretrained=pretrained, ann=ann,
+                          has_text_encoder=model_name != IMPORTED and can_load(model_name, pretrained), wait=wait)
+    with build_cluster(engine, ray_address) as workers:
+        summary = import_features(features, store_dir, config, workers=workers)
     if as_json:
-        click.echo(json.dumps(summary))
+        click.echo(json.dumps(summary.to_dict()))
     else:
-        click.echo(f"imported {summary['imported']} of {summary['read']} features ({summary['updated']} updated, "
-                   f"{summary['skipped']} already there) in {summary['seconds']:.1f}s. Store: {summary['count']} x {summary['dim']}-d "
-                   f"'{summary['space']}', {summary['index']} index.")
+        click.echo(f"imported {summary.imported} of {summary.read} features ({summary.updated} updated, "
+                   f"{summary.skipped} already there) in {summary.seconds:.1f}s. Store: {summary.count} x "
+                   f"{summary.dim}-d '{summary.space}', {summary.index} index.")
 
 
 @cli.command("export", context_settings=CONTEXT)
@@ -601,8 +603,8 @@ def reindex_command(store_dir, ann, engine, ray_address, wait, as_json) -> None:
     table), or to change the index's kind or budget. `index` and `import` also rebuild a stale
     index on their next run.
     """
-    with build_cluster(engine, ray_address) as (parallel_map, shards):
-        info = reindex(store_dir, ann, wait, parallel_map, shards)
+    with build_cluster(engine, ray_address) as workers:
+        info = reindex(store_dir, ann, wait, workers)
     if as_json:
         click.echo(json.dumps(asdict(info)))
         return

@@ -131,12 +131,6 @@ class ClipModel:
 
         return wait
 
-    def feed(self, decoder: str = "auto", exact_decode: bool = False, max_pixels: int | None = None):
-        """How the indexer turns file bytes into this model's embeddings (encoder/feed.py)."""
-        from encoder.feed import make_feed  # feed builds on this module
-
-        return make_feed(self, decoder, exact_decode, max_pixels)
-
     def encode_images(self, images: Sequence["Image.Image"], batch_size: int = 64) -> np.ndarray:
         import torch
 

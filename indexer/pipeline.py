@@ -59,6 +59,7 @@ class StageReport:
     images: int
     busy: dict[str, float]  # stage -> seconds of work, summed over its threads
     threads: dict[str, int]
+    batches: int = 0  # forward passes: images / batches is the batch size the model saw
 
     @property
     def images_per_second(self) -> float:
@@ -73,8 +74,24 @@ class StageReport:
     def bound(self) -> str:
         return max(STAGES, key=self.utilisation)
 
+    @classmethod
+    def combined(cls, reports: Sequence["StageReport"], seconds: float, copies: int) -> "StageReport":
+        """*reports* of pipelines that ran *copies* at a time (Ray actors) as one, over *seconds* of wall time."""
+        busy: dict[str, float] = {}
+        for report in reports:
+            for stage, spent in report.busy.items():
+                busy[stage] = busy.get(stage, 0.0) + spent
+        threads = {stage: count * copies for stage, count in (reports[0].threads if reports else {}).items()}
+        return cls(seconds, sum(r.images for r in reports), busy, threads, sum(r.batches for r in reports))
+
+    @classmethod
+    def from_dict(cls, report: dict) -> "StageReport":
+        stages = report["stages"]
+        return cls(report["seconds"], report["images"], {stage: v["seconds"] for stage, v in stages.items()},
+                   {stage: v["threads"] for stage, v in stages.items()}, report.get("batches", 0))
+
     def to_dict(self) -> dict:
-        return {"seconds": round(self.seconds, 3), "images": self.images,
+        return {"seconds": round(self.seconds, 3), "images": self.images, "batches": self.batches,
                 "images_per_second": round(self.images_per_second, 1), "bound": self.bound,
                 "stages": {stage: {"busy": round(self.utilisation(stage), 3), "seconds": round(busy, 3),
                                    "threads": self.threads.get(stage, 1)} for stage, busy in self.busy.items()}}
@@ -104,59 +121,59 @@ class _Clock:
                 self.busy[stage] = self.busy.get(stage, 0.0) + time.perf_counter() - started
 
 
+@dataclass(frozen=True)
+class Hashing:
+    """Which files the readers hash as they read them (positions into the path list), and with
+    which of store.files.CONTENT_HASHES: the files the plan left unhashed get the hash of exactly
+    the bytes that were embedded, with no second read."""
+    positions: Collection[int]
+    algorithm: str
+
+
 def run_pipeline(paths: Sequence[str], feed: Feed, write: Callable[[Batch], None], batch_size: int,
                  readers: int, decoders: int, progress: Callable[[int], None] | None = None,
-                 unhashed: Collection[int] = (), hashing: str = "") -> StageReport:
-    """Embed *paths* through *feed* and hand every batch to *write* (on the writer thread), in order.
+                 hashing: Hashing | None = None) -> StageReport:
+    """Embed *paths* through *feed* and hand every batch to *write* (on the writer thread), in order."""
+    return _Pipeline(paths, feed, batch_size, hashing or Hashing((), "")).run(write, readers, decoders, progress)
 
-    The readers hash the content of the positions in *unhashed* with *hashing* (a key of
-    store.files.CONTENT_HASHES) into ``Batch.hashes``: of exactly the bytes that were embedded, with
-    no second read.
-    """
-    clock, started = _Clock(), time.perf_counter()
-    readers, decoders = max(1, readers), max(1, decoders)
-    depth = max(4, 2 * decoders)
 
-    def read(start: int) -> tuple[list[tuple[int, bytearray | None, ImageError | None]], dict[int, str]]:
-        with clock.timing("read"):
+class _Pipeline:
+    def __init__(self, paths: Sequence[str], feed: Feed, batch_size: int, hashing: Hashing) -> None:
+        self.paths, self.feed, self.batch_size, self.hashing = paths, feed, batch_size, hashing
+        self.clock = _Clock()
+
+    def read(self, start: int) -> tuple[list[tuple[int, bytearray | None, ImageError | None]], dict[int, str]]:
+        with self.clock.timing("read"):
             out, hashes = [], {}
-            for position in range(start, min(start + batch_size, len(paths))):
+            for position in range(start, min(start + self.batch_size, len(self.paths))):
                 try:
-                    data = read_bytes(paths[position])
+                    data = read_bytes(self.paths[position])
                 except ImageError as error:
                     out.append((position, None, error))
                     continue
-                if position in unhashed:
-                    hashes[position] = bytes_hash(data, hashing)
+                if position in self.hashing.positions:
+                    hashes[position] = bytes_hash(data, self.hashing.algorithm)
                 out.append((position, data, None))
             return out, hashes
 
-    def decode(read_batch):
+    def decode(self, read_batch):
         loaded, hashes = read_batch
-        with clock.timing("decode"):
+        with self.clock.timing("decode"):
             positions, prepared, failures = [], [], []
             for position, data, error in loaded:
                 if data is not None:
                     try:
-                        prepared.append(feed.prepare(data, paths[position]))
+                        prepared.append(self.feed.prepare(data, self.paths[position]))
                         positions.append(position)
                         continue
                     except ImageError as raised:
                         error = raised
                     except Exception as bug:  # a decoder bug on one file must not end the run
-                        error = ImageError(paths[position], "corrupt", repr(bug)[:200])
+                        error = ImageError(self.paths[position], "corrupt", repr(bug)[:200])
                 failures.append((position, error))
             return positions, prepared, failures, hashes
 
-    def written(batch: Batch) -> None:
-        with clock.timing("write"):
-            write(batch)
-
-    read_pool = ThreadPoolExecutor(readers, thread_name_prefix="clipdex-read")
-    decode_pool = ThreadPoolExecutor(decoders, thread_name_prefix="clipdex-decode")
-    write_pool = ThreadPoolExecutor(1, thread_name_prefix="clipdex-write")
-
-    def staged(start: int) -> Future:
+    def staged(self, start: int, read_pool: ThreadPoolExecutor, decode_pool: ThreadPoolExecutor) -> Future:
         """A future for batch *start*, read then decoded, without holding a thread while it waits."""
         done: Future = Future()
 
@@ -168,40 +185,58 @@ def run_pipeline(paths: Sequence[str], feed: Feed, write: Callable[[Batch], None
 
         def on_read(future: Future) -> None:
             try:
-                decode_pool.submit(decode, future.result()).add_done_callback(on_decoded)
+                decode_pool.submit(self.decode, future.result()).add_done_callback(on_decoded)
             except BaseException as error:  # read failed, or the pools are closing
                 done.set_exception(error)
 
-        read_pool.submit(read, start).add_done_callback(on_read)
+        read_pool.submit(self.read, start).add_done_callback(on_read)
         return done
 
-    images = 0
-    starts = iter(range(0, len(paths), batch_size))
-    ahead: deque[Future] = deque(staged(start) for _, start in zip(range(depth), starts))
-    writes: deque[Future] = deque()
-    try:
-        while ahead:
-            positions, prepared, failures, hashes = ahead.popleft().result()
-            for start in starts:
-                ahead.append(staged(start))
-                break
-            embedded = None
-            if prepared:
-                embedded = feed.embed(prepared, [paths[p] for p in positions], clock.timing)
-                failures += [(positions[i], error) for i, error in embedded.failures]
-                positions = [positions[i] for i in embedded.kept]
-                prepared = [prepared[i] for i in embedded.kept]
-            writes.append(write_pool.submit(written, Batch(positions, [p.size for p in prepared], embedded,
-                                                           sorted(failures, key=lambda f: f[0]), hashes)))
-            while len(writes) > 2 or (writes and writes[0].done()):
-                writes.popleft().result()  # a failed write (a full disk) stops the run here
-            images += len(positions) + len(failures)
-            if progress:
-                progress(len(positions) + len(failures))
-        while writes:
-            writes.popleft().result()
-    finally:
-        for pool in (read_pool, decode_pool, write_pool):
-            pool.shutdown(wait=True, cancel_futures=True)
-    return StageReport(time.perf_counter() - started, images, dict(clock.busy),
-                       {"read": readers, "decode": decoders, "embed": 1, "write": 1})
+    def embed(self, decoded) -> Batch:
+        positions, prepared, failures, hashes = decoded
+        embedded = None
+        if prepared:
+            embedded = self.feed.embed(prepared, [self.paths[p] for p in positions], self.clock.timing)
+            failures += [(positions[i], error) for i, error in embedded.failures]
+            positions = [positions[i] for i in embedded.kept]
+            prepared = [prepared[i] for i in embedded.kept]
+        return Batch(positions, [p.size for p in prepared], embedded, sorted(failures, key=lambda f: f[0]), hashes)
+
+    def run(self, write: Callable[[Batch], None], readers: int, decoders: int,
+            progress: Callable[[int], None] | None) -> StageReport:
+        started = time.perf_counter()
+        readers, decoders = max(1, readers), max(1, decoders)
+        depth = max(4, 2 * decoders)
+
+        def written(batch: Batch) -> None:
+            with self.clock.timing("write"):
+                write(batch)
+
+        read_pool = ThreadPoolExecutor(readers, thread_name_prefix="clipdex-read")
+        decode_pool = ThreadPoolExecutor(decoders, thread_name_prefix="clipdex-decode")
+        write_pool = ThreadPoolExecutor(1, thread_name_prefix="clipdex-write")
+        images = batches = 0
+        starts = iter(range(0, len(self.paths), self.batch_size))
+        ahead: deque[Future] = deque(self.staged(start, read_pool, decode_pool) for _, start in zip(range(depth), starts))
+        writes: deque[Future] = deque()
+        try:
+            while ahead:
+                decoded = ahead.popleft().result()
+                for start in starts:
+                    ahead.append(self.staged(start, read_pool, decode_pool))
+                    break
+                batch = self.embed(decoded)
+                writes.append(write_pool.submit(written, batch))
+                while len(writes) > 2 or (writes and writes[0].done()):
+                    writes.popleft().result()  # a failed write (a full disk) stops the run here
+                images += len(batch.positions) + len(batch.failures)
+                batches += batch.embedded is not None
+                if progress:
+                    progress(len(batch.positions) + len(batch.failures))
+            while writes:
+                writes.popleft().result()
+        finally:
+            for pool in (read_pool, decode_pool, write_pool):
+                pool.shutdown(wait=True, cancel_futures=True)
+        return StageReport(time.perf_counter() - started, images, dict(self.clock.busy),
+                           {"read": readers, "decode": decoders, "embed": 1, "write": 1}, batches)

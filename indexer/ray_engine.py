@@ -20,51 +20,58 @@ import logging
 import os
 import re
 import socket
+import time
 import warnings
 from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Iterator, Sequence
+from dataclasses import dataclass, replace
+from typing import Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
 
 from encoder.model import load_model
-from indexer.pipeline import Batch, run_pipeline
-from indexer.rows import caption_vectors, file_columns
+from indexer.config import IndexConfig, RayConfig
+from indexer.engine import Embedding, Progress, Target, embed_files
+from indexer.pipeline import StageReport
+from indexer.plan import Job
+from indexer.rows import file_columns
+from store.commit import Committer
 from store.errors import ImageError, InputError, first_line
-from store.tables import conformed, image_rows
-
-if TYPE_CHECKING:
-    from indexer.plan import Job
-    from store.store import Store
+from store.sharded import Workers
+from store.tables import conformed
 
 RAY_EXTRA = "the ray engine needs Ray: pip install 'clipdex[ray]'"
 
+__all__ = ["RayConfig", "RayEngine", "ray_module", "ray_session"]
 
-@dataclass(frozen=True)
-class RayConfig:
-    address: str | None = None  # None: start a local cluster for the run
-    workers: int | None = None  # actors; None: as many as the cluster's CPUs (or GPUs) allow
-    cpus_per_worker: float = 1.0
-    gpus_per_worker: float = 0.0
-    batch_size: int = 256  # jobs per actor call: one fragment each
+
+class RayEngine:
+    name = "ray"
+
+    def check(self, config: IndexConfig) -> None:
+        ray_module()  # a missing extra is one line before anything is scanned
+
+    @contextmanager
+    def session(self, config: IndexConfig) -> Iterator["RaySession"]:
+        with ray_session(config.ray) as workers:
+            yield RaySession(config, workers)
 
 
 @dataclass(frozen=True)
 class _Work:
-    """What an actor needs: picklable, no open handles."""
-    model: str
-    pretrained: str | None
-    device: str
-    exact_decode: bool
-    max_pixels: int
-    threads: int
+    """What an actor needs: picklable, no open handles. The run's config travels whole, so every
+    option means on an actor what it means in the local engine."""
+    config: IndexConfig  # with the model and weights the run chose
     first_new_id: int
     uri: str
     schema: pa.Schema
-    dim: int
     hashing: str  # the store's content hash, for files the plan left unhashed
     weights_sha256: str = ""  # a local checkpoint's, as the store recorded it: each worker checks its copy
+
+    @property
+    def threads(self) -> int:
+        """Each actor's torch, reading and decoding threads: the CPUs it reserved."""
+        return max(1, int(self.config.ray.cpus_per_worker))
 
 
 def ray_module():
@@ -76,23 +83,18 @@ def ray_module():
     return ray
 
 
-@dataclass(frozen=True)
-class Cluster:
-    """A Ray session as the rest of clipdex uses it: a parallel map and how wide it is."""
-    shards: int
-
-    @staticmethod
-    def map(function: Callable, jobs: Sequence) -> list:
-        """*function* over *jobs* as Ray tasks (a CPU each), results in order."""
-        ray = ray_module()
-        remote = ray.remote(num_cpus=1)(function)
-        return ray.get([remote.remote(job) for job in jobs])
+def ray_map(function, jobs: Sequence) -> list:
+    """*function* over *jobs* as Ray tasks (a CPU each), results in order."""
+    ray = ray_module()
+    remote = ray.remote(num_cpus=1)(function)
+    return ray.get([remote.remote(job) for job in jobs])
 
 
 @contextmanager
-def ray_session(config: RayConfig) -> Iterator[Cluster]:
-    """Ray for the length of a run: joined at *config.address*, or a local cluster started here
-    and stopped after (a session already open in this process is used as it is)."""
+def ray_session(config: RayConfig) -> Iterator[Workers]:
+    """Ray for the length of a run, as the index build's workers: joined at *config.address*, or a
+    local cluster started here and stopped after (a session already open in this process is used
+    as it is)."""
     ray = ray_module()
     if config.address:
         _check_reachable(config.address)
@@ -100,21 +102,10 @@ def ray_session(config: RayConfig) -> Iterator[Cluster]:
     if started_here:
         _start(ray, config.address)
     try:
-        yield Cluster(shards=max(1, int(ray.cluster_resources().get("CPU", 1))))
+        yield Workers(ray_map, shards=max(1, int(ray.cluster_resources().get("CPU", 1))))
     finally:
         if started_here:
             ray.shutdown()
-
-
-def embed_on_ray(store: "Store", model_name: str, pretrained: str | None, device: str, jobs: Sequence["Job"],
-                 exact_decode: bool, max_pixels: int, commit_every: int, first_new_id: int, ray_config: RayConfig,
-                 progress: Callable[[int], None]) -> tuple[int, list[tuple[int, ImageError]]]:
-    """Embed *jobs* on the Ray session open in this process (:func:`ray_session`) and commit them to
-    *store*; returns (rows written, decode failures by position in *jobs*), as the local engine does."""
-    if not jobs:
-        return 0, []
-    return _run(ray_module(), store, model_name, pretrained, device, jobs, exact_decode, max_pixels, commit_every,
-                first_new_id, ray_config, progress)
 
 
 def _start(ray, address: str | None) -> None:
@@ -144,48 +135,47 @@ def _check_reachable(address: str) -> None:
         raise InputError(f"cannot reach the Ray cluster at {address}: {error.strerror or first_line(error)}") from error
 
 
-def _run(ray, store, model_name, pretrained, device, jobs, exact_decode, max_pixels, commit_every, first_new_id,
-         ray_config: RayConfig, progress) -> tuple[int, list[tuple[int, ImageError]]]:
-    from lance.fragment import FragmentMetadata
+@dataclass(frozen=True)
+class RaySession:
+    config: IndexConfig
+    workers: Workers
 
-    context = ray.data.DataContext.get_current()
-    context.enable_progress_bars = False
-    for name in ("ray", "ray.data"):  # Ray's plan and progress lines would bury clipdex's own
-        logging.getLogger(name).setLevel(logging.ERROR)
-    work = _Work(model_name, pretrained, device, exact_decode, max_pixels, max(1, int(ray_config.cpus_per_worker)),
-                 first_new_id, store.tables.images_uri, store.tables.images.schema, store.manifest.dim,
-                 store.manifest.content_hash, store.manifest.weights_sha256)
-    table, size = _job_table(jobs), ray_config.batch_size
-    blocks = [table.slice(start, size) for start in range(0, table.num_rows, size)]  # one block per actor call
-    dataset = ray.data.from_arrow(blocks).map_batches(
-        _Embedder, fn_constructor_args=(work,), batch_size=size, batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(size=_actors(ray, ray_config, len(jobs))),
-        num_cpus=ray_config.cpus_per_worker, num_gpus=ray_config.gpus_per_worker or None)
+    def embed(self, target: Target, jobs: Sequence[Job], progress: Progress) -> Embedding:
+        """Embed *jobs* on the actor pool and commit what the actors wrote, every ``commit_every`` rows."""
+        if not jobs:
+            return Embedding(0)
+        from lance.fragment import FragmentMetadata  # lance is only needed once there is work
 
-    fragments, replaced, pending, written, failures = [], [], 0, 0, []
+        started, ray, store = time.perf_counter(), ray_module(), target.store
+        context = ray.data.DataContext.get_current()
+        context.enable_progress_bars = False
+        for name in ("ray", "ray.data"):  # Ray's plan and progress lines would bury clipdex's own
+            logging.getLogger(name).setLevel(logging.ERROR)
+        chosen = replace(self.config, model=target.name, pretrained=target.pretrained)
+        work = _Work(chosen, target.first_new_id, store.tables.images_uri, store.tables.images.schema,
+                     store.manifest.content_hash, store.manifest.weights_sha256)
+        table, size, actors = _job_table(jobs), self.config.ray.batch_size, _actors(ray, self.config.ray, len(jobs))
+        blocks = [table.slice(start, size) for start in range(0, table.num_rows, size)]  # one block per actor call
+        dataset = ray.data.from_arrow(blocks).map_batches(
+            _Embedder, fn_constructor_args=(work,), batch_size=size, batch_format="pyarrow",
+            compute=ray.data.ActorPoolStrategy(size=actors),
+            num_cpus=self.config.ray.cpus_per_worker, num_gpus=self.config.ray.gpus_per_worker or None)
 
-    def commit() -> None:
-        nonlocal fragments, replaced, pending, written
-        store.tables.append_fragments([FragmentMetadata.from_json(json.dumps(f)) for f in fragments])
-        if replaced:
-            store.tables.upsert(pa.concat_tables(replaced))
-        written += pending
-        fragments, replaced, pending = [], [], 0
-
-    for result in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
-        for row in result.to_pylist():
-            fragments += json.loads(row["fragments"])
-            if row["replaced"]:
-                replaced.append(pa.ipc.open_stream(row["replaced"]).read_all())
-            pending += row["rows"]
-            failed = [(position, ImageError(path, reason, detail))
-                      for position, path, reason, detail in json.loads(row["failures"])]
-            failures += failed
-            progress(row["rows"] + len(failed))
-        if pending >= commit_every:
-            commit()
-    commit()
-    return written, failures
+        failures, reports = [], []
+        with Committer(store.tables, target.first_new_id, self.config.commit_every) as committer:
+            for result in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
+                for row in result.to_pylist():
+                    failed = [(position, ImageError(path, reason, detail))
+                              for position, path, reason, detail in json.loads(row["failures"])]
+                    failures += failed
+                    reports.append(StageReport.from_dict(json.loads(row["report"])))
+                    if row["replaced"]:
+                        committer.add(pa.ipc.open_stream(row["replaced"]).read_all())
+                    fragments = [FragmentMetadata.from_json(json.dumps(f)) for f in json.loads(row["fragments"])]
+                    committer.add_fragments(fragments, row["new"])
+                    progress(row["new"] + row["old"] + len(failed))
+        return Embedding(committer.written, failures,
+                         StageReport.combined(reports, time.perf_counter() - started, actors))
 
 
 def _actors(ray, config: RayConfig, jobs: int) -> int:
@@ -200,58 +190,48 @@ def _actors(ray, config: RayConfig, jobs: int) -> int:
     return max(1, min(fit, batches))
 
 
-def _job_table(jobs: Sequence["Job"]) -> pa.Table:
+def _job_table(jobs: Sequence[Job]) -> pa.Table:
     columns = file_columns(jobs)
     columns["path"] = [os.fsencode(path) for path in columns["path"]]  # a file name need not be valid UTF-8
     return pa.table({"position": pa.array(range(len(jobs)), pa.int64()), **columns})
 
 
 class _Embedder:
-    """One actor: the model loaded once, then batch after batch of jobs into rows."""
+    """One actor: the model loaded once, then batch after batch of jobs into rows, through the
+    same feed, pipeline and row builder as the local engine (indexer.engine.embed_files)."""
 
     def __init__(self, work: _Work) -> None:
         import torch
 
         torch.set_num_threads(work.threads)
-        self.work = work
-        self.model = load_model(work.model, work.pretrained, device=work.device, weights_sha256=work.weights_sha256)
-        self.feed = self.model.feed("auto", work.exact_decode, work.max_pixels)
+        self.work, config = work, work.config
+        self.model = load_model(config.model, config.pretrained, device=config.device,
+                                weights_sha256=work.weights_sha256)
 
     def __call__(self, jobs: pa.Table) -> pa.Table:
-        from lance.fragment import write_fragments
+        from lance.fragment import write_fragments  # in the actor's process only
 
-        work, paths = self.work, [os.fsdecode(p) for p in jobs.column("path").to_pylist()]
+        work = self.work
+        files = {name: jobs.column(name).to_pylist() for name in jobs.column_names if name != "position"}
+        files["path"] = [os.fsdecode(path) for path in files["path"]]
         positions = jobs.column("position").to_numpy()
-        tables, failures = [], []
-
-        def write(batch: Batch) -> None:
-            failures.extend([int(positions[p]), e.path, e.reason, e.detail] for p, e in batch.failures)
-            if batch.positions:
-                taken = jobs.take(pa.array(batch.positions, pa.int64()))
-                files = {name: taken.column(name) for name in taken.column_names if name not in ("position", "path")}
-                files["hash"] = [batch.hashes.get(p, digest) for p, digest in zip(batch.positions,
-                                                                                   files["hash"].to_pylist())]
-                tables.append(image_rows(
-                    work.dim, **files, path=[paths[p] for p in batch.positions],
-                    width=[w for w, _ in batch.sizes], height=[h for _, h in batch.sizes], embedding=batch.vectors(),
-                    caption_embedding=caption_vectors(self.model, taken.column("caption").to_pylist())))
-
-        unhashed = {i for i, digest in enumerate(jobs.column("hash").to_pylist()) if digest is None}
-        run_pipeline(paths, self.feed, write, 64, work.threads, work.threads, unhashed=unhashed,
-                     hashing=work.hashing)
-        fragments, replaced, count = [], b"", 0
+        tables: list[pa.Table] = []
+        failed, report = embed_files(self.model, files, work.config, work.threads, work.hashing, tables.append)
+        failures = [[int(positions[p]), e.path, e.reason, e.detail] for p, e in failed]
+        fragments, replaced, new, old = [], b"", 0, 0
         if tables:
             rows = pa.concat_tables(tables)
             is_new = np.asarray(rows.column("id")) >= work.first_new_id
-            new, old = rows.filter(pa.array(is_new)), rows.filter(pa.array(~is_new))
-            if new.num_rows:
-                fragments = [f.to_json() for f in write_fragments(conformed(new, work.schema), work.uri,
+            fresh, stored = rows.filter(pa.array(is_new)), rows.filter(pa.array(~is_new))
+            new, old = fresh.num_rows, stored.num_rows
+            if new:  # written here, beside the table: the driver commits them by reference
+                fragments = [f.to_json() for f in write_fragments(conformed(fresh, work.schema), work.uri,
                                                                   schema=work.schema)]
-            if old.num_rows:
+            if old:  # rows of modified files keep their ids: the driver's committer upserts them
                 sink = pa.BufferOutputStream()
-                with pa.ipc.new_stream(sink, old.schema) as stream:
-                    stream.write_table(old)
+                with pa.ipc.new_stream(sink, stored.schema) as stream:
+                    stream.write_table(stored)
                 replaced = sink.getvalue().to_pybytes()
-            count = rows.num_rows
         return pa.table({"fragments": [json.dumps(fragments)], "replaced": pa.array([replaced], pa.binary()),
-                         "rows": [count], "failures": [json.dumps(failures)]})
+                         "new": [new], "old": [old], "failures": [json.dumps(failures)],
+                         "report": [json.dumps(report.to_dict())]})

@@ -1,16 +1,80 @@
-"""Columns of the images table that the indexer derives from jobs, for either engine."""
+"""Indexed files -> rows of the images table: the one row builder both engines and the driver use."""
 
 from __future__ import annotations
 
 import os
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa
 
 from encoder import ClipModel
+from indexer.pipeline import Batch
 from indexer.plan import Job
-from store.tables import IDENTITY_COLUMNS
+from store.tables import IDENTITY_COLUMNS, image_rows
+
+Files = Mapping[str, Sequence]  # file columns by name: file_columns, JobFiles, or a job table's columns
+
+# Each file column, as it is read off a job.
+_FIELDS = {
+    "id": lambda j: j.id, "hash": lambda j: j.hash, "path": lambda j: j.file.path,
+    "link_target": lambda j: os.fsencode(j.file.link_target) if j.file.link_target else None,
+    "bytes": lambda j: j.file.bytes, "mtime": lambda j: j.file.mtime,
+    **{name: (lambda j, i=i: j.file.identity[i] if j.file.identity else None) for i, name in enumerate(IDENTITY_COLUMNS)},
+    "caption": lambda j: j.caption,
+}
+
+
+def file_columns(jobs: Sequence[Job]) -> dict[str, list]:
+    """What the plan knows of each job's file: its id, path, size, identity, hash and caption."""
+    return {name: [get(j) for j in jobs] for name, get in _FIELDS.items()}
+
+
+class JobFiles(Mapping):
+    """The file columns of *jobs*, read off a job when a position is asked for: a run of a million
+    files builds rows batch by batch without a copy of every column."""
+
+    def __init__(self, jobs: Sequence[Job]) -> None:
+        self.jobs = jobs
+
+    def __getitem__(self, name: str) -> Sequence:
+        return _Column(self.jobs, _FIELDS[name])
+
+    def __iter__(self):
+        return iter(_FIELDS)
+
+    def __len__(self) -> int:
+        return len(_FIELDS)
+
+
+class _Column(Sequence):
+    def __init__(self, jobs: Sequence[Job], get) -> None:
+        self.jobs, self.get = jobs, get
+
+    def __getitem__(self, position):
+        if isinstance(position, slice):
+            return [self.get(job) for job in self.jobs[position]]
+        return self.get(self.jobs[position])
+
+    def __len__(self) -> int:
+        return len(self.jobs)
+
+
+def indexed_rows(model: ClipModel, files: Files, *, partial: bool = False, **pixels) -> pa.Table:
+    """Rows for indexed files: their file columns, the caption embedding of each caption, and what
+    the pixels gave where they were read (``width``, ``height``, ``embedding``). ``partial``: just
+    these columns, to update stored rows (moves, new captions) without their vectors."""
+    return image_rows(model.embed_dim, partial=partial, **files, **pixels,
+                      caption_embedding=caption_vectors(model, files["caption"]))
+
+
+def batch_rows(model: ClipModel, files: Files, batch: Batch) -> pa.Table:
+    """The rows of one embedded batch of the pipeline; *files* holds the columns of every position
+    it was run over, and a file hashed while it was read gets the hash of the bytes embedded."""
+    taken = {name: [values[p] for p in batch.positions] for name, values in files.items()}
+    taken["hash"] = [batch.hashes.get(p, digest) for p, digest in zip(batch.positions, taken["hash"])]
+    return indexed_rows(model, taken, width=[w for w, _ in batch.sizes], height=[h for _, h in batch.sizes],
+                        embedding=batch.vectors())
 
 
 def caption_vectors(model: ClipModel, captions: Sequence[str | None]) -> pa.Array:
@@ -24,14 +88,3 @@ def caption_vectors(model: ClipModel, captions: Sequence[str | None]) -> pa.Arra
     mask = np.ones(len(captions), bool)
     mask[captioned] = False
     return pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), dim, mask=pa.array(mask))
-
-
-def file_columns(jobs: Sequence[Job]) -> dict[str, list]:
-    return {
-        "id": [j.id for j in jobs], "hash": [j.hash for j in jobs], "path": [j.file.path for j in jobs],
-        "link_target": [os.fsencode(j.file.link_target) if j.file.link_target else None for j in jobs],
-        "bytes": [j.file.bytes for j in jobs], "mtime": [j.file.mtime for j in jobs],
-        **{name: [j.file.identity[i] if j.file.identity else None for j in jobs]
-           for i, name in enumerate(IDENTITY_COLUMNS)},
-        "caption": [j.caption for j in jobs],
-    }

@@ -19,11 +19,12 @@ from store.errors import (  # noqa: E402
     NotFoundError,
     StoreError,
 )
-from store.importer import import_features  # noqa: E402
+from store.importer import ImportConfig, ImportSummary, import_features  # noqa: E402
 from store.manifest import MANIFEST_VERSION, IndexInfo, Manifest  # noqa: E402
 from store.store import Store  # noqa: E402
 
 __all__ = [
-    "MANIFEST_VERSION", "AnnConfig", "ClipdexError", "ImageError", "IndexInfo", "InputError", "Manifest",
-    "ModelLoadError", "ModelMismatchError", "NoEncoderError", "NotFoundError", "Store", "StoreError", "import_features",
+    "MANIFEST_VERSION", "AnnConfig", "ClipdexError", "ImageError", "ImportConfig", "ImportSummary", "IndexInfo",
+    "InputError", "Manifest", "ModelLoadError", "ModelMismatchError", "NoEncoderError", "NotFoundError", "Store",
+    "StoreError", "import_features",
 ]

@@ -39,6 +39,14 @@ ParallelMap = Callable[[Callable[[Any], Any], Sequence[Any]], list]
 
 
 @dataclass(frozen=True)
+class Workers:
+    """Where a build's shards run: a parallel map (Ray tasks, or any map that keeps order) and how
+    many shards to cut the table into. One object, so the two never travel apart."""
+    map: ParallelMap
+    shards: int
+
+
+@dataclass(frozen=True)
 class ShardJob:
     """Rows [offset, offset + count) of one version of the table, into one shard file."""
     trained: str
@@ -67,8 +75,8 @@ def add_shard(job: ShardJob) -> int:
     return int(index.ntotal)
 
 
-def build_sharded(source: LanceVectorSource, config: AnnConfig, values: ValuesSink, parallel_map: ParallelMap,
-                  shards: int, ivfdata: Path) -> BuiltIndex:
+def build_sharded(source: LanceVectorSource, config: AnnConfig, values: ValuesSink, workers: Workers,
+                  ivfdata: Path) -> BuiltIndex:
     """An IVF index over *source* with its lists in *ivfdata*; other kinds (exact search for a
     small table, autofaiss's compressed ones) are built where this runs, as locally."""
     faiss = _faiss()
@@ -82,11 +90,11 @@ def build_sharded(source: LanceVectorSource, config: AnnConfig, values: ValuesSi
     work.mkdir(parents=True)
     try:
         faiss.write_index(index, str(work / "trained.faiss"))
-        bounds = np.linspace(0, source.count, max(1, shards) + 1).astype(np.int64)
+        bounds = np.linspace(0, source.count, max(1, workers.shards) + 1).astype(np.int64)
         jobs = [ShardJob(str(work / "trained.faiss"), source.uri, source.version, int(start), int(stop - start),
                          str(work / f"shard-{number:04d}.faiss"))
                 for number, (start, stop) in enumerate(zip(bounds[:-1], bounds[1:])) if stop > start]
-        added = sum(parallel_map(add_shard, jobs))
+        added = sum(workers.map(add_shard, jobs))
         if added != source.count:
             raise StoreError("the table changed during the index build: run `clipdex reindex`")
         truth = _Truth(source, config.recall_queries)

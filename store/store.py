@@ -13,7 +13,7 @@ from store.errors import ModelMismatchError, StoreError
 from store.files import writing
 from store.lock import writer_lock
 from store.manifest import MANIFEST_NAME, IndexInfo, Manifest, now, read_manifest, write_manifest
-from store.sharded import ParallelMap, build_sharded
+from store.sharded import Workers, build_sharded
 from store.tables import Tables
 from store.values import StoredValues, ValuesWriter
 
@@ -135,11 +135,10 @@ class Store:
         self.update_manifest(next_id=first + count)
         return first
 
-    def rebuild_index(self, config: AnnConfig = AnnConfig(), parallel_map: "ParallelMap | None" = None,
-                      shards: int = 0) -> IndexInfo:
+    def rebuild_index(self, config: AnnConfig = AnnConfig(), workers: Workers | None = None) -> IndexInfo:
         """Build the FAISS index from the rows now in the table and record it in the manifest.
 
-        With *parallel_map* (e.g. Ray tasks), an IVF index is trained here and its *shards* are
+        With *workers* (e.g. Ray tasks), an IVF index is trained here and its shards are
         added in parallel, then merged on disk into an ``.ivfdata`` file beside the index
         (:mod:`store.sharded`)."""
         table_version = self.tables.version()
@@ -150,11 +149,10 @@ class Store:
         relative, values = self._fresh_index_names(table_version)
         with writing(self.directory):
             writer = ValuesWriter(self.directory / values, source.all_ids(), source.dim, config.values_dtype)
-            if parallel_map is None:
+            if workers is None:
                 built = build_from(source, config, writer)
             else:
-                built = build_sharded(source, config, writer, parallel_map, shards,
-                                      lists_file(self.directory / relative))
+                built = build_sharded(source, config, writer, workers, lists_file(self.directory / relative))
             save_index(built.index, self.directory / relative)
         info = IndexInfo(type=built.kind, key=built.key, params=built.params, file=relative, count=source.count,
                          table_version=table_version, recall_at_10=built.recall_at_10,
@@ -233,13 +231,13 @@ class Store:
 
 
 def reindex(directory: str | Path, config: AnnConfig = AnnConfig(), wait: bool = False,
-            parallel_map: ParallelMap | None = None, shards: int = 0) -> IndexInfo:
+            workers: Workers | None = None) -> IndexInfo:
     """Build the store's index again from its rows (after a build that died, or to change its kind)."""
     with writer_lock(expand(directory), wait=wait):
         store = Store.open(directory, writable=True)
         if not store.tables.exists("images") or store.tables.count() == 0:
             raise StoreError(f"the store {store.directory} has no rows to index yet")
-        return store.rebuild_index(config, parallel_map, shards)
+        return store.rebuild_index(config, workers)
 
 
 def expand(directory: str | Path) -> Path:

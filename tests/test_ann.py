@@ -123,13 +123,13 @@ def test_memory_sizes_and_bad_config():
 
 
 def test_store_above_threshold_serves_from_ivf(data, tmp_path):
-    from store.importer import import_features
+    from store.importer import ImportConfig, import_features
     from store.store import Store
 
     vectors, _, queries = data
     np.save(tmp_path / "f.npy", vectors)
-    import_features([tmp_path / "f.npy"], tmp_path / "store", model_name="synthetic",
-                    ann=AnnConfig(ann_threshold=5_000))
+    import_features([tmp_path / "f.npy"], tmp_path / "store",
+                    ImportConfig(model_name="synthetic", ann=AnnConfig(ann_threshold=5_000)))
     store = Store.open(tmp_path / "store")
     assert store.manifest.index.type == "ivf" and store.manifest.index.recall_at_10 >= 0.98
     hits = Query.create(store, vector=queries[0]).limit(10).to_list()

@@ -26,7 +26,7 @@ import pytest
 
 from demo.shapes import write_library
 from indexer.run import IndexConfig, index_paths
-from store.importer import import_features
+from store.importer import ImportConfig, import_features
 from store.tables import INTERNAL_COLUMNS
 from tests.helpers import ROOT, run
 
@@ -94,7 +94,8 @@ def build(name: str, root: Path) -> Path:
         if name == "imported-npy":
             np.save(library / "features.npy", features)
             pq.write_table(pa.table({"url": paths, "score": np.arange(30.0)}), library / "meta.parquet")
-            import_features([library / "features.npy"], store, metadata=str(library / "meta.parquet"))
+            import_features([library / "features.npy"], store,
+                            ImportConfig(metadata=str(library / "meta.parquet")))
         else:  # clip-retrieval shards with text_emb/: caption embeddings on every row
             for part in ("img_emb", "text_emb", "metadata"):
                 (library / part).mkdir()

@@ -13,7 +13,7 @@ import pytest
 
 from indexer import IndexConfig, index_paths
 from indexer.scanner import PSEUDO_FILE_SYSTEMS, mount_type, scan
-from store import InputError, Store, import_features
+from store import ImportConfig, InputError, Store, import_features
 from tests.helpers import MODEL, bitmap, run
 
 INDEX = IndexConfig(model="clipdex-shapes", device="cpu", workers=0, progress=False)
@@ -51,8 +51,9 @@ def test_an_import_never_replaces_an_indexed_files_row(tmp_path):
     np.save(tmp_path / "f.npy", np.random.default_rng(0).normal(size=(2, 64)).astype(np.float32))
     pq.write_table(pa.table({"path": ["/elsewhere/new.jpg", str(photo)]}), tmp_path / "meta.parquet")
     with pytest.raises(InputError, match="a file indexed into this store .* never replaces"):
-        import_features([tmp_path / "f.npy"], tmp_path / "store", metadata=str(tmp_path / "meta.parquet"),
-                        model_name="clipdex-shapes", pretrained="bundled", has_text_encoder=True)
+        import_features([tmp_path / "f.npy"], tmp_path / "store",
+                        ImportConfig(metadata=str(tmp_path / "meta.parquet"), model_name="clipdex-shapes",
+                                     pretrained="bundled", has_text_encoder=True))
     after = rows(tmp_path / "store")
     assert set(after) == {"photo.bmp"}  # nothing of the source was written, not even its other row
     assert after["photo.bmp"]["hash"] == kept["hash"] and after["photo.bmp"]["bytes"] == kept["bytes"]

@@ -13,7 +13,7 @@ import cli
 from search import Query
 from search.cache import CacheRetriever
 from store.errors import InputError, NoEncoderError
-from store.importer import import_features
+from store.importer import ImportConfig, import_features
 from store.store import Store
 from tests.helpers import run
 
@@ -59,8 +59,9 @@ def test_every_layout_gives_identical_results(tmp_path, raw, paths):
     queries = np.random.default_rng(9).normal(size=(5, DIM)).astype(np.float32)
     results = {}
     for name, (sources, metadata) in layouts(tmp_path, raw, paths).items():
-        summary = import_features(sources, tmp_path / f"store-{name}", metadata and str(metadata), "imagebind_huge")
-        assert summary["imported"] == COUNT and summary["dim"] == DIM and summary["space"] == "imagebind_huge"
+        summary = import_features(sources, tmp_path / f"store-{name}",
+                                  ImportConfig(metadata=metadata and str(metadata), model_name="imagebind_huge"))
+        assert summary.imported == COUNT and summary.dim == DIM and summary.space == "imagebind_huge"
         store = Store.open(tmp_path / f"store-{name}")
         rows = store.tables.images.search().select(["id", "path", "caption"]).to_arrow().sort_by("id").to_pylist()
         assert [r["path"] for r in rows] == paths and rows[3]["caption"] == "caption 3"
@@ -76,13 +77,13 @@ def test_every_layout_gives_identical_results(tmp_path, raw, paths):
 def test_import_normalises_extends_and_is_idempotent(tmp_path, raw, paths):
     np.save(tmp_path / "a.npy", raw[:200])
     np.save(tmp_path / "b.npy", raw[200:])
-    import_features([tmp_path / "a.npy"], tmp_path / "store", model_name="imagebind_huge")
+    import_features([tmp_path / "a.npy"], tmp_path / "store", ImportConfig(model_name="imagebind_huge"))
     store = Store.open(tmp_path / "store")
     ids_before = store.tables.images.search().select(["id", "path"]).to_arrow().to_pylist()
-    again = import_features([tmp_path / "a.npy"], tmp_path / "store", model_name="imagebind_huge")
-    assert again["imported"] == 0 and again["skipped"] == 200
-    more = import_features([tmp_path / "b.npy"], tmp_path / "store", model_name="imagebind_huge")
-    assert more["imported"] == COUNT - 200 and more["count"] == COUNT
+    again = import_features([tmp_path / "a.npy"], tmp_path / "store", ImportConfig(model_name="imagebind_huge"))
+    assert again.imported == 0 and again.skipped == 200
+    more = import_features([tmp_path / "b.npy"], tmp_path / "store", ImportConfig(model_name="imagebind_huge"))
+    assert more.imported == COUNT - 200 and more.count == COUNT
     store.refresh()
     table = store.tables.images.search().select(["id", "path", "embedding"]).to_arrow()
     after = {r["path"]: r["id"] for r in table.select(["id", "path"]).to_pylist()}
@@ -94,7 +95,7 @@ def test_import_normalises_extends_and_is_idempotent(tmp_path, raw, paths):
 
 def test_text_search_on_a_space_without_text_encoder_is_refused(tmp_path, raw):
     np.save(tmp_path / "f.npy", raw)
-    import_features([tmp_path / "f.npy"], tmp_path / "store", model_name="imagebind_huge")
+    import_features([tmp_path / "f.npy"], tmp_path / "store", ImportConfig(model_name="imagebind_huge"))
     store = Store.open(tmp_path / "store")
     with pytest.raises(NoEncoderError, match="'imagebind_huge' features, which have no text or image encoder"):
         Query.create(store, "a dog").to_list()
@@ -159,8 +160,9 @@ def test_import_streams_in_chunks_and_checks_everything_before_writing(tmp_path,
     paths = [f"/photos/{i % 30}.jpg" for i in range(40)]  # rows 30-39 repeat keys 0-9: the last wins
     pq.write_table(pa.table({"path": paths}), tmp_path / "meta.parquet")
     np.save(tmp_path / "f.npy", raw)
-    summary = import_features([tmp_path / "f.npy"], tmp_path / "store", metadata=str(tmp_path / "meta.parquet"))
-    assert (summary["imported"], summary["count"]) == (30, 30)
+    summary = import_features([tmp_path / "f.npy"], tmp_path / "store",
+                              ImportConfig(metadata=str(tmp_path / "meta.parquet")))
+    assert (summary.imported, summary.count) == (30, 30)
     rows = {r["path"]: r for r in Store.open(tmp_path / "store").tables.file_rows().to_pylist()}
     vectors = Store.open(tmp_path / "store").tables.rows_by_id([rows["/photos/3.jpg"]["id"]], ["embedding"])
     np.testing.assert_allclose(vectors.column("embedding")[0].as_py(), raw[33] / np.linalg.norm(raw[33]), atol=1e-6)
@@ -196,7 +198,7 @@ def test_a_build_that_died_is_recovered_by_reindex_or_the_next_import(tmp_path, 
         manifest["index"] = {}
         (tmp_path / "store" / name).write_text(json.dumps(manifest))
     summary = import_features([tmp_path / "f.npy"], tmp_path / "store")
-    assert summary["imported"] == 0 and summary["index"] == "flat" and Store.open(tmp_path / "store").manifest.index.file
+    assert summary.imported == 0 and summary.index == "flat" and Store.open(tmp_path / "store").manifest.index.file
 
 
 def test_the_table_streams_its_vectors_in_bounded_batches(tmp_path):
@@ -305,7 +307,7 @@ def test_clip_retrieval_shards_keep_their_metadata_however_numbered(tmp_path, ra
     clip_retrieval_output(tmp_path / "cr", raw, paths, name=name)
     summary = import_features([tmp_path / "cr"], tmp_path / "store")
     rows = Store.open(tmp_path / "store").tables.file_rows().to_pylist()
-    assert summary["imported"] == COUNT
+    assert summary.imported == COUNT
     assert sorted(r["path"] for r in rows) == sorted(paths)
     assert sorted(r["caption"] for r in rows) == sorted(f"caption {i}" for i in range(COUNT))
 
@@ -380,7 +382,7 @@ def test_metadata_named_like_a_clipdex_column_is_kept_under_another_name(tmp_pat
     np.save(tmp_path / "f.npy", raw)
     pq.write_table(pa.table({"path": paths, "hash": [f"md5-{i}" for i in range(COUNT)],
                              "Camera Model": ["X100"] * COUNT, "tags": [["a", "b"]] * COUNT}), tmp_path / "m.parquet")
-    import_features([tmp_path / "f.npy"], tmp_path / "store", metadata=str(tmp_path / "m.parquet"))
+    import_features([tmp_path / "f.npy"], tmp_path / "store", ImportConfig(metadata=str(tmp_path / "m.parquet")))
     row = Store.open(tmp_path / "store").tables.images.to_arrow().to_pylist()[0]
     assert row["source_hash"].startswith("md5-") and row["hash"] != row["source_hash"]
     assert row["Camera_Model"] == "X100" and json.loads(row["tags"]) == ["a", "b"]
@@ -389,9 +391,10 @@ def test_metadata_named_like_a_clipdex_column_is_kept_under_another_name(tmp_pat
 def test_metadata_of_another_type_than_the_stored_column_is_one_line(tmp_path, raw, paths):
     np.save(tmp_path / "a.npy", raw[:10])
     pq.write_table(pa.table({"path": paths[:10], "rating": list(range(10))}), tmp_path / "a.parquet")
-    import_features([tmp_path / "a.npy"], tmp_path / "store", metadata=str(tmp_path / "a.parquet"))
+    import_features([tmp_path / "a.npy"], tmp_path / "store", ImportConfig(metadata=str(tmp_path / "a.parquet")))
     np.save(tmp_path / "b.npy", raw[10:20])
     pq.write_table(pa.table({"path": paths[10:20], "rating": ["good"] * 10}), tmp_path / "b.parquet")
     with pytest.raises(InputError, match="metadata column 'rating' holds string values but the store's 'rating'"):
-        import_features([tmp_path / "b.npy"], tmp_path / "store", metadata=str(tmp_path / "b.parquet"))
+        import_features([tmp_path / "b.npy"], tmp_path / "store",
+                        ImportConfig(metadata=str(tmp_path / "b.parquet")))
     assert Store.open(tmp_path / "store").tables.count() == 10

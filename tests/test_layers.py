@@ -7,6 +7,8 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("demo", "encoder", "indexer", "search", "server", "store")
 
@@ -42,3 +44,72 @@ def test_every_function_local_first_party_import_says_why():
             if "#" not in lines[number - 1]:
                 unexplained.append(f"{path.relative_to(ROOT)}:{number}: {lines[number - 1].strip()}")
     assert not unexplained, "function-local first-party imports need a comment saying why:\n" + "\n".join(unexplained)
+
+
+def import_cycles(graph) -> list[list[str]]:
+    """Groups of modules that import each other, directly or around a loop (Tarjan's algorithm,
+    without recursion)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack, on_stack, cycles = [], set(), []
+    for root in sorted(graph):
+        if root in index:
+            continue
+        work = [(root, iter(sorted(graph[root])))]
+        index[root] = low[root] = len(index)
+        stack.append(root)
+        on_stack.add(root)
+        while work:
+            node, children = work[-1]
+            for child in children:
+                if child not in index:
+                    index[child] = low[child] = len(index)
+                    stack.append(child)
+                    on_stack.add(child)
+                    work.append((child, iter(sorted(graph.get(child, ())))))
+                    break
+                if child in on_stack:
+                    low[node] = min(low[node], index[child])
+            else:
+                work.pop()
+                if work:
+                    low[work[-1][0]] = min(low[work[-1][0]], low[node])
+                if low[node] == index[node]:
+                    group = []
+                    while True:
+                        member = stack.pop()
+                        on_stack.discard(member)
+                        group.append(member)
+                        if member == node:
+                            break
+                    if len(group) > 1:
+                        cycles.append(sorted(group))
+    return cycles
+
+
+def test_the_cycle_check_sees_a_loop():
+    assert import_cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert import_cycles({"a": {"b"}, "b": set()}) == []
+
+
+def test_no_module_imports_itself_around_a_loop():
+    """Function-local and TYPE_CHECKING imports count: the engines call the feed, the model does
+    not know it (encoder.model and encoder.feed used to import each other)."""
+    grimp = pytest.importorskip("grimp")
+    built = grimp.build_graph(*PACKAGES)
+    graph = {module: built.find_modules_directly_imported_by(module) for module in built.modules}
+    assert import_cycles(graph) == []
+
+
+def test_no_function_below_the_command_line_takes_more_than_eight_parameters():
+    """Configs and small value objects travel whole (issue 24: run_pipeline had 9, embed_on_ray 11)."""
+    long = []
+    for path in product_modules()[1:]:  # cli.py, the composition root, maps options onto configs
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                arguments = node.args
+                names = [a.arg for a in arguments.posonlyargs + arguments.args + arguments.kwonlyargs]
+                count = len(names) - (names[:1] in (["self"], ["cls"])) + bool(arguments.vararg) + bool(arguments.kwarg)
+                if count > 8:
+                    long.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name}: {count} parameters")
+    assert not long, "\n".join(long)

@@ -10,7 +10,7 @@ import cli
 from encoder import MODELS, ModelPool
 from search import Query
 from server import ServeConfig, create_app
-from store import InputError, NoEncoderError, Store, import_features
+from store import ImportConfig, InputError, NoEncoderError, Store, import_features
 from tests.helpers import local_client
 
 CASES = {  # name: (python call on a store, CLI arguments, HTTP body, error class, message)
@@ -35,7 +35,7 @@ def vector_store(tmp_path_factory):
     """A store of imported features from a space clipdex has no encoder for."""
     root = tmp_path_factory.mktemp("vectors")
     np.save(root / "f.npy", np.random.default_rng(0).normal(size=(30, 8)).astype(np.float32))
-    import_features([root / "f.npy"], root / "store", model_name="imagebind_huge")
+    import_features([root / "f.npy"], root / "store", ImportConfig(model_name="imagebind_huge"))
     return root / "store"
 
 

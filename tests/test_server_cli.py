@@ -19,7 +19,7 @@ import pytest
 
 import cli
 from server import ServeConfig, create_app
-from store.importer import import_features
+from store.importer import ImportConfig, import_features
 from tests.helpers import local_client
 
 REPO = Path(__file__).resolve().parents[1]
@@ -104,7 +104,7 @@ def test_imported_features_serve_vectors_and_the_cache(tmp_path):
     features = np.random.default_rng(1).normal(size=(30, 32)).astype(np.float32)
     features /= np.linalg.norm(features, axis=1, keepdims=True)
     np.save(tmp_path / "f.npy", features)
-    import_features([tmp_path / "f.npy"], tmp_path / "store", model_name="imagebind_huge")
+    import_features([tmp_path / "f.npy"], tmp_path / "store", ImportConfig(model_name="imagebind_huge"))
     with local_client(create_app(ServeConfig(store=tmp_path / "store"))) as client:
         text = client.post("/search", json={"text": "a dog"})
         assert text.status_code == 400 and "no text or image encoder" in text.json()["error"]

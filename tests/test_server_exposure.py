@@ -16,7 +16,7 @@ import pytest
 from indexer import IndexConfig, index_paths
 from search import Query
 from server import LiveStore, ServeConfig, create_app
-from store import InputError, Store, import_features
+from store import ImportConfig, InputError, Store, import_features
 from store.files import THUMBNAIL_DIR
 from tests.helpers import local_client, run
 
@@ -74,7 +74,7 @@ def test_a_file_edited_or_replaced_by_a_link_is_refused(library):
 def test_imported_rows_have_no_file_to_serve(tmp_path):
     np.save(tmp_path / "f.npy", np.ones((3, 8), np.float32) + np.eye(3, 8, dtype=np.float32))
     pq.write_table(pa.table({"path": ["/etc/passwd", "/etc/shadow", "/etc/hosts"]}), tmp_path / "meta.parquet")
-    import_features([tmp_path / "f.npy"], tmp_path / "store", metadata=str(tmp_path / "meta.parquet"))
+    import_features([tmp_path / "f.npy"], tmp_path / "store", ImportConfig(metadata=str(tmp_path / "meta.parquet")))
     ids = [r["id"] for r in Store.open(tmp_path / "store").tables.file_rows().to_pylist()]
     with local_client(create_app(ServeConfig(store=tmp_path / "store"))) as client:
         for image_id in ids:

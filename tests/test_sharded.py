@@ -16,7 +16,8 @@ import pytest
 from search import Query
 from search.cache import CacheRetriever
 from store.ann import AnnConfig
-from store.importer import import_features
+from store.importer import ImportConfig, import_features
+from store.sharded import Workers
 from store.store import Store, reindex
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -35,7 +36,7 @@ def local_store(tmp_path_factory):
     """20k clustered vectors, imported and indexed on this machine as today."""
     root = tmp_path_factory.mktemp("sharded")
     np.save(root / "features.npy", clustered(COUNT, DIM, 40, spread=0.6, seed=8))
-    import_features([root / "features.npy"], root / "store", ann=IVF)
+    import_features([root / "features.npy"], root / "store", ImportConfig(ann=IVF))
     return root / "store"
 
 
@@ -47,7 +48,7 @@ def test_a_sharded_build_matches_the_local_recall_and_opens_wherever_the_store_g
     local = Store.open(local_store).manifest.index
     store = tmp_path / "store"
     shutil.copytree(local_store, store)
-    info = reindex(store, IVF, parallel_map=in_order, shards=4)
+    info = reindex(store, IVF, workers=Workers(in_order, 4))
     assert info.key == local.key and info.count == COUNT
     assert abs(info.recall_at_10 - local.recall_at_10) <= 0.01, (info.recall_at_10, local.recall_at_10)
     stem = info.file.split("/")[1].removesuffix(".faiss")
@@ -69,7 +70,7 @@ def test_a_small_table_is_built_here_whatever_the_map(tmp_path):
     np.save(tmp_path / "f.npy", clustered(500, 8, 4, spread=0.5, seed=1))
     called = []
     import_features([tmp_path / "f.npy"], tmp_path / "store",
-                    parallel_map=lambda function, jobs: called.append(jobs) or in_order(function, jobs), shards=2)
+                    workers=Workers(lambda function, jobs: called.append(jobs) or in_order(function, jobs), 2))
     assert Store.open(tmp_path / "store").manifest.index.type == "flat" and not called
 
 
@@ -82,7 +83,7 @@ def test_the_ray_build_reaches_the_single_machine_recall(local_store, tmp_path):
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         with ray_session(RayConfig()) as cluster:
-            info = reindex(store, IVF, parallel_map=cluster.map, shards=cluster.shards)
+            info = reindex(store, IVF, workers=cluster)
     finally:
         ray.shutdown()
     assert abs(info.recall_at_10 - Store.open(local_store).manifest.index.recall_at_10) <= 0.01

@@ -17,7 +17,7 @@ import pytest
 
 from indexer.plan import content_hash
 from indexer.run import IndexConfig, index_paths
-from store import Store, import_features
+from store import ImportConfig, Store, import_features
 from store.errors import StoreBusyError
 from store.lock import writer_lock
 from store.tables import file_path
@@ -243,7 +243,7 @@ def test_reimporting_changed_features_updates_the_rows_in_place(capsys, tmp_path
     rng = np.random.default_rng(0)
     first = rng.normal(size=(20, 16)).astype(np.float32)
     np.save(tmp_path / "f.npy", first)
-    import_features([tmp_path / "f.npy"], tmp_path / "s", model_name="imagebind_huge")
+    import_features([tmp_path / "f.npy"], tmp_path / "s", ImportConfig(model_name="imagebind_huge"))
     ids = {r["path"]: r["id"] for r in rows_of(tmp_path / "s")}
     second = first.copy()
     second[:5] = rng.normal(size=(5, 16))
