@@ -25,6 +25,7 @@ import pyarrow.parquet as pq
 from demo import DEMO_COUNT, DEMO_DIR, DEMO_SEED, demo_lines, plot_classification, plot_similarity, write_demo_library
 from encoder import DEFAULT_MODEL, MODELS, can_load, list_models, load_image
 from encoder.feed import DECODERS
+from encoder.prompts import text_queries
 from indexer import IndexConfig, index_paths
 from indexer.config import RayConfig
 from indexer.engines import engine_for
@@ -48,12 +49,13 @@ from search.zeroshot import DEFAULT_TOP_K, check_template
 from server.config import MIB, ServeConfig
 from store import AnnConfig, ClipdexError, InputError, Store, import_features
 from store.ann import ANN_KINDS, memory_bytes
-from store.errors import os_error_line
+from store.errors import first_line, os_error_line
 from store.export import FORMATS as EXPORT_FORMATS
 from store.export import ExportConfig, export_store
 from store.export import format_for as export_format_for
 from store.importer import IMPORTED, ImportConfig
-from store.report import inspect
+from store.queries import has_query_set
+from store.report import inspect, recall_text
 from store.store import reindex
 from store.values import VALUES_DTYPES
 
@@ -74,10 +76,11 @@ def ann_options(command: Callable) -> Callable:
     ``ann`` AnnConfig."""
 
     @functools.wraps(command)
-    def with_ann(*args, index_type, ann_threshold, index_memory, target_recall, max_query_ms, cache_dtype, **kwargs):
+    def with_ann(*args, index_type, ann_threshold, index_memory, target_recall, max_query_ms, cache_dtype,
+                 tune_queries, **kwargs):
         return command(*args, ann=AnnConfig(kind=index_type, ann_threshold=ann_threshold, max_memory=index_memory,
                                             max_query_ms=max_query_ms, target_recall=target_recall,
-                                            values_dtype=cache_dtype), **kwargs)
+                                            values_dtype=cache_dtype, tune_queries=tuple(tune_queries)), **kwargs)
 
     options = [
         click.option("--index-type", type=click.Choice(list(ANN_KINDS)), default=INDEX.ann.kind, show_default=True,
@@ -92,7 +95,13 @@ def ann_options(command: Callable) -> Callable:
                           f"memory ({memory_bytes('auto') / 2**30:.1f}G here)."),
         click.option("--target-recall", default=INDEX.ann.target_recall, show_default=True,
                      type=click.FloatRange(0, 1, min_open=True),
-                     help="ANN indexes: the smallest nprobe (and rerank depth) whose measured recall@10 reaches this."),
+                     help="ANN indexes: the smallest nprobe (and rerank depth) whose measured recall@10 reaches this "
+                          "on every query set: sampled stored vectors, 256 text prompts in the store's own text "
+                          "encoder (CIFAR-100 labels in 4 templates), the store's captions, and --tune-queries."),
+        click.option("--tune-queries", multiple=True, type=click.Path(exists=True, dir_okay=False),
+                     help="A .npy of queries [N, dim] the index must also serve (e.g. an LLM pipeline's audio or "
+                          "text features), named by its file name (repeatable). Kept in the store: later builds "
+                          "are tuned on it too."),
         click.option("--max-query-ms", default=INDEX.ann.max_query_ms, show_default=True, type=float,
                      help="ANN indexes: never tune nprobe past this time per query."),
         click.option("--cache-dtype", type=click.Choice(list(VALUES_DTYPES)), default=INDEX.ann.values_dtype,
@@ -366,7 +375,7 @@ def index_command(paths, store_dir, model_name, pretrained, device, batch_size, 
     if as_json:
         click.echo(json.dumps(summary.to_dict()))
     else:
-        recall = "" if summary.recall_at_10 is None else f", recall@10 {summary.recall_at_10:.3f}"
+        recall = "" if summary.recall_at_10 is None else f", {recall_text(summary.recall_at_10, summary.recall, summary.target_met)}"
         click.echo(f"{summary.scanned} images scanned in {summary.seconds:.1f}s: {summary.embedded} embedded, "
                    f"{summary.reused} reused ({summary.moved} moved), {summary.unchanged} unchanged, "
                    f"{summary.removed} removed, {summary.failed} failed. "
@@ -408,8 +417,8 @@ def info_command(store_dir, as_json, show_failures) -> None:
         return
     index = manifest["index"]
     if report.has_index:
-        recall = "not measured" if index["recall_at_10"] is None else f"{index['recall_at_10']:.3f}"
-        index_line = (f"{index['type']} {index['key']} over {index['count']} vectors, recall@10 {recall} "
+        recall = recall_text(index["recall_at_10"], index["recall"], index["target_met"])
+        index_line = (f"{index['type']} {index['key']} over {index['count']} vectors, {recall} "
                       f"({index['recall_queries']} queries), built in {index['build_seconds']}s")
     else:
         index_line = "no index yet (run `clipdex index` on the store to build one)"
@@ -481,6 +490,19 @@ def build_engine_options(command):
                              "then merged on disk beside the index (needs clipdex[ray]).")(command)
 
 
+def tuning_text_queries(store_dir: str, model: str, pretrained: str | None) -> dict:
+    """The tuning prompts (encoder/prompts.py) in the store's text encoder, for a store that does
+    not keep them yet; a model that cannot be loaded here leaves text recall unmeasured, with a
+    warning, rather than stopping the import or the build."""
+    if has_query_set(Path(os.path.expanduser(store_dir)), "text"):
+        return {}
+    try:
+        return {"text": text_queries(MODELS.get(model, pretrained))}
+    except ClipdexError as error:
+        click.echo(f"warning: the index is not tuned on text queries: {first_line(error)}", err=True)
+        return {}
+
+
 @contextlib.contextmanager
 def build_cluster(engine: str, address: str | None):
     """The workers of a scaled-out index build (Ray tasks), or None to build here: the engine's
@@ -522,8 +544,10 @@ def import_command(features, store_dir, metadata, model_name, pretrained, ann, e
     Example:
       clipdex import cc3m_imagebind/ --store cc3m.clipdex --model-name imagebind_huge
     """
+    has_text_encoder = model_name != IMPORTED and can_load(model_name, pretrained)
     config = ImportConfig(metadata=metadata, model_name=model_name, pretrained=pretrained, ann=ann,
-                          has_text_encoder=model_name != IMPORTED and can_load(model_name, pretrained), wait=wait)
+                          has_text_encoder=has_text_encoder, wait=wait,
+                          queries=tuning_text_queries(store_dir, model_name, pretrained) if has_text_encoder else {})
     with build_cluster(engine, ray_address) as workers:
         summary = import_features(features, store_dir, config, workers=workers)
     if as_json:
@@ -531,7 +555,8 @@ def import_command(features, store_dir, metadata, model_name, pretrained, ann, e
     else:
         click.echo(f"imported {summary.imported} of {summary.read} features ({summary.updated} updated, "
                    f"{summary.skipped} already there) in {summary.seconds:.1f}s. Store: {summary.count} x "
-                   f"{summary.dim}-d '{summary.space}', {summary.index} index.")
+                   f"{summary.dim}-d '{summary.space}', {summary.index} index"
+                   f"{'' if summary.recall_at_10 is None else ', ' + recall_text(summary.recall_at_10, summary.recall, summary.target_met)}.")
 
 
 @cli.command("export", context_settings=CONTEXT)
@@ -603,12 +628,14 @@ def reindex_command(store_dir, ann, engine, ray_address, wait, as_json) -> None:
     table), or to change the index's kind or budget. `index` and `import` also rebuild a stale
     index on their next run.
     """
+    manifest = Store.open(store_dir).manifest
+    queries = tuning_text_queries(store_dir, manifest.model, manifest.pretrained) if manifest.has_text_encoder else {}
     with build_cluster(engine, ray_address) as workers:
-        info = reindex(store_dir, ann, wait, workers)
+        info = reindex(store_dir, ann, wait, workers, queries)
     if as_json:
         click.echo(json.dumps(asdict(info)))
         return
-    recall = "" if info.recall_at_10 is None else f", recall@10 {info.recall_at_10:.3f}"
+    recall = "" if info.recall_at_10 is None else f", {recall_text(info.recall_at_10, info.recall, info.target_met)}"
     click.echo(f"indexed {info.count} vectors in {info.build_seconds:.1f}s: {info.type} {info.key} {info.params}"
                f"{recall}")
 

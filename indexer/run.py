@@ -21,6 +21,7 @@ from typing import Collection, Sequence
 import pyarrow as pa
 
 from encoder import DEFAULT_MODEL, MODELS, ClipModel, ModelPool, pretrained_label, weights_sha256
+from encoder.prompts import text_queries
 from indexer.config import IndexConfig, RayConfig
 from indexer.engine import Session, Target, decode_threads
 from indexer.engines import ENGINES as ENGINE_REGISTRY
@@ -33,6 +34,7 @@ from store.commit import Committer
 from store.errors import InputError
 from store.files import prune_thumbnails
 from store.lock import writer_lock
+from store.queries import has_query_set
 from store.store import Store, expand
 from store.tables import FAILURE_SCHEMA, column_vectors, split_path
 
@@ -59,6 +61,8 @@ class IndexSummary:
     stages: dict[str, float] = field(default_factory=dict)  # scan, load (model, store), plan, embed, finish: s
     feed: dict | None = None  # indexer.pipeline.StageReport.to_dict() of the embedding stages
     skipped_mounts: tuple[str, ...] = ()  # file systems mounted below a root, not entered (see --cross-mounts)
+    recall: dict[str, float] = field(default_factory=dict)  # the index's recall@10 per query set (image, text, ...)
+    target_met: bool | None = None  # False: tuning stopped at --max-query-ms before every set reached the target
 
     @property
     def indexed(self) -> int:
@@ -214,7 +218,7 @@ def _update(run: _Run, session: Session) -> IndexSummary:
         store.update_manifest(roots=tuple(sorted(roots)))
     info = store.manifest.index
     if changed or not info.file or info.table_version != store.tables.version():
-        info = store.rebuild_index(config.ann, session.workers)
+        info = store.rebuild_index(config.ann, session.workers, _missing_text_queries(run))
     else:
         store.update_manifest(count=store.tables.count(), failures=store.tables.failure_count())
     clock.lap("finish")
@@ -222,10 +226,17 @@ def _update(run: _Run, session: Session) -> IndexSummary:
         scanned=len(found.files) + len(found.failures), embedded=embedding.written, reused=plan.reused,
         removed=len(plan.removed_ids) + len(failed_modified), failed=len(failures), unchanged=plan.unchanged,
         seconds=round(clock.elapsed(), 3), count=store.manifest.count, index=info.type,
-        recall_at_10=info.recall_at_10, moved=plan.moved,
+        recall_at_10=info.recall_at_10, recall=dict(info.recall), target_met=info.target_met,
+        moved=plan.moved,
         unavailable={} if config.prune else dict(plan.unavailable),
         stages={stage: round(seconds, 3) for stage, seconds in clock.stages.items()},
         feed=embedding.report.to_dict() if embedding.report else None, skipped_mounts=found.skipped_mounts)
+
+
+def _missing_text_queries(run: _Run) -> dict:
+    """The tuning prompts in the store's model, for a store that does not keep them yet (made
+    once: the prompts and the model never change for a store)."""
+    return {} if has_query_set(run.store.directory, "text") else {"text": text_queries(run.model)}
 
 
 def _caption_lookup(sources: Sequence[str], sidecars: Collection[str]):

@@ -34,9 +34,9 @@ import logging
 import os
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Protocol
+from typing import Callable, Iterator, Mapping, Protocol
 
 import numpy as np
 
@@ -75,7 +75,8 @@ class AnnConfig:
     max_memory: str = "auto"  # the whole build's budget ("auto": a third of the machine's memory)
     max_query_ms: float = 10.0  # autofaiss max_index_query_time_ms
     target_recall: float = 0.98  # IVF-Flat: smallest nprobe whose measured recall@10 reaches this
-    recall_queries: int = 256
+    recall_queries: int = 256  # stored vectors sampled as image queries (other sets: store/queries.py)
+    tune_queries: tuple[str, ...] = ()  # .npy files of queries of other modalities, kept in the store
     use_gpu: bool | None = None  # None: when faiss sees a GPU
     values_dtype: str = "float16"  # the cache's copy of the vectors, written beside the index
 
@@ -93,10 +94,13 @@ class BuiltIndex:
     kind: str
     key: str
     params: str
-    recall_at_10: float | None
+    recall_at_10: float | None  # the lowest of the query sets' recall: what the worst-served queries get
     recall_queries: int
     seconds: float
     rerank: int = 1  # candidates fetched per result and ordered by exact cosine (1: the index's own order)
+    recall: dict[str, float] = field(default_factory=dict)  # query set -> recall@10 (image, text, ...)
+    query_sets: dict[str, int] = field(default_factory=dict)  # query set -> queries measured
+    target_met: bool | None = None  # every set reached target_recall (False: the query time limit came first)
 
 
 def _faiss():
@@ -160,10 +164,15 @@ class ArraySource:
 
 @dataclass(frozen=True)
 class GroundTruth:
-    """Stored vectors used as queries, and their exact top-k ids."""
+    """Queries (stored vectors sampled as image queries, then each other set) and their exact
+    top-k ids."""
 
     queries: np.ndarray
     ids: np.ndarray
+    sets: dict[str, slice] = field(default_factory=dict)  # set name -> its rows; empty: all are "image"
+
+    def named(self) -> dict[str, slice]:
+        return self.sets or {"image": slice(0, len(self.queries))}
 
 
 def build_index(ids: np.ndarray, vectors: np.ndarray, config: AnnConfig = AnnConfig()) -> BuiltIndex:
@@ -179,17 +188,20 @@ class ValuesSink(Protocol):
     def finish(self) -> StoredValues: ...
 
 
-def build_from(source: VectorSource, config: AnnConfig, values: ValuesSink) -> BuiltIndex:
+def build_from(source: VectorSource, config: AnnConfig, values: ValuesSink,
+               queries: Mapping[str, np.ndarray] | None = None) -> BuiltIndex:
     """Build an index over *source* without holding its vectors: train on a bounded sample, then in
     one pass assign (IVF) or add each batch, hand it to *values* and fold it into the exact search
     recall is measured against; IVF codes go into their presized lists in a second pass. Memory:
-    the index itself, one batch, the training sample and 4 bytes a vector of list assignments."""
+    the index itself, one batch, the training sample and 4 bytes a vector of list assignments.
+    *queries*: sets of queries of other kinds (text, ...) besides sampled stored vectors; the
+    index is tuned until every set reaches the target (store/queries.py)."""
     faiss = _faiss()
     started = time.perf_counter()
     kind = choose_kind(source.count, source.dim, config)
     base, key = trained_index(source, config, kind)
     index = faiss.IndexIDMap(base) if kind == "flat" else base
-    truth = _Truth(source, config.recall_queries)
+    truth = _Truth(source, config.recall_queries, queries=queries)
     lists = _ListAssignment(index, source.count) if isinstance(index, faiss.IndexIVF) else None
     budget = f"{memory_bytes(config.max_memory) / 2**30:.1f}G"
     with progress(source.count * (2 if lists else 1), f"index {key} (budget {budget})") as bar:
@@ -222,9 +234,12 @@ def finished(index, kind: str, key: str, stored: StoredValues, found: GroundTrut
              started: float) -> BuiltIndex:
     """A filled index with its search parameters tuned and its recall measured."""
     params, rerank = _tune(index, stored, found, config, lossy=_lossy(key)) if kind != "flat" else ("", 1)
-    recall = recall_at_k(AnnIndex(index, stored, rerank), found)
-    return BuiltIndex(index, kind, key, params, recall, len(found.queries) if found else 0,
-                      time.perf_counter() - started, rerank)
+    recall = recall_by_set(AnnIndex(index, stored, rerank), found)
+    worst = min(recall.values()) if recall else None
+    return BuiltIndex(index, kind, key, params, worst, len(found.queries) if found else 0,
+                      time.perf_counter() - started, rerank, recall,
+                      {name: rows.stop - rows.start for name, rows in found.named().items()} if found else {},
+                      None if worst is None else worst >= config.target_recall)
 
 
 def lists_file(index_file: Path) -> Path:
@@ -317,12 +332,20 @@ def _training_rows(base, source: VectorSource, config: AnnConfig) -> int:
 
 
 class _Truth:
-    """Exact top-k of sampled stored vectors, folded over batches as they stream past
-    (faiss.contrib.exhaustive_search's pattern, keeping the stable ids)."""
+    """Exact top-k of sampled stored vectors and of each set of *queries*, folded over batches as
+    they stream past (faiss.contrib.exhaustive_search's pattern, keeping the stable ids)."""
 
-    def __init__(self, source: VectorSource, queries: int, k: int = RECALL_K, seed: int = 1) -> None:
-        _, self.queries = source.sample(queries, seed) if source.count else (None, np.zeros((0, source.dim), np.float32))
-        self.k = min(k, source.count)
+    def __init__(self, source: VectorSource, count: int, k: int = RECALL_K, seed: int = 1,
+                 queries: Mapping[str, np.ndarray] | None = None) -> None:
+        _, sampled = source.sample(count, seed) if source.count else (None, np.zeros((0, source.dim), np.float32))
+        parts, self.sets, start = [], {}, 0
+        for name, rows in {"image": sampled, **(queries or {})}.items():
+            if len(rows):
+                parts.append(np.ascontiguousarray(rows, np.float32))
+                self.sets[name] = slice(start, start + len(rows))
+                start += len(rows)
+        self.queries = np.concatenate(parts) if parts else np.zeros((0, source.dim), np.float32)
+        self.k = min(k, source.count) if len(self.queries) else 0
         self.heap = _faiss().ResultHeap(len(self.queries), self.k, keep_max=True) if self.k else None
 
     def add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
@@ -335,7 +358,7 @@ class _Truth:
         if self.heap is None:
             return None
         self.heap.finalize()
-        return GroundTruth(self.queries, self.heap.I)
+        return GroundTruth(self.queries, self.heap.I, self.sets)
 
 
 def ground_truth(source: VectorSource, queries: int, k: int = RECALL_K, seed: int = 1) -> GroundTruth | None:
@@ -346,17 +369,26 @@ def ground_truth(source: VectorSource, queries: int, k: int = RECALL_K, seed: in
     return truth.finish()
 
 
-def recall_at_k(index, truth: GroundTruth | None) -> float | None:
+def recall_by_set(index, truth: GroundTruth | None) -> dict[str, float]:
+    """recall@k of each query set of *truth* (one search over all of them)."""
     if truth is None:
-        return None
+        return {}
     _, found = index.search(truth.queries, truth.ids.shape[1])
-    hits = sum(len(set(a) & set(b)) for a, b in zip(truth.ids.tolist(), found.tolist()))
-    return float(hits / truth.ids.size)
+    hits = np.array([len(set(a) & set(b)) for a, b in zip(truth.ids.tolist(), found.tolist())], np.float64)
+    return {name: float(hits[rows].sum() / (truth.ids.shape[1] * (rows.stop - rows.start)))
+            for name, rows in truth.named().items()}
+
+
+def recall_at_k(index, truth: GroundTruth | None) -> float | None:
+    """The lowest recall@k of *truth*'s query sets: what the worst-served kind of query gets."""
+    recall = recall_by_set(index, truth)
+    return min(recall.values()) if recall else None
 
 
 def _tune(index, values: StoredValues, truth: GroundTruth | None, config: AnnConfig, lossy: bool) -> tuple[str, int]:
-    """The smallest power-of-two nprobe whose measured recall reaches the target (an HNSW coarse
-    quantizer searches twice as wide), then for lossy codes the smallest rerank depth that does.
+    """The smallest power-of-two nprobe whose measured recall reaches the target on every query
+    set (an HNSW coarse quantizer searches twice as wide), then for lossy codes the smallest
+    rerank depth that does.
     nprobe is judged on candidates reranked 8 deep, so it answers for what probing misses, not
     for what the codes blur (measured: PQ64 codes of 300k x 128 cap recall at 0.62 from nprobe
     16 to 2048)."""

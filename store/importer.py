@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import NamedTuple
@@ -46,6 +46,9 @@ class ImportConfig:
     # queries: the caller knows, the store knows nothing of models.
     has_text_encoder: bool = False
     wait: bool = False  # another writer holds the store: wait for it (False: fail at once, naming it)
+    # Query sets the index is also tuned on, kept in the store (store/queries.py): the text
+    # prompts of the store's own text encoder, made by the caller that has the model.
+    queries: Mapping[str, np.ndarray] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -60,6 +63,8 @@ class ImportSummary:
     index: str
     recall_at_10: float | None
     seconds: float
+    recall: dict[str, float] = field(default_factory=dict)  # the index's recall@10 per query set (image, text, ...)
+    target_met: bool | None = None  # False: tuning stopped at --max-query-ms before every set reached the target
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -113,11 +118,12 @@ def _import(sources: Sequence[str | os.PathLike], store_dir: Path, config: Impor
         raise InputError("no features to import")
     del known  # before the build, which has the memory budget to itself
     stale = store.manifest.index.table_version != store.tables.version() or not store.manifest.index.file
-    info = store.rebuild_index(config.ann, workers) if imported or updated or stale else store.manifest.index
+    info = store.rebuild_index(config.ann, workers, config.queries) if imported or updated or stale else store.manifest.index
     return ImportSummary(read=read, imported=imported, updated=updated, skipped=read - imported - updated,
                          count=store.manifest.count, dim=store.manifest.dim, space=store.manifest.space,
                          index=info.type, recall_at_10=info.recall_at_10,
-                         seconds=round(time.perf_counter() - started, 3))
+                         seconds=round(time.perf_counter() - started, 3), recall=dict(info.recall),
+                         target_met=info.target_met)
 
 
 def _open_store(store_dir: Path, dim: int, config: ImportConfig) -> tuple[Store, dict[str, Known], dict[str, int]]:

@@ -16,7 +16,7 @@ from store.errors import StoreError
 from store.files import DEFAULT_CONTENT_HASH, write_atomically
 
 MANIFEST_NAME = "manifest.json"
-MANIFEST_VERSION = 5
+MANIFEST_VERSION = 6
 
 
 def now() -> str:
@@ -37,6 +37,9 @@ class IndexInfo:
     built: str = ""
     values: str = ""  # folder of ids.npy + values.npy, id-sorted, for the cache (relative to the store)
     rerank: int = 1  # lossy codes: candidates per result, ordered by exact cosine from the values
+    recall: dict[str, float] = field(default_factory=dict)  # query set (image, text, captions, ...) -> recall@10
+    query_sets: dict[str, int] = field(default_factory=dict)  # query set -> queries measured
+    target_met: bool | None = None  # every set reached the target recall (False: the query time limit came first)
 
 
 @dataclass(frozen=True)
@@ -91,8 +94,17 @@ def _v4_to_v5(data: dict[str, Any]) -> dict[str, Any]:
     return data
 
 
+def _v5_to_v6(data: dict[str, Any]) -> dict[str, Any]:
+    # v6 records recall per query set; an older index was measured on stored image vectors only.
+    index = data.setdefault("index", {})
+    if index.get("recall_at_10") is not None:
+        index.setdefault("recall", {"image": index["recall_at_10"]})
+        index.setdefault("query_sets", {"image": index.get("recall_queries", 0)})
+    return data
+
+
 MIGRATIONS: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {1: _v1_to_v2, 2: _v2_to_v3, 3: _v3_to_v4,
-                                                                     4: _v4_to_v5}
+                                                                     4: _v4_to_v5, 5: _v5_to_v6}
 
 
 def migrate(data: dict[str, Any]) -> dict[str, Any]:

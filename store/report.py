@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import asdict, dataclass, field
+from typing import Mapping
 
 import pyarrow.compute as pc
 
@@ -68,3 +69,17 @@ def _disk_use(directory: os.PathLike) -> int:
             except OSError:
                 pass  # removed while we walked (a compaction): not ours to count
     return total
+
+
+def recall_text(recall_at_10: float | None, recall: Mapping[str, float], target_met: bool | None = None) -> str:
+    """How well the index answers, for one line of output: the worst query set's recall@10 and
+    each set's, or that only stored vectors were measured (an imported store without a text
+    encoder or --tune-queries)."""
+    if recall_at_10 is None:
+        return "recall@10 not measured"
+    if set(recall) <= {"image"}:
+        text = f"recall@10 {recall_at_10:.3f} (measured on stored vectors only)"
+    else:
+        text = f"recall@10 {recall_at_10:.3f} (" + " · ".join(f"{name} {value:.3f}" for name, value in recall.items()) + ")"
+    return text + ("; below the target recall: the query time limit (--max-query-ms) came first"
+                   if target_met is False else "")

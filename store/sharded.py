@@ -15,7 +15,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -76,14 +76,14 @@ def add_shard(job: ShardJob) -> int:
 
 
 def build_sharded(source: LanceVectorSource, config: AnnConfig, values: ValuesSink, workers: Workers,
-                  ivfdata: Path) -> BuiltIndex:
+                  ivfdata: Path, queries: Mapping[str, np.ndarray] | None = None) -> BuiltIndex:
     """An IVF index over *source* with its lists in *ivfdata*; other kinds (exact search for a
     small table, autofaiss's compressed ones) are built where this runs, as locally."""
     faiss = _faiss()
     started = time.perf_counter()
     kind = choose_kind(source.count, source.dim, config)
     if kind not in SCALABLE_KINDS:
-        return build_from(source, config, values)
+        return build_from(source, config, values, queries)
     index, key = trained_index(source, config, kind)
     work = ivfdata.with_name(f".{ivfdata.stem}.shards")
     shutil.rmtree(work, ignore_errors=True)
@@ -97,7 +97,7 @@ def build_sharded(source: LanceVectorSource, config: AnnConfig, values: ValuesSi
         added = sum(workers.map(add_shard, jobs))
         if added != source.count:
             raise StoreError("the table changed during the index build: run `clipdex reindex`")
-        truth = _Truth(source, config.recall_queries)
+        truth = _Truth(source, config.recall_queries, queries=queries)
         with progress(source.count, f"values and recall for {key}") as bar:
             for ids, vectors in source.batches():
                 values.write(ids, vectors)

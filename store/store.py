@@ -6,13 +6,16 @@ import logging
 import os
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
+
+import numpy as np
 
 from store.ann import AnnConfig, AnnIndex, build_from, lists_file, load_index, save_index
 from store.errors import ModelMismatchError, StoreError
 from store.files import writing
 from store.lock import writer_lock
 from store.manifest import MANIFEST_NAME, IndexInfo, Manifest, now, read_manifest, write_manifest
+from store.queries import kept_query_sets, query_set_name, read_query_file, save_query_sets, unit_rows
 from store.sharded import Workers, build_sharded
 from store.tables import Tables
 from store.values import StoredValues, ValuesWriter
@@ -135,14 +138,18 @@ class Store:
         self.update_manifest(next_id=first + count)
         return first
 
-    def rebuild_index(self, config: AnnConfig = AnnConfig(), workers: Workers | None = None) -> IndexInfo:
+    def rebuild_index(self, config: AnnConfig = AnnConfig(), workers: Workers | None = None,
+                      queries: Mapping[str, np.ndarray] | None = None) -> IndexInfo:
         """Build the FAISS index from the rows now in the table and record it in the manifest.
 
-        With *workers* (e.g. Ray tasks), an IVF index is trained here and its shards are
-        added in parallel, then merged on disk into an ``.ivfdata`` file beside the index
+        The index is tuned and measured on sampled stored vectors, the store's caption
+        embeddings, every query set the store keeps, and *queries* and ``config.tune_queries``
+        (kept from now on): :mod:`store.queries`. With *workers* (e.g. Ray tasks), an IVF index
+        is trained here and its shards are added in parallel, then merged on disk into an ``.ivfdata`` file beside the index
         (:mod:`store.sharded`)."""
         table_version = self.tables.version()
         source = self.tables.vector_source()
+        sets = self._query_sets(config, queries or {})
         current = self._manifest.index
         # A dead build's leftovers: maybe gigabytes.
         self._remove_index_files(keep={current.file, current.values, CURRENT_INDEX})
@@ -150,20 +157,30 @@ class Store:
         with writing(self.directory):
             writer = ValuesWriter(self.directory / values, source.all_ids(), source.dim, config.values_dtype)
             if workers is None:
-                built = build_from(source, config, writer)
+                built = build_from(source, config, writer, sets)
             else:
-                built = build_sharded(source, config, writer, workers, lists_file(self.directory / relative))
+                built = build_sharded(source, config, writer, workers, lists_file(self.directory / relative), sets)
             save_index(built.index, self.directory / relative)
         info = IndexInfo(type=built.kind, key=built.key, params=built.params, file=relative, count=source.count,
                          table_version=table_version, recall_at_10=built.recall_at_10,
                          recall_queries=built.recall_queries, build_seconds=round(built.seconds, 3), built=now(),
-                         values=values, rerank=built.rerank)
+                         values=values, rerank=built.rerank, recall=built.recall, query_sets=built.query_sets,
+                         target_met=built.target_met)
         self.update_manifest(index=info, count=self.tables.count(), failures=self.tables.failure_count())
         with writing(self.directory):
             self._publish_index(relative)
         self._remove_index_files(keep={relative, values, CURRENT_INDEX})
         self._index, self._index_file = built.index, relative
         return info
+
+    def _query_sets(self, config: AnnConfig, given: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Every set the build measures besides sampled stored vectors: the given ones, checked
+        and kept first, then what the store keeps, then captions drawn from the table."""
+        files = {query_set_name(path): read_query_file(path, self.manifest.dim) for path in config.tune_queries}
+        save_query_sets(self.directory, {**{name: unit_rows(v, name) for name, v in given.items()}, **files})
+        sets = kept_query_sets(self.directory, self.manifest.dim)
+        captions = self.tables.caption_sample(config.recall_queries)
+        return {**sets, "captions": captions} if len(captions) else sets
 
     def _fresh_index_names(self, table_version: int) -> tuple[str, str]:
         """Index file and values folder names that the manifest does not name: a rebuild at the same
@@ -231,13 +248,13 @@ class Store:
 
 
 def reindex(directory: str | Path, config: AnnConfig = AnnConfig(), wait: bool = False,
-            workers: Workers | None = None) -> IndexInfo:
+            workers: Workers | None = None, queries: Mapping[str, np.ndarray] | None = None) -> IndexInfo:
     """Build the store's index again from its rows (after a build that died, or to change its kind)."""
     with writer_lock(expand(directory), wait=wait):
         store = Store.open(directory, writable=True)
         if not store.tables.exists("images") or store.tables.count() == 0:
             raise StoreError(f"the store {store.directory} has no rows to index yet")
-        return store.rebuild_index(config, workers)
+        return store.rebuild_index(config, workers, queries)
 
 
 def expand(directory: str | Path) -> Path:

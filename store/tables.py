@@ -262,6 +262,20 @@ class Tables:
         return LanceVectorSource(self.images, self.count(), self.dim, max(64, batch_bytes // (4 * self.dim)),
                                  self.images_uri, self.version())
 
+    def caption_sample(self, count: int, seed: int = 2) -> np.ndarray:
+        """Up to *count* caption embeddings of rows drawn at random (the rows with a caption among
+        4 x *count* drawn), for measuring the index on the store's own text queries."""
+        total = self.count()
+        if not total or "caption_embedding" not in self.images.schema.names:
+            return np.zeros((0, self.dim), np.float32)
+        offsets = np.sort(np.random.default_rng(seed).choice(total, size=min(4 * count, total), replace=False))
+        column = self.images.take_offsets(offsets.tolist()).select(["caption_embedding"]).to_arrow()
+        column = column.column("caption_embedding").combine_chunks()
+        kept = column.filter(pc.is_valid(column))[:count]
+        if not len(kept):
+            return np.zeros((0, self.dim), np.float32)
+        return kept.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(len(kept), self.dim)
+
     def vectors(self) -> tuple[np.ndarray, np.ndarray]:
         """Every row's (id ``[n]`` int64, embedding ``[n, dim]`` float32), in table order."""
         rows = self.images.search().select(["id", "embedding"]).to_arrow()

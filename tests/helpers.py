@@ -52,3 +52,13 @@ def local_client(app, **kwargs):
     from fastapi.testclient import TestClient
 
     return TestClient(app, base_url=LOCAL, **kwargs)
+
+
+def demo_jpegs(folder, count: int, seed: int, short_side: tuple[int, int], name: str = "{:04d}.jpg"):
+    """*count* demo-shape JPEGs in a new *folder*, each *name* formatted with its number."""
+    from demo.shapes import sample
+
+    folder.mkdir(parents=True)
+    for index in range(count):
+        sample(seed, index, short_side=short_side)[0].save(folder / name.format(index), quality=90)
+    return folder

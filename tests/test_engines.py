@@ -20,7 +20,7 @@ from indexer.run import index_paths
 from store.errors import InputError
 from store.store import Store
 from store.tables import column_vectors
-from tests.helpers import MODEL, run
+from tests.helpers import MODEL, demo_jpegs, run
 
 LOCAL = IndexConfig(model="clipdex-shapes", device="cpu", workers=0, progress=False)
 # One actor of one CPU, so the reading threads of the run are the actor's.
@@ -32,10 +32,7 @@ CHANGED = dict(decoder="torchvision", batch_size=2, readers=3, max_pixels=1_000_
 
 @pytest.fixture(scope="module")
 def library(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("engines") / "lib"
-    folder.mkdir()
-    for index in range(5):
-        sample(7, index, short_side=(300, 300))[0].save(folder / f"small_{index}.jpg", quality=90)
+    folder = demo_jpegs(tmp_path_factory.mktemp("engines") / "lib", 5, 7, (300, 300), "small_{}.jpg")
     # Large enough to be decoded reduced by default (and not with --exact-decode).
     sample(7, 9, short_side=(1500, 1500))[0].save(folder / "large.jpg", quality=90)
     return folder

@@ -257,7 +257,7 @@ def test_a_rebuild_never_writes_over_the_files_readers_use(tmp_path, monkeypatch
     reader = CacheRetriever.open(tmp_path / "store", device="cpu")
     before = reader.blend(queries, k=5)
 
-    def dies(source, config, values):  # the rebuild dies halfway through writing the values
+    def dies(source, config, values, queries=None):  # the rebuild dies halfway through writing the values
         ids, vectors = next(iter(source.batches()))
         values.write(ids[:1000], vectors[:1000] * 0.5)
         raise KeyboardInterrupt
