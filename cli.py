@@ -418,7 +418,9 @@ def info_command(store_dir, as_json, show_failures) -> None:
     index = manifest["index"]
     if report.has_index:
         recall = recall_text(index["recall_at_10"], index["recall"], index["target_met"])
-        index_line = (f"{index['type']} {index['key']} over {index['count']} vectors, {recall} "
+        changes = (f" (built on {index['built_rows']}; {index['delta_rows']} new or changed since, searched "
+                   f"exactly beside it, {index['hidden_rows']} hidden)" if index["delta"] else "")
+        index_line = (f"{index['type']} {index['key']} over {index['count']} vectors{changes}, {recall} "
                       f"({index['recall_queries']} queries), built in {index['build_seconds']}s")
     else:
         index_line = "no index yet (run `clipdex index` on the store to build one)"

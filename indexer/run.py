@@ -218,7 +218,7 @@ def _update(run: _Run, session: Session) -> IndexSummary:
         store.update_manifest(roots=tuple(sorted(roots)))
     info = store.manifest.index
     if changed or not info.file or info.table_version != store.tables.version():
-        info = store.rebuild_index(config.ann, session.workers, _missing_text_queries(run))
+        info = store.update_index(config.ann, session.workers, _missing_text_queries(run))
     else:
         store.update_manifest(count=store.tables.count(), failures=store.tables.failure_count())
     clock.lap("finish")

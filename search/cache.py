@@ -168,7 +168,7 @@ class CacheRetriever:
         are a (memory-mapped) array, else a tensor on their device."""
         import torch
 
-        if isinstance(self.values, np.ndarray):
+        if not torch.is_tensor(self.values):  # an array, a memory map, or the build's values under a delta
             return torch.from_numpy(self.values[which]).float().numpy()  # torch widens float16 10x faster
         which = which if isinstance(which, (slice, torch.Tensor)) else torch.as_tensor(which, device=self.values.device)
         return self.values[which].float()
@@ -188,7 +188,7 @@ class CacheRetriever:
         k = self._check_request(queries, k, alpha, weighting, temperature)
         # numpy queries over values in a file stay numpy (a third of torch's per-operation cost on a
         # CPU); tensors, and anything on CUDA, go through torch.
-        in_numpy = isinstance(queries, np.ndarray) and isinstance(self.values, np.ndarray)
+        in_numpy = isinstance(queries, np.ndarray) and not torch.is_tensor(self.values)
         single = queries.ndim == 1
         if in_numpy:
             work = np.asarray(queries, np.float64).reshape(1, -1) if single else np.asarray(queries, np.float64)

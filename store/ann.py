@@ -36,10 +36,11 @@ import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Mapping, Protocol
+from typing import Any, Callable, Iterator, Mapping, Protocol
 
 import numpy as np
 
+from store.delta import merged
 from store.errors import InputError, StoreError
 from store.files import native_stdout_silenced, progress
 from store.values import KeptValues, StoredValues
@@ -77,6 +78,12 @@ class AnnConfig:
     target_recall: float = 0.98  # IVF-Flat: smallest nprobe whose measured recall@10 reaches this
     recall_queries: int = 256  # stored vectors sampled as image queries (other sets: store/queries.py)
     tune_queries: tuple[str, ...] = ()  # .npy files of queries of other modalities, kept in the store
+    # Changes go into a delta beside the index (store/update.py) until the rows new or changed
+    # since the build outnumber (rebuild_growth - 1) x the rows it was built on; then a full build.
+    rebuild_growth: float = 2.0
+    # Below this many built rows a full build takes a second or two and re-tunes on every query
+    # set: no delta is worth keeping beside it.
+    delta_min_rows: int = 50_000
     use_gpu: bool | None = None  # None: when faiss sees a GPU
     values_dtype: str = "float16"  # the cache's copy of the vectors, written beside the index
 
@@ -468,22 +475,37 @@ class AnnIndex:
     index: object
     values: StoredValues | None = None
     rerank: int = 1
+    delta: Any = None  # store.delta.Delta: rows new or changed since the build, searched exactly beside it
 
     def search(self, queries: np.ndarray, k: int, allowed_ids: np.ndarray | None = None):
         """(scores, ids) ``[n, k]``, ids -1 where fewer than k results exist; exact scores when reranked."""
         depth = self.rerank if self.values is not None else 1
-        scores, ids = search(self.index, queries, k * depth, allowed_ids)
-        return self.values.rerank(queries, ids, k) if depth > 1 else (scores, ids)
+        hidden = self.delta.hidden if self.delta is not None else None
+        scores, ids = search(self.index, queries, k * depth, allowed_ids, hidden)
+        found = self.values.rerank(queries, ids, k) if depth > 1 else (scores, ids)
+        if self.delta is None or not len(self.delta.ids):
+            return found
+        return merged(found, self.delta.search(queries, k, allowed_ids), k)
 
 
-def search(index, queries: np.ndarray, k: int, allowed_ids: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(scores, ids) ``[n, k]``; ids are -1 where fewer than k results exist."""
+def search(index, queries: np.ndarray, k: int, allowed_ids: np.ndarray | None = None,
+           hidden_ids: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(scores, ids) ``[n, k]`` among *allowed_ids* (all, if None) but never *hidden_ids*; ids are
+    -1 where fewer than k results exist."""
     faiss = _faiss()
     queries = np.ascontiguousarray(queries, dtype=np.float32)
-    if allowed_ids is None:
+    hidden = hidden_ids is not None and len(hidden_ids) > 0
+    if allowed_ids is None and not hidden:
         return index.search(queries, k)
-    selector = faiss.IDSelectorBatch(np.ascontiguousarray(allowed_ids, dtype=np.int64))
-    return index.search(queries, k, params=_restricted(index, selector))
+    if allowed_ids is not None:
+        allowed = np.setdiff1d(allowed_ids, hidden_ids) if hidden else allowed_ids
+        selector = faiss.IDSelectorBatch(np.ascontiguousarray(allowed, dtype=np.int64))
+        return index.search(queries, k, params=_restricted(index, selector))
+    excluded = faiss.IDSelectorBatch(np.ascontiguousarray(hidden_ids, dtype=np.int64))
+    selector = faiss.IDSelectorNot(excluded)
+    found = index.search(queries, k, params=_restricted(index, selector))
+    del excluded  # the negation points into it: alive until the search is done
+    return found
 
 
 def _restricted(index, selector):

@@ -14,6 +14,7 @@ from typing import Any, Sequence
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from store.delta import record_changed
 from store.tables import Tables
 
 
@@ -52,7 +53,10 @@ class Committer:
             is_new = pc.greater_equal(rows.column("id"), self.first_new_id)
             self.tables.add(rows.filter(is_new))
             if not pc.all(is_new).as_py():
-                self.tables.upsert(rows.filter(pc.invert(is_new)))
+                old = rows.filter(pc.invert(is_new))
+                if self.tables.directory is not None:  # the index's delta must know these vectors changed
+                    record_changed(self.tables.directory, old.column("id").to_numpy())
+                self.tables.upsert(old)
         self.written += self._pending
         self._rows, self._fragments, self._pending = [], [], 0
 

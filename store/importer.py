@@ -118,7 +118,7 @@ def _import(sources: Sequence[str | os.PathLike], store_dir: Path, config: Impor
         raise InputError("no features to import")
     del known  # before the build, which has the memory budget to itself
     stale = store.manifest.index.table_version != store.tables.version() or not store.manifest.index.file
-    info = store.rebuild_index(config.ann, workers, config.queries) if imported or updated or stale else store.manifest.index
+    info = store.update_index(config.ann, workers, config.queries) if imported or updated or stale else store.manifest.index
     return ImportSummary(read=read, imported=imported, updated=updated, skipped=read - imported - updated,
                          count=store.manifest.count, dim=store.manifest.dim, space=store.manifest.space,
                          index=info.type, recall_at_10=info.recall_at_10,

@@ -11,6 +11,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from store.ann import AnnConfig, AnnIndex, build_from, lists_file, load_index, save_index
+from store.delta import Delta, changed_since_build, forget, layered
 from store.errors import ModelMismatchError, StoreError
 from store.files import writing
 from store.lock import writer_lock
@@ -18,6 +19,7 @@ from store.manifest import MANIFEST_NAME, IndexInfo, Manifest, now, read_manifes
 from store.queries import kept_query_sets, query_set_name, read_query_file, save_query_sets, unit_rows
 from store.sharded import Workers, build_sharded
 from store.tables import Tables
+from store.update import delta_update
 from store.values import StoredValues, ValuesWriter
 
 LOG = logging.getLogger(__name__)
@@ -36,7 +38,8 @@ class Store:
         self.tables = Tables.open(directory, manifest.dim, writable)
         self._index = None
         self._index_file = ""
-        self._values: tuple[str, StoredValues | None] = ("", None)
+        self._values: tuple[tuple[str, str], StoredValues | None] = (("", ""), None)
+        self._delta: tuple[str, Delta | None] = ("", None)
 
     @classmethod
     def open(cls, directory: str | Path, writable: bool = False) -> "Store":
@@ -148,6 +151,7 @@ class Store:
         is trained here and its shards are added in parallel, then merged on disk into an ``.ivfdata`` file beside the index
         (:mod:`store.sharded`)."""
         table_version = self.tables.version()
+        _, covered = changed_since_build(self.directory)  # what this build makes moot, forgotten once it is published
         source = self.tables.vector_source()
         sets = self._query_sets(config, queries or {})
         current = self._manifest.index
@@ -165,13 +169,28 @@ class Store:
                          table_version=table_version, recall_at_10=built.recall_at_10,
                          recall_queries=built.recall_queries, build_seconds=round(built.seconds, 3), built=now(),
                          values=values, rerank=built.rerank, recall=built.recall, query_sets=built.query_sets,
-                         target_met=built.target_met)
+                         target_met=built.target_met, built_rows=source.count)
         self.update_manifest(index=info, count=self.tables.count(), failures=self.tables.failure_count())
         with writing(self.directory):
             self._publish_index(relative)
         self._remove_index_files(keep={relative, values, CURRENT_INDEX})
+        forget(covered)
         self._index, self._index_file = built.index, relative
         return info
+
+    def update_index(self, config: AnnConfig = AnnConfig(), workers: Workers | None = None,
+                     queries: Mapping[str, np.ndarray] | None = None) -> IndexInfo:
+        """Bring the index up to the table: a delta beside it where that is sound, else a full
+        build (:mod:`store.update`). Given *queries* are kept for the next full build either way."""
+        if queries:
+            save_query_sets(self.directory, {name: unit_rows(v, name) for name, v in queries.items()})
+        if not config.tune_queries:  # new tuning queries want a build tuned on them
+            info = delta_update(self.directory, self._manifest.index, self.tables, config)
+            if info is not None:
+                self.update_manifest(index=info, count=self.tables.count(), failures=self.tables.failure_count())
+                self._remove_index_files(keep={info.file, info.values, info.delta, CURRENT_INDEX})
+                return info
+        return self.rebuild_index(config, workers)
 
     def _query_sets(self, config: AnnConfig, given: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Every set the build measures besides sampled stored vectors: the given ones, checked
@@ -229,13 +248,27 @@ class Store:
     def stored_values(self) -> StoredValues | None:
         """The id-sorted values the index build wrote, memory-mapped (None for a store built before
         they existed, or when a newer build replaced them meanwhile)."""
-        folder = self._manifest.index.values
-        if folder and self._values[0] != folder:
+        info = self._manifest.index
+        folder, key = info.values, (info.values, info.delta)
+        if folder and self._values[0] != key:
             try:
-                self._values = (folder, StoredValues.open(self.directory / folder))
+                self._values = (key, layered(StoredValues.open(self.directory / folder), self.delta()))
             except (OSError, ValueError):
-                self._values = (folder, None)
+                self._values = (key, None)
         return self._values[1] if folder else None
+
+    def delta(self) -> Delta | None:
+        """The rows new or changed since the index was built (store/delta.py), or None."""
+        folder = self._manifest.index.delta
+        if not folder:
+            return None
+        if self._delta[0] != folder:
+            try:
+                self._delta = (folder, Delta.open(self.directory / folder))
+            except (OSError, ValueError) as error:
+                raise StoreError(f"the index's delta {self.directory / folder} is damaged or missing: "
+                                 "run `clipdex reindex`") from error
+        return self._delta[1]
 
     def ann_index(self) -> AnnIndex:
         """The index as searches use it: lossy codes reranked by exact cosine from the stored values."""
@@ -244,7 +277,7 @@ class Store:
         values = self.stored_values() if rerank > 1 else None
         if rerank > 1 and values is None:
             raise StoreError(f"the exact values of {self.directory}'s index are missing: run `clipdex reindex`")
-        return AnnIndex(index, values, rerank)
+        return AnnIndex(index, values, rerank, self.delta())
 
 
 def reindex(directory: str | Path, config: AnnConfig = AnnConfig(), wait: bool = False,

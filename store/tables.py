@@ -262,6 +262,10 @@ class Tables:
         return LanceVectorSource(self.images, self.count(), self.dim, max(64, batch_bytes // (4 * self.dim)),
                                  self.images_uri, self.version())
 
+    def rows_in_range(self, first_id: int, columns: Sequence[str]) -> pa.Table:
+        """The rows whose id is *first_id* or above (rows added since a given point: ids only grow)."""
+        return self._select(columns, where=f"id >= {int(first_id)}")
+
     def caption_sample(self, count: int, seed: int = 2) -> np.ndarray:
         """Up to *count* caption embeddings of rows drawn at random (the rows with a caption among
         4 x *count* drawn), for measuring the index on the store's own text queries."""

@@ -1,0 +1,75 @@
+"""Bring the index up to the table without a rebuild, when that is sound (store/delta.py).
+
+A build is needed, and this says so by returning None, when there is no built index or no values
+file to start from, when the index was built on fewer than ``delta_min_rows`` rows (a build that
+small takes a second or two and re-tunes on every query set), when the index's kind is no longer the one the table's size calls for (an
+exact index past ``ann_threshold``), when the rows new or changed since the build are more than
+``rebuild_growth - 1`` times the rows it was built on (the delta is searched exactly: it must stay
+small beside the trained index), or when most of the built rows are gone. Otherwise the delta is
+made from the build's ids, the table's ids and the recorded changes, and the manifest published.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+from store.ann import AnnConfig, choose_kind
+from store.delta import Delta, changed_since_build
+from store.manifest import IndexInfo
+from store.tables import Tables, column_vectors
+from store.values import IDS_FILE
+
+MAX_HIDDEN_SHARE = 0.5  # of the built rows: past this, searching the index mostly finds what is hidden
+
+
+def delta_update(directory: Path, info: IndexInfo, tables: Tables, config: AnnConfig) -> IndexInfo | None:
+    """The index info to publish, a delta written that brings the index *info* describes up to
+    *tables*, or None when a full build is needed (see the module's doc)."""
+    built_rows = info.built_rows or info.count
+    if not info.file or not info.values or not (directory / info.values / IDS_FILE).is_file():
+        return None
+    if config.kind not in ("auto", info.type) or built_rows < config.delta_min_rows:
+        return None
+    table_ids = np.sort(tables.vector_source().all_ids())
+    if choose_kind(len(table_ids), tables.dim, config) != info.type:
+        return None
+    built_ids = np.load(directory / info.values / IDS_FILE)
+    changed, _ = changed_since_build(directory)
+    new = np.setdiff1d(table_ids, built_ids, assume_unique=True)
+    rewritten = np.intersect1d(changed, built_ids)
+    delta_ids = np.union1d(new, np.intersect1d(rewritten, table_ids))
+    hidden = np.union1d(np.setdiff1d(built_ids, table_ids, assume_unique=True), rewritten)
+    if len(delta_ids) > (config.rebuild_growth - 1) * built_rows or len(hidden) > MAX_HIDDEN_SHARE * built_rows:
+        return None
+    table_version = tables.version()
+    folder = None
+    if len(delta_ids) or len(hidden):
+        folder = f"faiss/delta-v{table_version}"
+        if (directory / folder).exists() or folder == info.delta:  # a dead update's, or the one readers use
+            folder = f"{folder}-{np.random.default_rng().integers(1 << 30)}"
+        Delta(delta_ids, _vectors(tables, delta_ids, built_ids), hidden).write(directory / folder)
+    return replace(info, table_version=table_version, count=len(table_ids), built_rows=built_rows,
+                   delta=folder or "", delta_rows=len(delta_ids), hidden_rows=len(hidden))
+
+
+def _vectors(tables: Tables, ids: np.ndarray, built_ids: np.ndarray) -> np.ndarray:
+    """The embeddings of *ids* (sorted), in that order: rows above every built id (all new rows:
+    ids only grow) in one range read, rows written again by id."""
+    vectors = np.zeros((len(ids), tables.dim), np.float32)
+    highest = int(built_ids[-1]) if len(built_ids) else -1
+    above = ids > highest
+    parts = []
+    if above.any():
+        parts.append(tables.rows_in_range(highest + 1, ["id", "embedding"]))
+    if (~above).any():
+        parts.append(tables.rows_by_id(ids[~above].tolist(), ["id", "embedding"]))
+    for rows in parts:
+        if rows.num_rows:
+            found = rows.column("id").to_numpy()
+            keep = np.isin(found, ids)
+            positions = np.searchsorted(ids, found[keep])
+            vectors[positions] = column_vectors(rows)[keep]
+    return vectors
