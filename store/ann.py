@@ -47,6 +47,9 @@ from store.values import KeptValues, StoredValues
 
 LOG = logging.getLogger(__name__)
 RECALL_K = 10
+# Exact neighbours kept per query at a build: 10 more than recall needs, so that after rows are
+# removed the true top 10 of what is left is still known (store/update.py measures a delta so).
+TRUTH_DEPTH = 20
 ANN_KINDS = ("auto", "flat", "ivf", "ivf-sq8", "autofaiss")
 RERANK_DEPTHS = (2, 4, 8, 16, 32)  # candidates per result tried for lossy codes
 
@@ -108,6 +111,7 @@ class BuiltIndex:
     recall: dict[str, float] = field(default_factory=dict)  # query set -> recall@10 (image, text, ...)
     query_sets: dict[str, int] = field(default_factory=dict)  # query set -> queries measured
     target_met: bool | None = None  # every set reached target_recall (False: the query time limit came first)
+    truth: GroundTruth | None = None  # what recall was measured against, TRUTH_DEPTH deep
 
 
 def _faiss():
@@ -177,6 +181,7 @@ class GroundTruth:
     queries: np.ndarray
     ids: np.ndarray
     sets: dict[str, slice] = field(default_factory=dict)  # set name -> its rows; empty: all are "image"
+    scores: np.ndarray | None = None  # the exact inner products of ids
 
     def named(self) -> dict[str, slice]:
         return self.sets or {"image": slice(0, len(self.queries))}
@@ -208,7 +213,7 @@ def build_from(source: VectorSource, config: AnnConfig, values: ValuesSink,
     kind = choose_kind(source.count, source.dim, config)
     base, key = trained_index(source, config, kind)
     index = faiss.IndexIDMap(base) if kind == "flat" else base
-    truth = _Truth(source, config.recall_queries, queries=queries)
+    truth = _Truth(source, config.recall_queries, TRUTH_DEPTH, queries=queries)
     lists = _ListAssignment(index, source.count) if isinstance(index, faiss.IndexIVF) else None
     budget = f"{memory_bytes(config.max_memory) / 2**30:.1f}G"
     with progress(source.count * (2 if lists else 1), f"index {key} (budget {budget})") as bar:
@@ -246,7 +251,7 @@ def finished(index, kind: str, key: str, stored: StoredValues, found: GroundTrut
     return BuiltIndex(index, kind, key, params, worst, len(found.queries) if found else 0,
                       time.perf_counter() - started, rerank, recall,
                       {name: rows.stop - rows.start for name, rows in found.named().items()} if found else {},
-                      None if worst is None else worst >= config.target_recall)
+                      None if worst is None else worst >= config.target_recall, found)
 
 
 def lists_file(index_file: Path) -> Path:
@@ -365,7 +370,7 @@ class _Truth:
         if self.heap is None:
             return None
         self.heap.finalize()
-        return GroundTruth(self.queries, self.heap.I, self.sets)
+        return GroundTruth(self.queries, self.heap.I, self.sets, self.heap.D)
 
 
 def ground_truth(source: VectorSource, queries: int, k: int = RECALL_K, seed: int = 1) -> GroundTruth | None:
@@ -380,10 +385,11 @@ def recall_by_set(index, truth: GroundTruth | None) -> dict[str, float]:
     """recall@k of each query set of *truth* (one search over all of them)."""
     if truth is None:
         return {}
-    _, found = index.search(truth.queries, truth.ids.shape[1])
-    hits = np.array([len(set(a) & set(b)) for a, b in zip(truth.ids.tolist(), found.tolist())], np.float64)
-    return {name: float(hits[rows].sum() / (truth.ids.shape[1] * (rows.stop - rows.start)))
-            for name, rows in truth.named().items()}
+    k = min(RECALL_K, truth.ids.shape[1])
+    _, found = index.search(truth.queries, k)
+    hits = np.array([len(set(a) & set(b)) for a, b in zip(truth.ids[:, :k].tolist(), found.tolist())], np.float64)
+    return {name: float(hits[rows].sum() / (k * (rows.stop - rows.start)))
+            for name, rows in truth.named().items() if rows.stop > rows.start}
 
 
 def recall_at_k(index, truth: GroundTruth | None) -> float | None:

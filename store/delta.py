@@ -38,6 +38,10 @@ class Delta:
     hidden: np.ndarray  # sorted int64: rows of the trained index removed or changed since it was built
 
     @classmethod
+    def empty(cls, dim: int) -> "Delta":
+        return cls(np.zeros(0, np.int64), np.zeros((0, dim), np.float32), np.zeros(0, np.int64))
+
+    @classmethod
     def open(cls, folder: Path) -> "Delta":
         """Raises OSError / ValueError when the files are gone or cut short."""
         ids, hidden = np.load(folder / IDS_FILE), np.load(folder / HIDDEN_FILE)
@@ -65,15 +69,18 @@ class Delta:
         """Exact (scores, ids) ``[n, k]`` over the delta's rows (of *allowed_ids* only, if given)."""
         import faiss
 
-        rows = np.arange(len(self.ids)) if allowed_ids is None else np.flatnonzero(np.isin(self.ids, allowed_ids))
+        if allowed_ids is None:  # the mapped rows as they are: a copy per query would cost more than the search
+            vectors, ids_of = self.vectors, self.ids
+        else:
+            rows = np.flatnonzero(np.isin(self.ids, allowed_ids))
+            vectors, ids_of = self.vectors[rows], self.ids[rows]
         scores = np.full((len(queries), k), -np.inf, np.float32)
         ids = np.full((len(queries), k), -1, np.int64)
-        if len(rows):
-            found_scores, found = faiss.knn(np.ascontiguousarray(queries, np.float32),
-                                            np.ascontiguousarray(self.vectors[rows], np.float32),
-                                            min(k, len(rows)), metric=faiss.METRIC_INNER_PRODUCT)
+        if len(ids_of):
+            found_scores, found = faiss.knn(np.ascontiguousarray(queries, np.float32), vectors,
+                                            min(k, len(ids_of)), metric=faiss.METRIC_INNER_PRODUCT)
             scores[:, :found.shape[1]] = np.where(found >= 0, found_scores, -np.inf)
-            ids[:, :found.shape[1]] = np.where(found >= 0, self.ids[rows][np.maximum(found, 0)], -1)
+            ids[:, :found.shape[1]] = np.where(found >= 0, ids_of[np.maximum(found, 0)], -1)
         return scores, ids
 
 

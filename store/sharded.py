@@ -20,6 +20,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from store.ann import (
+    TRUTH_DEPTH,
     AnnConfig,
     BuiltIndex,
     ValuesSink,
@@ -97,7 +98,7 @@ def build_sharded(source: LanceVectorSource, config: AnnConfig, values: ValuesSi
         added = sum(workers.map(add_shard, jobs))
         if added != source.count:
             raise StoreError("the table changed during the index build: run `clipdex reindex`")
-        truth = _Truth(source, config.recall_queries, queries=queries)
+        truth = _Truth(source, config.recall_queries, TRUTH_DEPTH, queries=queries)
         with progress(source.count, f"values and recall for {key}") as bar:
             for ids, vectors in source.batches():
                 values.write(ids, vectors)

@@ -5,12 +5,13 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
 
-from store.ann import AnnConfig, AnnIndex, build_from, lists_file, load_index, save_index
+from store.ann import AnnConfig, AnnIndex, build_from, lists_file, load_index, recall_by_set, save_index
 from store.delta import Delta, changed_since_build, forget, layered
 from store.errors import ModelMismatchError, StoreError
 from store.files import writing
@@ -19,7 +20,7 @@ from store.manifest import MANIFEST_NAME, IndexInfo, Manifest, now, read_manifes
 from store.queries import kept_query_sets, query_set_name, read_query_file, save_query_sets, unit_rows
 from store.sharded import Workers, build_sharded
 from store.tables import Tables
-from store.update import delta_update
+from store.update import delta_update, load_truth, save_truth, truth_after
 from store.values import StoredValues, ValuesWriter
 
 LOG = logging.getLogger(__name__)
@@ -165,6 +166,7 @@ class Store:
             else:
                 built = build_sharded(source, config, writer, workers, lists_file(self.directory / relative), sets)
             save_index(built.index, self.directory / relative)
+            save_truth(self.directory / values, built.truth)
         info = IndexInfo(type=built.kind, key=built.key, params=built.params, file=relative, count=source.count,
                          table_version=table_version, recall_at_10=built.recall_at_10,
                          recall_queries=built.recall_queries, build_seconds=round(built.seconds, 3), built=now(),
@@ -186,11 +188,31 @@ class Store:
             save_query_sets(self.directory, {name: unit_rows(v, name) for name, v in queries.items()})
         if not config.tune_queries:  # new tuning queries want a build tuned on them
             info = delta_update(self.directory, self._manifest.index, self.tables, config)
+            info = info and self._remeasured(info, config)
             if info is not None:
                 self.update_manifest(index=info, count=self.tables.count(), failures=self.tables.failure_count())
                 self._remove_index_files(keep={info.file, info.values, info.delta, CURRENT_INDEX})
                 return info
         return self.rebuild_index(config, workers)
+
+    def _remeasured(self, info: IndexInfo, config: AnnConfig) -> IndexInfo | None:
+        """*info* (a delta not yet published) with recall measured on the build's queries over
+        the rows there are now, or None when it falls below the target: then a full build."""
+        truth = load_truth(self.directory / info.values)
+        if truth is None:
+            return info  # a build from before kept no truth: its recorded recall stands
+        delta = Delta.open(self.directory / info.delta) if info.delta else Delta.empty(self.manifest.dim)
+        now_truth = truth_after(truth, delta)
+        if now_truth is None:
+            return None
+        values = layered(StoredValues.open(self.directory / info.values), delta) if info.rerank > 1 else None
+        recall = recall_by_set(AnnIndex(self.faiss_index(), values, info.rerank, delta), now_truth)
+        worst = min(recall.values())
+        if worst < config.target_recall:
+            LOG.info("recall %.3f after the changes is below the target: building the index again", worst)
+            return None
+        return replace(info, recall=recall, recall_at_10=worst, target_met=True,
+                       query_sets={name: rows.stop - rows.start for name, rows in now_truth.named().items()})
 
     def _query_sets(self, config: AnnConfig, given: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Every set the build measures besides sampled stored vectors: the given ones, checked

@@ -253,8 +253,8 @@ class Tables:
         ids = self.images.search().select(["id"]).to_arrow().column("id")
         return int(pc.max(ids).as_py() or 0) if len(ids) else 0
 
-    def file_rows(self) -> pa.Table:
-        return self._select(FILE_COLUMNS)
+    def file_rows(self, columns: Sequence[str] = FILE_COLUMNS) -> pa.Table:
+        return self._select(columns)
 
     def vector_source(self, batch_bytes: int = 32 << 20) -> "LanceVectorSource":
         """The stored vectors as an index build reads them: batches of about *batch_bytes* of

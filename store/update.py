@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from store.ann import AnnConfig, choose_kind
-from store.delta import Delta, changed_since_build
+from store.ann import RECALL_K, AnnConfig, GroundTruth, choose_kind
+from store.delta import Delta, changed_since_build, merged
 from store.manifest import IndexInfo
 from store.tables import Tables, column_vectors
 from store.values import IDS_FILE
@@ -73,3 +73,47 @@ def _vectors(tables: Tables, ids: np.ndarray, built_ids: np.ndarray) -> np.ndarr
             positions = np.searchsorted(ids, found[keep])
             vectors[positions] = column_vectors(rows)[keep]
     return vectors
+
+
+TRUTH_FILE = "truth.npz"
+
+
+def save_truth(folder: Path, truth: GroundTruth | None) -> None:
+    """What a build measured recall against, kept beside its values for measuring its deltas."""
+    if truth is None or truth.scores is None:
+        return
+    names = list(truth.named())
+    bounds = np.array([[rows.start, rows.stop] for rows in truth.named().values()], np.int64).reshape(-1, 2)
+    with open(folder / TRUTH_FILE, "wb") as out:
+        np.savez(out, queries=truth.queries, ids=truth.ids, scores=truth.scores, names=np.array(names), bounds=bounds)
+
+
+def load_truth(folder: Path) -> GroundTruth | None:
+    try:
+        with np.load(folder / TRUTH_FILE, allow_pickle=False) as data:
+            sets = {str(name): slice(int(a), int(b)) for name, (a, b) in zip(data["names"], data["bounds"])}
+            return GroundTruth(data["queries"], data["ids"], sets, data["scores"])
+    except (OSError, ValueError, KeyError):
+        return None  # a build before this release, or a file cut short: the recorded recall stands
+
+
+def truth_after(truth: GroundTruth, delta: Delta) -> GroundTruth | None:
+    """The exact top-k of the build's queries over the rows there are now, from the build's
+    TRUTH_DEPTH-deep neighbours less the hidden ones and the delta's rows searched exactly; only
+    queries for which that is certain (at least k of their built neighbours still shown), or None
+    when that leaves fewer than half of any set."""
+    k = RECALL_K
+    shown = (truth.ids >= 0) & ~np.isin(truth.ids, delta.hidden)
+    certain = shown.sum(axis=1) >= min(k, truth.ids.shape[1])
+    built = (np.where(shown, truth.scores, -np.inf), np.where(shown, truth.ids, -1))
+    best = merged(built, delta.search(truth.queries, k), k)
+    sets, kept, start = {}, [], 0
+    for name, rows in truth.named().items():
+        chosen = np.flatnonzero(certain[rows]) + rows.start
+        if len(chosen) < (rows.stop - rows.start) / 2:
+            return None
+        sets[name] = slice(start, start + len(chosen))
+        kept.append(chosen)
+        start += len(chosen)
+    rows = np.concatenate(kept)
+    return GroundTruth(truth.queries[rows], best[1][rows], sets, best[0][rows])

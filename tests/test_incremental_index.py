@@ -159,3 +159,22 @@ def test_info_says_what_the_delta_holds(capsys, library, tmp_path):
     code, out, err = run(capsys, "info", "--store", tmp_path / "store")
     assert code == 0 and "over 1520 vectors (built on 1500; 20 new or changed since, searched exactly beside it, " \
                          "0 hidden)" in out
+
+
+def test_recall_is_measured_after_each_change_and_a_fall_below_target_rebuilds(library, monkeypatch, tmp_path):
+    """The build keeps each query's 20 exact neighbours; an update measures the index with the
+    delta against them (less the hidden rows, plus the delta's searched exactly)."""
+    import store.store as store_module
+
+    index_paths([library], tmp_path / "store", INDEX)
+    demo_jpegs(library / "new", 20, 35, (64, 96))
+    index_paths([library], tmp_path / "store", INDEX)
+    info = Store.open(tmp_path / "store").manifest.index
+    assert info.delta_rows == 20 and set(info.recall) == {"image", "text"} and info.recall_at_10 >= 0.98
+    assert info.query_sets == {"image": 256, "text": 256}
+
+    demo_jpegs(library / "more", 20, 36, (64, 96))
+    monkeypatch.setattr(store_module, "recall_by_set", lambda index, truth: {"image": 0.99, "text": 0.5})
+    index_paths([library], tmp_path / "store", INDEX)
+    info = Store.open(tmp_path / "store").manifest.index
+    assert (info.delta, info.built_rows, info.count) == ("", 1540, 1540)
