@@ -22,12 +22,13 @@ import secrets
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from store.values import StoredValues
 
-IDS_FILE, VECTORS_FILE, HIDDEN_FILE = "ids.npy", "vectors.npy", "hidden.npy"
+IDS_FILE, VECTORS_FILE, HIDDEN_FILE, INDEX_FILE = "ids.npy", "vectors.npy", "hidden.npy", "index.faiss"
 CHANGES_DIR = "changes"  # ids written again since the last build, one file per commit
 
 
@@ -36,19 +37,42 @@ class Delta:
     ids: np.ndarray  # sorted int64
     vectors: np.ndarray  # [len(ids), dim] float32, memory-mapped
     hidden: np.ndarray  # sorted int64: rows of the trained index removed or changed since it was built
+    # Beside an IVF index: the delta's rows in an IVF-Flat with the build's own coarse quantizer,
+    # searched with its nprobe (an exact search over 100k x 1024 rows costs ~20 ms a query; this,
+    # about what the index costs). None: searched exactly (beside an exact or compressed index).
+    index: Any = None
 
     @classmethod
     def empty(cls, dim: int) -> "Delta":
         return cls(np.zeros(0, np.int64), np.zeros((0, dim), np.float32), np.zeros(0, np.int64))
 
     @classmethod
-    def open(cls, folder: Path) -> "Delta":
-        """Raises OSError / ValueError when the files are gone or cut short."""
+    def open(cls, folder: Path, params: str = "") -> "Delta":
+        """Raises OSError / ValueError when the files are gone or cut short. *params*: the built
+        index's search parameters, for the delta's IVF."""
+        import faiss
+
         ids, hidden = np.load(folder / IDS_FILE), np.load(folder / HIDDEN_FILE)
         vectors = np.load(folder / VECTORS_FILE, mmap_mode="r").view(np.ndarray)
         if vectors.ndim != 2 or len(vectors) != len(ids):
             raise ValueError(f"{folder} holds {len(ids)} ids for {len(vectors)} vectors")
-        return cls(ids, vectors, hidden)
+        index = None
+        if (folder / INDEX_FILE).is_file():
+            try:
+                index = faiss.read_index(str(folder / INDEX_FILE))
+            except RuntimeError as error:
+                raise ValueError(f"{folder / INDEX_FILE}: {error}") from error
+            if params:
+                faiss.ParameterSpace().set_index_parameters(index, params)
+        return cls(ids, vectors, hidden, index)
+
+    @classmethod
+    def beside(cls, empty_ivf, ids: np.ndarray, vectors: np.ndarray, hidden: np.ndarray) -> "Delta":
+        """The delta of *ids* / *vectors*, filled into *empty_ivf* (an IVF-Flat on the build's own
+        coarse quantizer, see store/update.py) when there is one."""
+        if empty_ivf is not None and len(ids):
+            empty_ivf.add_with_ids(np.ascontiguousarray(vectors, np.float32), np.ascontiguousarray(ids, np.int64))
+        return cls(ids, vectors, hidden, empty_ivf)
 
     def write(self, folder: Path) -> None:
         """Into *folder* whole or not at all: written beside it, then renamed."""
@@ -60,12 +84,29 @@ class Delta:
                     np.save(out, np.ascontiguousarray(array), allow_pickle=False)
                     out.flush()
                     os.fsync(out.fileno())
+            if self.index is not None:
+                import faiss
+
+                faiss.write_index(self.index, str(temporary / INDEX_FILE))
             os.rename(temporary, folder)
         except BaseException:
             shutil.rmtree(temporary, ignore_errors=True)
             raise
 
     def search(self, queries: np.ndarray, k: int, allowed_ids: np.ndarray | None = None):
+        """(scores, ids) ``[n, k]`` over the delta's rows (of *allowed_ids* only, if given): through
+        its IVF where it has one, else exactly. Scores are exact inner products either way."""
+        if self.index is None:
+            return self.exact(queries, k, allowed_ids)
+        import faiss
+
+        queries = np.ascontiguousarray(queries, np.float32)
+        if allowed_ids is None:
+            return self.index.search(queries, k)
+        selector = faiss.IDSelectorBatch(np.ascontiguousarray(allowed_ids, np.int64))
+        return self.index.search(queries, k, params=faiss.SearchParametersIVF(sel=selector, nprobe=self.index.nprobe))
+
+    def exact(self, queries: np.ndarray, k: int, allowed_ids: np.ndarray | None = None):
         """Exact (scores, ids) ``[n, k]`` over the delta's rows (of *allowed_ids* only, if given)."""
         import faiss
 

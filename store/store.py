@@ -201,7 +201,7 @@ class Store:
         truth = load_truth(self.directory / info.values)
         if truth is None:
             return info  # a build from before kept no truth: its recorded recall stands
-        delta = Delta.open(self.directory / info.delta) if info.delta else Delta.empty(self.manifest.dim)
+        delta = Delta.open(self.directory / info.delta, info.params) if info.delta else Delta.empty(self.manifest.dim)
         now_truth = truth_after(truth, delta)
         if now_truth is None:
             return None
@@ -286,7 +286,7 @@ class Store:
             return None
         if self._delta[0] != folder:
             try:
-                self._delta = (folder, Delta.open(self.directory / folder))
+                self._delta = (folder, Delta.open(self.directory / folder, self._manifest.index.params))
             except (OSError, ValueError) as error:
                 raise StoreError(f"the index's delta {self.directory / folder} is damaged or missing: "
                                  "run `clipdex reindex`") from error

@@ -16,9 +16,10 @@ from pathlib import Path
 
 import numpy as np
 
-from store.ann import RECALL_K, AnnConfig, GroundTruth, choose_kind
+from store.ann import RECALL_K, AnnConfig, GroundTruth, choose_kind, load_index
 from store.delta import Delta, changed_since_build, merged
 from store.manifest import IndexInfo
+from store.sharded import SCALABLE_KINDS
 from store.tables import Tables, column_vectors
 from store.values import IDS_FILE
 
@@ -50,9 +51,26 @@ def delta_update(directory: Path, info: IndexInfo, tables: Tables, config: AnnCo
         folder = f"faiss/delta-v{table_version}"
         if (directory / folder).exists() or folder == info.delta:  # a dead update's, or the one readers use
             folder = f"{folder}-{np.random.default_rng().integers(1 << 30)}"
-        Delta(delta_ids, _vectors(tables, delta_ids, built_ids), hidden).write(directory / folder)
+        Delta.beside(_delta_ivf(directory, info), delta_ids, _vectors(tables, delta_ids, built_ids),
+                     hidden).write(directory / folder)
     return replace(info, table_version=table_version, count=len(table_ids), built_rows=built_rows,
                    delta=folder or "", delta_rows=len(delta_ids), hidden_rows=len(hidden))
+
+
+def _delta_ivf(directory: Path, info: IndexInfo):
+    """An empty IVF-Flat on a copy of the built index's coarse quantizer, searched as it is, for
+    the kinds whose quantizer works on the vectors as they are (a compressed index's works after a
+    rotation: its delta is searched exactly); None for the others."""
+    if info.type not in SCALABLE_KINDS:
+        return None
+    import faiss
+
+    built = load_index(directory / info.file, info.params, use_gpu=False)
+    ivf = faiss.extract_index_ivf(built)  # a view into *built*: copied while it is alive
+    # faiss's Python wrapper keeps the copied quantizer alive with the index it is given to
+    empty = faiss.IndexIVFFlat(faiss.clone_index(ivf.quantizer), ivf.d, ivf.nlist, faiss.METRIC_INNER_PRODUCT)
+    empty.nprobe = ivf.nprobe
+    return empty
 
 
 def _vectors(tables: Tables, ids: np.ndarray, built_ids: np.ndarray) -> np.ndarray:
@@ -106,7 +124,7 @@ def truth_after(truth: GroundTruth, delta: Delta) -> GroundTruth | None:
     shown = (truth.ids >= 0) & ~np.isin(truth.ids, delta.hidden)
     certain = shown.sum(axis=1) >= min(k, truth.ids.shape[1])
     built = (np.where(shown, truth.scores, -np.inf), np.where(shown, truth.ids, -1))
-    best = merged(built, delta.search(truth.queries, k), k)
+    best = merged(built, delta.exact(truth.queries, k), k)
     sets, kept, start = {}, [], 0
     for name, rows in truth.named().items():
         chosen = np.flatnonzero(certain[rows]) + rows.start

@@ -67,6 +67,8 @@ def test_changes_go_into_a_delta_and_search_answers_as_a_fresh_build(library, tm
     assert info.file == built.file and info.values == built.values  # the trained index was not touched
     assert (info.delta_rows, info.hidden_rows, info.built_rows, info.count) == (50, 110, 1500, 1440)
     assert list((tmp_path / "store" / CHANGES_DIR).iterdir())  # the rewritten ids, kept until a full build
+    delta = Store.open(tmp_path / "store").delta()
+    assert delta.index.ntotal == 50 and delta.index.nlist == 32  # an IVF on the build's own quantizer
 
     after = vectors_by_path(tmp_path / "store")
     # Removed rows are never returned, even to a query that is their own vector.
