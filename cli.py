@@ -419,7 +419,7 @@ def info_command(store_dir, as_json, show_failures) -> None:
     if report.has_index:
         recall = recall_text(index["recall_at_10"], index["recall"], index["target_met"])
         changes = (f" (built on {index['built_rows']}; {index['delta_rows']} new or changed since, searched "
-                   f"exactly beside it, {index['hidden_rows']} hidden)" if index["delta"] else "")
+                   f"beside it, {index['hidden_rows']} hidden)" if index["delta"] else "")
         index_line = (f"{index['type']} {index['key']} over {index['count']} vectors{changes}, {recall} "
                       f"({index['recall_queries']} queries), built in {index['build_seconds']}s")
     else:

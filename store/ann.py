@@ -481,7 +481,7 @@ class AnnIndex:
     index: object
     values: StoredValues | None = None
     rerank: int = 1
-    delta: Any = None  # store.delta.Delta: rows new or changed since the build, searched exactly beside it
+    delta: Any = None  # store.delta.Delta: rows new or changed since the build, searched beside it
 
     def search(self, queries: np.ndarray, k: int, allowed_ids: np.ndarray | None = None):
         """(scores, ids) ``[n, k]``, ids -1 where fewer than k results exist; exact scores when reranked."""

@@ -1,9 +1,10 @@
-"""Rows that came or changed since the index was trained, searched exactly beside it.
+"""Rows that came or changed since the index was trained, searched beside it.
 
 Adding a few rows to a large store must not cost a full build (3M x 1024: retrain, refill and a
 6 GB values file for 1,000 rows). So the trained index and its values file stay as they were built,
 and an update writes a *delta* (``faiss/delta-vN/``): the vectors of rows new or changed since the
-build (``ids.npy``, ``vectors.npy``, searched exactly) and the ids of the index's rows that were
+build (``ids.npy``, ``vectors.npy``; beside an IVF index also ``index.faiss``, an IVF-Flat on the
+build's own coarse quantizer, else searched exactly) and the ids of the index's rows that were
 removed or changed since (``hidden.npy``, excluded from its searches). A search asks both and
 keeps the best k; the values the cache and reranking read are the build's, with the delta's rows
 over them (:class:`LayeredRows`). The delta is made anew from the build at each update and

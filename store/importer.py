@@ -96,13 +96,14 @@ def import_features(sources: Sequence[str | os.PathLike], store_dir: str | os.Pa
 def _import(sources: Sequence[str | os.PathLike], store_dir: Path, config: ImportConfig,
             workers: Workers | None) -> ImportSummary:
     started = time.perf_counter()
-    store, known, indexed = None, {}, {}
+    store, keys = None, None
     read = imported = updated = 0
     for part in read_sources(sources, config.metadata):
         given = source_rows(part.name, len(part.features), part.metadata)
         check_features(part.name, part.features, IMPORT_CHUNK)
         if store is None:
-            store, known, indexed = _open_store(store_dir, part.features.shape[1], config)
+            store = _open_store(store_dir, part.features.shape[1], config)
+            keys = StoreKeys(store)
             for path, schema in source_schemas(sources, config.metadata):  # from headers, before any row
                 if schema.dim is not None:
                     _refuse_dimension(store, str(path), schema.dim)
@@ -110,13 +111,13 @@ def _import(sources: Sequence[str | os.PathLike], store_dir: Path, config: Impor
         if given.extra is not None:
             given = _fit_metadata(store, given, part.name)
         if not isinstance(given.keys, RowKeys):
-            _refuse_indexed_keys(part.name, given.keys, indexed)
+            _refuse_indexed_keys(part.name, given.keys, keys.indexed())
         read += len(part.features)
-        fresh, changed = _write_part(store, part, given, known)
+        fresh, changed = _write_part(store, part, given, keys.of(given.keys))
         imported, updated = imported + fresh, updated + changed
     if store is None:
         raise InputError("no features to import")
-    del known  # before the build, which has the memory budget to itself
+    del keys  # before the build, which has the memory budget to itself
     stale = store.manifest.index.table_version != store.tables.version() or not store.manifest.index.file
     info = store.update_index(config.ann, workers, config.queries) if imported or updated or stale else store.manifest.index
     return ImportSummary(read=read, imported=imported, updated=updated, skipped=read - imported - updated,
@@ -126,17 +127,40 @@ def _import(sources: Sequence[str | os.PathLike], store_dir: Path, config: Impor
                          target_met=info.target_met)
 
 
-def _open_store(store_dir: Path, dim: int, config: ImportConfig) -> tuple[Store, "KnownKeys", dict[str, int]]:
-    """The store (created for *dim*-d features if new), what it holds by key, and the ids of the
-    keys `clipdex index` embedded (rows with a file size)."""
+def _open_store(store_dir: Path, dim: int, config: ImportConfig) -> Store:
+    """The store, created for *dim*-d features if new."""
     store = Store.create(store_dir, config.model_name, config.pretrained, dim, space=config.model_name,
                          has_text_encoder=config.has_text_encoder)
     store.tables.upgrade()
-    rows = store.tables.file_rows(["id", "path", "hash", "caption", "bytes"])
-    known = KnownKeys(rows)
-    sized = np.flatnonzero(rows.column("bytes").is_valid().to_numpy(zero_copy_only=False))
-    indexed = {known.paths[i]: int(known.ids[i]) for i in sized}
-    return store, known, indexed
+    return store
+
+
+KEY_COLUMNS = ["id", "path", "hash", "caption", "bytes"]
+
+
+class StoreKeys:
+    """The keys the store holds, read as far as a part needs them: a part keyed by its own rows
+    (``<source>#<row>``) can only meet rows imported from that source before, so only those are
+    read (1,000 rows into a 3M store read no other key); a part keyed by paths reads every key,
+    once. What the run writes is shared by all."""
+
+    def __init__(self, store: Store) -> None:
+        self.store, self.written, self._every = store, {}, None
+
+    def of(self, keys) -> "KnownKeys":
+        if isinstance(keys, RowKeys):
+            return KnownKeys(self.store.tables.file_rows(KEY_COLUMNS, path_prefix=f"{keys.prefix}#"), self.written)
+        return self.every()
+
+    def every(self) -> "KnownKeys":
+        if self._every is None:
+            self._every = KnownKeys(self.store.tables.file_rows(KEY_COLUMNS), self.written)
+        return self._every
+
+    def indexed(self) -> dict[str, int]:
+        """The ids of the keys `clipdex index` embedded (rows with a file size)."""
+        every = self.every()
+        return {every.paths[i]: int(every.ids[i]) for i in np.flatnonzero(every.sized)}
 
 
 class KnownKeys:
@@ -144,12 +168,13 @@ class KnownKeys:
     key's position in the table's columns, its record made only when asked for (3M keys as
     records took 10 s of an import that adds 1,000 rows)."""
 
-    def __init__(self, rows: pa.Table) -> None:
+    def __init__(self, rows: pa.Table, written: dict[str, Known]) -> None:
         self.paths = rows.column("path").to_pylist()
         self.ids = rows.column("id").to_numpy()
         self.hashes, self.captions = rows.column("hash"), rows.column("caption")
+        self.sized = rows.column("bytes").is_valid().to_numpy(zero_copy_only=False)
         self.position = dict(zip(self.paths, range(len(self.paths))))
-        self.written: dict[str, Known] = {}
+        self.written = written
 
     def __contains__(self, key: str) -> bool:
         return key in self.written or key in self.position

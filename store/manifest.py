@@ -40,7 +40,7 @@ class IndexInfo:
     recall: dict[str, float] = field(default_factory=dict)  # query set (image, text, captions, ...) -> recall@10
     query_sets: dict[str, int] = field(default_factory=dict)  # query set -> queries measured
     target_met: bool | None = None  # every set reached the target recall (False: the query time limit came first)
-    # Rows new or changed since the build, searched exactly beside the index (store/delta.py):
+    # Rows new or changed since the build, searched beside the index (store/delta.py):
     built_rows: int = 0  # rows the index was built on (count: rows it serves now, the delta's included)
     delta: str = ""  # folder of the delta (relative to the store), "" for none
     delta_rows: int = 0

@@ -1,7 +1,7 @@
 """An index that takes new, changed and removed rows without a full build (issue 25, item 2).
 
 Adding 1,000 rows to a 3M x 1024 store used to retrain and refill the whole index (5 minutes).
-Now the rows new or changed since the build go into a delta searched exactly beside the trained
+Now the rows new or changed since the build go into a delta searched beside the trained
 index, and the built rows removed or changed since are hidden from it (store/delta.py); a full
 build comes when the delta outgrows the index. The tests lower ``delta_min_rows`` (a store under
 50,000 rows is rebuilt: a second or two) so a small library takes the path a large one takes.
@@ -159,7 +159,7 @@ def test_info_says_what_the_delta_holds(capsys, library, tmp_path):
     demo_jpegs(library / "new", 20, 34, (64, 96))
     index_paths([library], tmp_path / "store", INDEX)
     code, out, err = run(capsys, "info", "--store", tmp_path / "store")
-    assert code == 0 and "over 1520 vectors (built on 1500; 20 new or changed since, searched exactly beside it, " \
+    assert code == 0 and "over 1520 vectors (built on 1500; 20 new or changed since, searched beside it, " \
                          "0 hidden)" in out
 
 
