@@ -166,7 +166,8 @@ class Store:
             else:
                 built = build_sharded(source, config, writer, workers, lists_file(self.directory / relative), sets)
             save_index(built.index, self.directory / relative)
-            save_truth(self.directory / values, built.truth)
+            if source.count >= config.delta_min_rows:  # a smaller store is rebuilt, never measured with a delta
+                save_truth(self.directory / values, built.truth)
         info = IndexInfo(type=built.kind, key=built.key, params=built.params, file=relative, count=source.count,
                          table_version=table_version, recall_at_10=built.recall_at_10,
                          recall_queries=built.recall_queries, build_seconds=round(built.seconds, 3), built=now(),
