@@ -157,7 +157,7 @@ class Store:
         sets = self._query_sets(config, queries or {})
         current = self._manifest.index
         # A dead build's leftovers: maybe gigabytes.
-        self._remove_index_files(keep={current.file, current.values, CURRENT_INDEX})
+        self._remove_index_files(keep={current.file, current.values, current.delta, CURRENT_INDEX})
         relative, values = self._fresh_index_names(table_version)
         with writing(self.directory):
             writer = ValuesWriter(self.directory / values, source.all_ids(), source.dim, config.values_dtype)

@@ -180,3 +180,26 @@ def test_recall_is_measured_after_each_change_and_a_fall_below_target_rebuilds(l
     index_paths([library], tmp_path / "store", INDEX)
     info = Store.open(tmp_path / "store").manifest.index
     assert (info.delta, info.built_rows, info.count) == ("", 1540, 1540)
+
+
+def test_a_full_build_that_dies_leaves_readers_the_published_delta(library, monkeypatch, tmp_path):
+    """A build clears a dead build's leftovers first; the published delta is not one of them (a
+    reader opening the store during the minutes a large build takes must still find it)."""
+    import store.store as store_module
+
+    index_paths([library], tmp_path / "store", INDEX)
+    demo_jpegs(library / "new", 20, 37, (64, 96))
+    index_paths([library], tmp_path / "store", INDEX)
+    info = Store.open(tmp_path / "store").manifest.index
+
+    def dies(source, config, values, queries=None):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(store_module, "build_from", dies)
+        with pytest.raises(KeyboardInterrupt):
+            reindex(tmp_path / "store", ANN)
+    reader = Store.open(tmp_path / "store")
+    assert reader.manifest.index == info and (tmp_path / "store" / info.delta).is_dir()
+    row_id, vector = vectors_by_path(tmp_path / "store")[str(sorted((library / "new").iterdir())[0])]
+    assert reader.ann_index().search(vector[None, :], 1)[1][0, 0] == row_id
