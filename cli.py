@@ -11,6 +11,7 @@ import functools
 import json
 import logging
 import os
+import signal
 import sys
 import warnings
 from dataclasses import asdict
@@ -781,9 +782,22 @@ def _check_port_free(host: str, port: int) -> None:
             raise InputError(f"cannot listen on {host}:{port}: {error.strerror}; pick another --port or --host") from error
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a service manager, `kill`, a job's time limit), raised where Ctrl-C would be."""
+
+
+def _terminate(signum, frame) -> None:
+    raise Terminated
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Console entry point: one line per error, never a traceback. Exit codes: 0 ok, 1 failed, 2 usage,
-    3 finished but some paths were unavailable (their rows kept), 130 interrupted."""
+    3 finished but some paths were unavailable (their rows kept), 130 interrupted (Ctrl-C),
+    143 terminated (SIGTERM)."""
+    # SIGTERM takes the path Ctrl-C takes: the run stops between commits, the store keeps its last
+    # one and says so, instead of the process vanishing without a word.
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _terminate)
     try:
         code = cli.main(args=argv, prog_name="clipdex", standalone_mode=False)
     except click.UsageError as error:
@@ -799,9 +813,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     except OSError as error:  # a full disk, a read-only folder, a file that vanished: the OS's words
         click.echo(f"error: {shown(os_error_line(error))}", err=True)
         sys.exit(1)
-    except (click.Abort, KeyboardInterrupt):
-        click.echo("interrupted", err=True)
-        sys.exit(130)
+    except (click.Abort, KeyboardInterrupt) as error:
+        terminated = isinstance(error, Terminated) or isinstance(error.__cause__, Terminated)  # click wraps it
+        click.echo(f"{'terminated' if terminated else 'interrupted'}: a store being written keeps its last "
+                   "commit; run the same command again to finish", err=True)
+        sys.exit(143 if terminated else 130)
     sys.exit(code if isinstance(code, int) else 0)
 
 
