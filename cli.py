@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from demo import DEMO_COUNT, DEMO_DIR, DEMO_SEED, demo_lines, plot_classification, plot_similarity, write_demo_library
-from encoder import DEFAULT_MODEL, MODELS, can_load, list_models, load_image
+from encoder import DEFAULT_MODEL, MODELS, can_load, list_models, load_image, pretrained_label
 from encoder.feed import DECODERS
 from encoder.prompts import text_queries
 from indexer import IndexConfig, index_paths
@@ -50,12 +50,15 @@ from search.zeroshot import DEFAULT_TOP_K, check_template
 from server.config import MIB, ServeConfig
 from store import AnnConfig, ClipdexError, InputError, Store, import_features
 from store.ann import ANN_KINDS, memory_bytes
-from store.errors import first_line, os_error_line
+from store.damage import explained
+from store.errors import DamagedStoreError, first_line, os_error_line
 from store.export import FORMATS as EXPORT_FORMATS
 from store.export import ExportConfig, export_store
 from store.export import format_for as export_format_for
+from store.health import DAMAGE, check_store
 from store.importer import IMPORTED, ImportConfig
 from store.queries import has_query_set
+from store.repair import RepairConfig, repair_store
 from store.report import inspect, recall_text
 from store.store import reindex
 from store.values import VALUES_DTYPES
@@ -65,6 +68,7 @@ BLEND = BlendParams()
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 EXIT_UNAVAILABLE = 3  # finished, but some given paths could not be seen; their rows were kept
+EXIT_DAMAGED = 4  # the store is damaged (`check` found damage, or a command could not read it): `clipdex repair`
 
 
 def shown(path: str) -> str:
@@ -643,6 +647,82 @@ def reindex_command(store_dir, ann, engine, ray_address, wait, as_json) -> None:
                f"{recall}")
 
 
+@cli.command("check", context_settings=CONTEXT)
+@click.option("--store", "store_dir", required=True, type=click.Path(file_okay=False))
+@click.option("--deep", is_flag=True, help="Also read every row of every fragment (a full scan), which finds bytes "
+                                           "overwritten inside a file; without it, sizes and file footers are checked.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def check_command(store_dir, deep, as_json) -> None:
+    """Check every piece of a store, read-only (like `git fsck`).
+
+    \b
+    The manifest (readable, of the right types, agreeing with the table); each Lance table's
+    versions, fragments and id index; that ids are unique; the FAISS index, its values, delta and
+    query sets (present, readable, of the recorded sizes, built from a version the table has).
+    Each problem is listed with what it costs. Exit code 0: nothing damaged (an index out of date
+    is reported, not damage); 4: damage found, which `clipdex repair` mends.
+    """
+    report = check_store(store_dir, deep)
+    if as_json:
+        click.echo(json.dumps(report.to_dict()))
+    else:
+        rows = "unknown" if report.rows is None else f"{report.rows:,}"
+        click.echo(f"store {report.store}: {rows} rows, table version {report.table_version}, "
+                   f"{report.fragments} fragments{' (full scan)' if deep else ''}")
+        for problem in report.problems:
+            click.echo(f"{problem.severity:<7} {shown(problem.path)}: {problem.what} -> {problem.consequence}")
+        damaged = sum(p.severity == DAMAGE for p in report.problems)
+        if damaged and not report.repairable:
+            click.echo(f"{damaged} damaged, beyond repair: index the store's folders into a new store")
+        else:
+            click.echo(f"{damaged} damaged: run `clipdex repair --store {store_dir}`" if damaged else
+                       "nothing damaged" + (" (see above)" if report.problems else ""))
+    if report.damaged:
+        raise SystemExit(EXIT_DAMAGED)
+
+
+@cli.command("repair", context_settings=CONTEXT)
+@click.option("--store", "store_dir", required=True, type=click.Path(file_okay=False))
+@click.option("--dry-run", is_flag=True, help="Say what would be done, change nothing.")
+@click.option("--deep", is_flag=True, help="Find damage by a full scan of every fragment, and delete the rows whose "
+                                           "vectors were overwritten (see `check --deep`).")
+@click.option("--model", "model_name", help="The store's model, needed only where neither the manifest nor the "
+                                            "table records it (a store made before clipdex kept it in the table).")
+@click.option("--pretrained", help="With --model: its pretrained tag or checkpoint file.")
+@ann_options
+@click.option("--wait", is_flag=True,
+              help="If another run is writing to the store, wait for it instead of stopping at once.")
+@click.option("--json", "as_json", is_flag=True, help="Print what was done as JSON.")
+def repair_command(store_dir, dry_run, deep, model_name, pretrained, ann, wait, as_json) -> None:
+    """Bring a damaged store back from what it still holds, under the store's writer lock.
+
+    \b
+    - table versions that no longer read are moved aside into STORE/damaged/ (nothing is deleted);
+    - fragments whose files do not read leave the table, and the rows they held come back from
+      the newest version whose files all read; rows no version holds are counted as lost, and
+      their paths, where known, listed by `clipdex info --failures` (reason 'lost');
+    - a damaged manifest is rebuilt from the copy of the store's identity kept in the table;
+    - the FAISS index is built again.
+    Then `clipdex index` on the same folders embeds exactly the files whose rows were lost.
+    Exit code 0 when repaired (or nothing was damaged), 1 when it cannot be.
+    """
+    if model_name:
+        pretrained = pretrained_label(model_name, pretrained)  # as `index` records it: "bundled", a tag, a path
+    report = repair_store(store_dir, RepairConfig(dry_run=dry_run, deep=deep, model=model_name, pretrained=pretrained,
+                                                  ann=ann, wait=wait))
+    if as_json:
+        click.echo(json.dumps(report.to_dict()))
+        return
+    for line in report.actions:
+        click.echo(line)
+    if report.lost:
+        known = f"; {len(report.lost_paths):,} of their paths listed by `clipdex info --store {store_dir} " \
+                "--failures`" if report.lost_paths else ""
+        click.echo(f"{'would lose' if dry_run else 'lost'} {report.lost:,} of {report.rows_before:,} rows{known}. "
+                   "`clipdex index` on the store's folders (or `clipdex import` of its features) then adds them "
+                   "again, and nothing else")
+
+
 @cli.group("cache", context_settings=CONTEXT)
 def cache_group() -> None:
     """Top-k cache retrieval with residual feature blending (ImageBind-LLM's cache model)."""
@@ -782,6 +862,28 @@ def _check_port_free(host: str, port: int) -> None:
             raise InputError(f"cannot listen on {host}:{port}: {error.strerror}; pick another --port or --host") from error
 
 
+def _explain_store_errors(group: click.Group) -> None:
+    """Every command that takes --store: what the storage libraries raise on a damaged store
+    becomes one line naming the damaged file and `clipdex repair` (store/damage.py)."""
+    for command in group.commands.values():
+        if isinstance(command, click.Group):
+            _explain_store_errors(command)
+        elif any(param.name == "store_dir" for param in command.params):
+            command.callback = _explained(command.callback)
+
+
+def _explained(callback: Callable) -> Callable:
+    @functools.wraps(callback)
+    def run(*args, **kwargs):
+        with explained(kwargs["store_dir"]):
+            return callback(*args, **kwargs)
+
+    return run
+
+
+_explain_store_errors(cli)
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM (a service manager, `kill`, a job's time limit), raised where Ctrl-C would be."""
 
@@ -792,8 +894,8 @@ def _terminate(signum, frame) -> None:
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Console entry point: one line per error, never a traceback. Exit codes: 0 ok, 1 failed, 2 usage,
-    3 finished but some paths were unavailable (their rows kept), 130 interrupted (Ctrl-C),
-    143 terminated (SIGTERM)."""
+    3 finished but some paths were unavailable (their rows kept), 4 the store is damaged (`clipdex
+    repair`), 130 interrupted (Ctrl-C), 143 terminated (SIGTERM)."""
     # SIGTERM takes the path Ctrl-C takes: the run stops between commits, the store keeps its last
     # one and says so, instead of the process vanishing without a word.
     if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
@@ -809,7 +911,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         sys.exit(error.exit_code)
     except ClipdexError as error:
         click.echo(f"error: {error}", err=True)
-        sys.exit(1)
+        sys.exit(EXIT_DAMAGED if isinstance(error, DamagedStoreError) else 1)
     except OSError as error:  # a full disk, a read-only folder, a file that vanished: the OS's words
         click.echo(f"error: {shown(os_error_line(error))}", err=True)
         sys.exit(1)

@@ -178,7 +178,12 @@ class _Pipeline:
         done: Future = Future()
 
         def on_decoded(future: Future) -> None:
-            if future.exception() is not None:
+            # A run that stopped (a full disk, Ctrl-C) cancels the decodes still queued: asking a
+            # cancelled future for its exception raises inside this callback, which
+            # concurrent.futures would print as a second traceback under the run's one line.
+            if future.cancelled():
+                done.cancel()
+            elif future.exception() is not None:
                 done.set_exception(future.exception())
             else:
                 done.set_result(future.result())

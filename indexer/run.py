@@ -101,6 +101,7 @@ def index_paths(paths: Sequence[str | os.PathLike], store_dir: str | Path,
     clock.lap("scan")
     LOG.info("scanned %d files in %.2fs", len(found.files), clock.elapsed())
     if not Store.exists(store_dir):
+        Store.refuse_lost_manifest(store_dir)  # before a model loads for what would be a new store
         if found.missing:
             raise InputError(f"no such file or folder: {found.missing[0]}")
         if not found.files and not found.failures:

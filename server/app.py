@@ -30,6 +30,7 @@ from server.security import (
     key_guard,
     open_access_log,
 )
+from store.damage import explain
 from store.errors import ClipdexError, GoneError, InputError, NotFoundError
 
 LOG = logging.getLogger(__name__)
@@ -63,7 +64,7 @@ def create_app(config: ServeConfig, live: LiveStore | None = None) -> FastAPI:
     app.add_middleware(HostCheck, hosts=config.hosts)
     if log is not None:
         app.add_middleware(AccessLog, out=log)
-    _install_error_handlers(app)
+    _install_error_handlers(app, config)
     generate = app.openapi
 
     def openapi_with_bodies() -> dict[str, Any]:
@@ -84,7 +85,7 @@ def serve(config: ServeConfig, app: FastAPI | None = None) -> None:
     uvicorn.run(app or create_app(config), host=config.host, port=config.port, log_level="warning", access_log=False)
 
 
-def _install_error_handlers(app: FastAPI) -> None:
+def _install_error_handlers(app: FastAPI, config: ServeConfig) -> None:
     @app.exception_handler(ClipdexError)
     async def clipdex_error(_: Request, error: ClipdexError) -> JSONResponse:
         status = (410 if isinstance(error, GoneError) else 404 if isinstance(error, NotFoundError)
@@ -102,6 +103,19 @@ def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ClientDisconnect)
     async def gone(_: Request, __: ClientDisconnect) -> JSONResponse:  # nobody left to answer; not a fault
         return JSONResponse({"error": "the client disconnected before sending the whole body"}, status_code=400)
+
+    async def storage_error(request: Request, error: Exception) -> JSONResponse:
+        """What Lance, FAISS or NumPy raise on a damaged store: the operator's log gets the file and
+        the way out in one line, the client that it is not its fault. Anything else is a bug (500)."""
+        damage = explain(error, config.store)
+        if damage is None:
+            raise error
+        LOG.error("%s %s: %s", request.method, request.url.path, damage)
+        return JSONResponse({"error": "the store cannot be read: its files are damaged (the server log names "
+                                      "them; `clipdex check` and `clipdex repair` mend it)"}, status_code=503)
+
+    for kind in (RuntimeError, OSError, ValueError):  # the types those libraries raise
+        app.add_exception_handler(kind, storage_error)
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, error: Exception) -> JSONResponse:

@@ -296,8 +296,11 @@ class _ListAssignment:
             raise StoreError("the table changed during the index build: run `clipdex reindex`")
 
 
+MIN_TRAINED_ROWS = 1000  # below, nothing to train an ANN index on; exact search is instant anyway
+
+
 def choose_kind(count: int, dim: int, config: AnnConfig) -> str:
-    if count < 1000:  # nothing to train an ANN index on; exact is instant anyway
+    if count < MIN_TRAINED_ROWS:
         return "flat"
     if config.kind != "auto":
         return config.kind
@@ -306,6 +309,15 @@ def choose_kind(count: int, dim: int, config: AnnConfig) -> str:
     if count * dim * 4 <= _index_share(config):
         return "ivf"
     return "ivf-sq8" if count * dim <= _index_share(config) else "autofaiss"
+
+
+def substitution(count: int, asked: str, built: str) -> str | None:
+    """Why the kind asked for (``--index-type``) is not the kind built, in words, or None."""
+    if asked in ("auto", built):
+        return None
+    reason = (f"it needs at least {MIN_TRAINED_ROWS:,} rows to train, and the store has {count:,}"
+              if count < MIN_TRAINED_ROWS else "it cannot be built here")
+    return f"--index-type {asked} was not built: {reason}; built a {built} index instead (exact, as fast at this size)"
 
 
 def _key(kind: str, count: int, dim: int, config: AnnConfig) -> str:

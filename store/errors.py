@@ -49,6 +49,15 @@ class StoreError(ClipdexError, RuntimeError):
     """The store is missing, damaged, or cannot do what was asked."""
 
 
+class DamagedStoreError(StoreError):
+    """A file of the store cannot be read: cut short, deleted, overwritten. The message names the
+    file and ``clipdex repair``, which brings the store back from what it still holds."""
+
+
+class ManifestDamagedError(DamagedStoreError):
+    """``manifest.json`` cannot be read or holds values of the wrong type."""
+
+
 class ModelMismatchError(StoreError):
     """The store was built with another model (or embedding space) than the one asked for."""
 

@@ -7,12 +7,14 @@ migrations so an old store opens in a new clipdex.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, replace
+import types
+import typing
+from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
-from store.errors import StoreError
+from store.errors import ManifestDamagedError, StoreError, first_line
 from store.files import DEFAULT_CONTENT_HASH, write_atomically
 
 MANIFEST_NAME = "manifest.json"
@@ -73,6 +75,25 @@ class Manifest:
         return replace(self, updated=now(), **changes)
 
 
+# What a store is, kept also in the images table's metadata (written with the table, and again when
+# it changes) so that a lost or damaged manifest can be rebuilt from the table: `clipdex repair`.
+IDENTITY_KEY = "clipdex.identity"
+IDENTITY_FIELDS = ("model", "pretrained", "dim", "space", "has_text_encoder", "weights_sha256", "roots", "preprocess",
+                   "content_hash", "created")
+
+
+def identity_of(manifest: Manifest) -> str:
+    return json.dumps({name: getattr(manifest, name) for name in IDENTITY_FIELDS}, sort_keys=True)
+
+
+def from_identity(text: str) -> Manifest:
+    """The manifest of a store known only by :func:`identity_of` (counts and index still to fill)."""
+    data = json.loads(text)
+    if not isinstance(data, dict):
+        raise ValueError("not a JSON object")
+    return _typed(Manifest, {name: data[name] for name in IDENTITY_FIELDS if name in data})
+
+
 def _v1_to_v2(data: dict[str, Any]) -> dict[str, Any]:
     # v1 named the embedding space implicitly by the model; v2 records it (imports need it).
     data.setdefault("space", data.get("model", "unknown"))
@@ -126,15 +147,85 @@ def migrate(data: dict[str, Any]) -> dict[str, Any]:
 def read_manifest(directory: str | Path) -> Manifest:
     path = Path(directory) / MANIFEST_NAME
     try:
-        data = migrate(json.loads(path.read_text()))
-        index = IndexInfo(**data.pop("index", {}))
-        return Manifest(index=index, **{**data, "roots": tuple(data.get("roots", ()))})
+        return parse_manifest(path.read_bytes())
     except FileNotFoundError as error:
         raise StoreError(f"{directory} is not a clipdex store (no {MANIFEST_NAME}); create one with `clipdex index`") from error
     except PermissionError as error:
         raise StoreError(f"cannot read {path}: permission denied") from error
-    except (json.JSONDecodeError, TypeError) as error:
-        raise StoreError(f"{path} is damaged ({error}); re-create the store with `clipdex index`") from error
+    except OSError as error:
+        raise ManifestDamagedError(f"{path} cannot be read ({error.strerror or error}); "
+                                   f"run `clipdex repair --store {directory}` to rebuild it from the tables") from error
+    except ValueError as error:
+        raise ManifestDamagedError(f"{path} is damaged ({first_line(error, 160)}); "
+                                   f"run `clipdex repair --store {directory}` to rebuild it from the tables") from error
+
+
+def parse_manifest(data: bytes) -> Manifest:
+    """A manifest from its JSON, every field of the type it is declared with: a hand-edited or
+    half-written file is a ValueError here, not a TypeError deep inside a command later."""
+    try:
+        raw = json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"not JSON: {error}") from None
+    if not isinstance(raw, dict):
+        raise ValueError("not a JSON object")
+    version = raw.get("version", 1)
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise ValueError(f"'version' is {version!r}, not a version number")
+    if not isinstance(raw.get("index", {}), dict):
+        raise ValueError(f"'index' is {type(raw['index']).__name__}, not an object")
+    raw = migrate(raw)
+    manifest = _typed(Manifest, {**raw, "index": _typed(IndexInfo, raw.pop("index", {}))})
+    if manifest.dim < 1:
+        raise ValueError(f"'dim' is {manifest.dim}")
+    return manifest
+
+
+def _typed(cls: type, data: dict[str, Any]) -> Any:
+    """*cls*(**data), each value checked against the field's declared type (JSON lists become the
+    tuples a field declares); unknown keys are refused, missing ones take their defaults."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ValueError(f"unknown field {unknown[0]!r}")
+    values = {}
+    for name, value in data.items():
+        if not _fits(value, hints[name]):
+            raise ValueError(f"{cls.__name__.lower()} field {name!r} is {type(value).__name__} {str(value)[:40]!r}, "
+                             f"not {_type_name(hints[name])}")
+        values[name] = tuple(value) if isinstance(value, list) else value
+    try:
+        return cls(**values)
+    except TypeError as error:  # a required field left out
+        raise ValueError(str(error)) from None
+
+
+def _fits(value: Any, hint: Any) -> bool:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, arg) for arg in args)
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint in (str, Any):
+        return hint is Any or isinstance(value, str)
+    if origin is dict:
+        return isinstance(value, dict) and all(isinstance(k, str) and _fits(v, args[1]) for k, v in value.items())
+    if origin is tuple:
+        return isinstance(value, (list, tuple)) and all(_fits(v, args[0]) for v in value)
+    if isinstance(hint, type) and hint in (IndexInfo,):
+        return isinstance(value, hint)
+    return False
+
+
+def _type_name(hint: Any) -> str:
+    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
 
 
 def write_manifest(directory: str | Path, manifest: Manifest) -> None:

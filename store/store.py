@@ -5,21 +5,40 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import warnings
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
 
-from store.ann import AnnConfig, AnnIndex, build_from, lists_file, load_index, recall_by_set, save_index
+from store.ann import (
+    AnnConfig,
+    AnnIndex,
+    build_from,
+    lists_file,
+    load_index,
+    recall_by_set,
+    save_index,
+    substitution,
+)
 from store.delta import Delta, changed_since_build, forget, layered
-from store.errors import ModelMismatchError, StoreError
+from store.errors import ManifestDamagedError, ModelMismatchError, StoreError
 from store.files import writing
 from store.lock import writer_lock
-from store.manifest import MANIFEST_NAME, IndexInfo, Manifest, now, read_manifest, write_manifest
+from store.manifest import (
+    IDENTITY_FIELDS,
+    MANIFEST_NAME,
+    IndexInfo,
+    Manifest,
+    identity_of,
+    now,
+    read_manifest,
+    write_manifest,
+)
 from store.queries import kept_query_sets, query_set_name, read_query_file, save_query_sets, unit_rows
 from store.sharded import Workers, build_sharded
-from store.tables import Tables
+from store.tables import IMAGES, TABLE_DIR, Tables
 from store.update import delta_update, load_truth, save_truth, truth_after
 from store.values import StoredValues, ValuesWriter
 
@@ -37,6 +56,7 @@ class Store:
         self.directory = directory
         self._manifest = manifest
         self.tables = Tables.open(directory, manifest.dim, writable)
+        self.tables.identity = identity_of(manifest)
         self._index = None
         self._index_file = ""
         self._values: tuple[tuple[str, str], StoredValues | None] = (("", ""), None)
@@ -48,11 +68,26 @@ class Store:
         directory = expand(directory)
         if not directory.is_dir():
             raise StoreError(f"no store at {directory}: create one with `clipdex index PATH --store {directory}`")
-        return cls(directory, read_manifest(directory), writable)
+        if not (directory / MANIFEST_NAME).exists():
+            cls.refuse_lost_manifest(directory)
+        store = cls(directory, read_manifest(directory), writable)
+        if writable:  # under the writer lock
+            store._remove_index_files(keep=store._named_files())  # a killed build's leftovers: maybe gigabytes
+            store._keep_identity()
+        return store
 
     @classmethod
     def exists(cls, directory: str | Path) -> bool:
         return (expand(directory) / MANIFEST_NAME).is_file()
+
+    @staticmethod
+    def refuse_lost_manifest(directory: str | Path) -> None:
+        """A folder with a store's tables but no manifest lost it (deleted, never copied): a new
+        store there would take its rows for another model's."""
+        directory = expand(directory)
+        if (directory / TABLE_DIR / f"{IMAGES}.lance").is_dir():
+            raise ManifestDamagedError(f"{directory} holds a store's rows but no {MANIFEST_NAME}: run `clipdex repair "
+                                       f"--store {directory}` to rebuild it from the tables")
 
     @classmethod
     def create(cls, directory: str | Path, model: str, pretrained: str, dim: int,
@@ -67,6 +102,7 @@ class Store:
             return store
         if directory.exists() and not directory.is_dir():
             raise StoreError(f"{directory} is a file, not a store folder")
+        cls.refuse_lost_manifest(directory)
         directory.mkdir(parents=True, exist_ok=True)
         manifest = Manifest(model=model, pretrained=pretrained, dim=dim, space=space or model,
                             has_text_encoder=has_text_encoder, weights_sha256=weights_sha256,
@@ -126,7 +162,21 @@ class Store:
         with writing(self.directory):
             write_manifest(self.directory, manifest)
         self._manifest = manifest
+        if set(changes) & set(IDENTITY_FIELDS):
+            self._keep_identity()
         return manifest
+
+    def _keep_identity(self) -> None:
+        """The images table's copy of the store's identity, brought up to the manifest's (a writer's
+        step, before its rows are committed: the commit must not come after an index build)."""
+        self.tables.identity = identity_of(self._manifest)
+        if self.tables.exists(IMAGES) and self.tables.stored_identity() != self.tables.identity:
+            self.tables.record_identity(self.tables.identity)
+
+    def _named_files(self) -> set[str]:
+        """The index files the manifest names (the rest of the index folder is a dead build's)."""
+        info = self._manifest.index
+        return {info.file, info.values, info.delta, CURRENT_INDEX}
 
     def next_free_id(self) -> int:
         """The first id no row has and no run has reserved."""
@@ -155,19 +205,26 @@ class Store:
         _, covered = changed_since_build(self.directory)  # what this build makes moot, forgotten once it is published
         source = self.tables.vector_source()
         sets = self._query_sets(config, queries or {})
-        current = self._manifest.index
-        # A dead build's leftovers: maybe gigabytes.
-        self._remove_index_files(keep={current.file, current.values, current.delta, CURRENT_INDEX})
+        self._remove_index_files(keep=self._named_files())  # a dead build's leftovers: maybe gigabytes
         relative, values = self._fresh_index_names(table_version)
-        with writing(self.directory):
-            writer = ValuesWriter(self.directory / values, source.all_ids(), source.dim, config.values_dtype)
-            if workers is None:
-                built = build_from(source, config, writer, sets)
-            else:
-                built = build_sharded(source, config, writer, workers, lists_file(self.directory / relative), sets)
-            save_index(built.index, self.directory / relative)
-            if source.count >= config.delta_min_rows:  # a smaller store is rebuilt, never measured with a delta
-                save_truth(self.directory / values, built.truth)
+        try:
+            with writing(self.directory):
+                writer = ValuesWriter(self.directory / values, source.all_ids(), source.dim, config.values_dtype)
+                if workers is None:
+                    built = build_from(source, config, writer, sets)
+                else:
+                    built = build_sharded(source, config, writer, workers, lists_file(self.directory / relative),
+                                          sets)
+                save_index(built.index, self.directory / relative)
+                if source.count >= config.delta_min_rows:  # a smaller store is rebuilt, never measured with a delta
+                    save_truth(self.directory / values, built.truth)
+        except BaseException:
+            # A build that failed (a full disk, Ctrl-C) leaves no partial files to fill the disk further.
+            self._remove_index_files(keep=self._named_files())
+            raise
+        note = substitution(source.count, config.kind, built.kind)
+        if note:
+            warnings.warn(note, stacklevel=2)
         info = IndexInfo(type=built.kind, key=built.key, params=built.params, file=relative, count=source.count,
                          table_version=table_version, recall_at_10=built.recall_at_10,
                          recall_queries=built.recall_queries, build_seconds=round(built.seconds, 3), built=now(),

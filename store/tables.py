@@ -13,6 +13,7 @@ import pyarrow.compute as pc
 
 from store.errors import StoreError
 from store.files import writing
+from store.manifest import IDENTITY_KEY
 
 if TYPE_CHECKING:
     import lancedb
@@ -155,6 +156,7 @@ class Tables:
         self._pinned: pa.Table | None = None  # metadata of a pinned version, sorted by id
         self._pinned_version: int | None = None
         self._max_id: tuple[int, int] = (-2, 0)  # (table version, its largest id)
+        self.identity = ""  # what the store is (store.manifest.identity_of), written into a new images table
 
     @classmethod
     def open(cls, directory: str | Path, dim: int, writable: bool = False) -> "Tables":
@@ -175,7 +177,19 @@ class Tables:
                 if name == IMAGES:
                     table.create_scalar_index("id")
                 self._handles[name] = table
+                if name == IMAGES and self.identity:
+                    self.record_identity(self.identity)
         return self._handles[name]
+
+    def stored_identity(self) -> str:
+        """The store's identity as the images table's metadata keeps it ("" where it has none)."""
+        return self.images.to_lance().metadata.get(IDENTITY_KEY, "")
+
+    def record_identity(self, text: str) -> None:
+        """Keep *text* (the store's identity) in the images table's metadata: a commit of its own."""
+        with writing(self.directory):
+            self.images.to_lance().update_metadata({IDENTITY_KEY: text})
+        self.images.checkout_latest()
 
     def exists(self, name: str) -> bool:
         return name in self._handles or name in self.db.list_tables().tables
