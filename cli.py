@@ -45,7 +45,7 @@ from search import (
     similarity,
 )
 from search.filters import parse_filter
-from search.query import DEFAULT_K
+from search.query import DEFAULT_K, SORT_POOL
 from search.zeroshot import DEFAULT_TOP_K, check_template
 from server.config import MIB, ServeConfig
 from store import AnnConfig, ClipdexError, InputError, Store, import_features
@@ -458,9 +458,18 @@ def info_command(store_dir, as_json, show_failures) -> None:
 @click.option("--subtract", "subtracts", multiple=True, metavar="[W:]TERM",
               help="Subtract a term, e.g. --subtract dog.")
 @click.option("--where", "where", help="SQL prefilter on metadata, e.g. \"width > 500 AND path LIKE '%2024%'\".")
+@click.option("--min-score", type=click.FloatRange(-1, 1), metavar="S",
+              help="Only results whose cosine similarity is at least S (still at most k). Typical matches: "
+                   "0.25-0.35 for ViT-B-32 and ViT-L-14 text queries, 0.8 and above for near-duplicate images; "
+                   "see README.")
+@click.option("--sort", "sort", metavar="[-]COLUMN",
+              help="Order the results by a column, '-' for descending (e.g. --sort=-mtime), ties by score. With "
+                   f"--min-score, every match above it (up to {SORT_POOL:,}) is ordered and the first k shown; "
+                   "without, the k best matches are reordered.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda (for encoding the query).")
-@click.option("--json", "as_json", is_flag=True, help="Print [{id, path, score, width, height, caption}] as JSON.")
-def search_command(query, store_dir, k, image, adds, subtracts, where, device, as_json) -> None:
+@click.option("--json", "as_json", is_flag=True,
+              help="Print [{id, path, score, width, height, caption}] as JSON (with the --sort column).")
+def search_command(query, store_dir, k, image, adds, subtracts, where, min_score, sort, device, as_json) -> None:
     """Search a store by text (QUERY), by image (--image), or both, with query algebra.
 
     \b
@@ -468,6 +477,7 @@ def search_command(query, store_dir, k, image, adds, subtracts, where, device, a
       clipdex search "a red circle" --store demo.clipdex -k 5
       clipdex search --image photo.jpg --store demo.clipdex --where "width > 300"
       clipdex search "a circle" --add 2:blue --subtract red --store demo.clipdex
+      clipdex search "the beach" --min-score 0.25 --sort=-mtime --store photos.clipdex
     """
     if query is None and image is None:
         raise InputError("give a QUERY text, --image PATH, or both")
@@ -479,15 +489,23 @@ def search_command(query, store_dir, k, image, adds, subtracts, where, device, a
         search = search.subtract(term)
     if where:
         search = search.where(where)
+    search = search.min_score(min_score).sort(sort)
+    column = search.order[0] if search.order else None
     results = search.to_list()
     if as_json:
-        keep = ("id", "path", "score", "width", "height", "caption")
-        click.echo(json.dumps([{key: row[key] for key in keep} for row in results]))
+        keep = ("id", "path", "score", "width", "height", "caption") + ((column,) if column else ())
+        click.echo(json.dumps([{key: _jsonable(row.get(key)) for key in keep} for row in results]))
         return
     if not results:
-        click.echo("no results")
+        click.echo("no results" + (f" at or above --min-score {min_score}" if min_score is not None else ""))
     for rank, row in enumerate(results, 1):
-        click.echo(f"{rank:>3}  {row['score']:.3f}  {shown(row['path'])}")
+        value = f"  {_jsonable(row.get(column))}" if column else ""
+        click.echo(f"{rank:>3}  {row['score']:.3f}{value}  {shown(row['path'])}")
+
+
+def _jsonable(value):
+    """A column value as JSON takes it (timestamps and dates as ISO text)."""
+    return value.isoformat() if hasattr(value, "isoformat") else value
 
 
 def build_engine_options(command):

@@ -21,10 +21,11 @@ from typing import TYPE_CHECKING, Any, Protocol, Sequence
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from encoder import MODELS, load_image
 from search.filters import combine, parse_filter
-from search.terms import Term, check_k, parse_term
+from search.terms import Term, check_k, check_min_score, parse_term
 from store.errors import InputError, NotFoundError, first_line
 
 if TYPE_CHECKING:
@@ -37,6 +38,10 @@ if TYPE_CHECKING:
 LOG = logging.getLogger(__name__)
 RESULT_COLUMNS = ("id", "path", "width", "height", "caption", "bytes", "mtime", "hash")
 DEFAULT_K = 10
+# A search sorted by a column after a relevance cut-off orders every match above the cut-off, up
+# to this many (it searches deeper until the scores fall below the cut-off or this is reached).
+SORT_POOL = 10_000
+SORT_FIRST_DEPTH = 256  # how deep such a search looks first; 4x deeper each time every match still passes
 
 
 class TermEncoder(Protocol):
@@ -54,6 +59,8 @@ class Query:
     device: str = "auto"
     columns: tuple[str, ...] = field(default=RESULT_COLUMNS)
     encoder: TermEncoder | None = None  # None: the store's model from the shared pool
+    threshold: float | None = None  # .min_score(): results below this cosine are left out
+    order: tuple[str, bool] | None = None  # .sort(): (column, descending)
 
     @classmethod
     def create(cls, store: "Store", text: str | None = None, *, image: str | None = None,
@@ -86,9 +93,29 @@ class Query:
     def limit(self, k: int, maximum: int | None = None) -> "Self":
         return replace(self, k=check_k(k, maximum))
 
+    def min_score(self, score: float | None) -> "Self":
+        """Only results whose cosine similarity is at least *score* (still at most k); None: all."""
+        return replace(self, threshold=check_min_score(score))
+
+    def sort(self, column: str | None) -> "Self":
+        """Order the results by a table column, ``-column`` for descending, ties by score. After a
+        :meth:`min_score`, every match above it (up to SORT_POOL) is ordered and the first k kept
+        ("the newest photos of the beach"); without one, the k best matches are reordered."""
+        if column is None:
+            return replace(self, order=None)
+        if not isinstance(column, str) or not column.strip("-"):
+            raise InputError(f"sort needs a column name, optionally with '-' for descending; got {column!r}")
+        name, descending = column.removeprefix("-"), column.startswith("-")
+        allowed = self.store.tables.filter_columns()
+        if name not in allowed:
+            raise InputError(f"cannot sort by {name!r}: the store's columns are {', '.join(sorted(allowed))}")
+        return replace(self, order=(name, descending))
+
     def to_query_object(self) -> dict[str, Any]:
         """A JSON-able description (cache keys, HTTP payloads)."""
-        return {"terms": [t.describe() for t in self.terms], "where": list(self.filters), "k": self.k}
+        return {"terms": [t.describe() for t in self.terms], "where": list(self.filters), "k": self.k,
+                "min_score": self.threshold, "sort": None if self.order is None else
+                ("-" if self.order[1] else "") + self.order[0]}
 
     def vector(self) -> np.ndarray:
         """The combined, L2-normalised query vector ``[dim]``."""
@@ -135,7 +162,8 @@ class Query:
         return rows.column("id").to_numpy()
 
     def to_arrow(self) -> pa.Table:
-        """Results best first: the metadata columns plus ``score`` (cosine similarity)."""
+        """Results best first (or in :meth:`sort`'s order): the metadata columns plus ``score``
+        (cosine similarity)."""
         manifest = self.store.manifest
         if manifest.index.table_version != self.store.tables.version():
             LOG.warning("the index is older than the table (an index run was interrupted or is under way); "
@@ -144,15 +172,43 @@ class Query:
         allowed = self._allowed_ids()
         if allowed is not None and len(allowed) == 0:
             return self._empty()
-        scores, ids = index.search(self.vector()[None, :], self.k, allowed)
-        keep = ids[0] >= 0
-        ids, scores = ids[0][keep], scores[0][keep]
-        rows = self.store.tables.rows_by_id(ids.tolist(), self.columns)
+        ids, scores = self._neighbours(index, self.vector()[None, :], allowed)
+        columns = list(self.columns) + ([self.order[0]] if self.order and self.order[0] not in self.columns else [])
+        rows = self.store.tables.rows_by_id(ids.tolist(), columns)
         position = {row_id: i for i, row_id in enumerate(rows.column("id").to_pylist())}
         order = [position[i] for i in ids.tolist() if i in position]  # rows deleted since the index: dropped
         found = rows.take(pa.array(order, pa.int64()))
         by_id = dict(zip(ids.tolist(), scores.tolist()))
-        return found.append_column("score", pa.array([by_id[i] for i in found.column("id").to_pylist()], pa.float32()))
+        found = found.append_column("score", pa.array([by_id[i] for i in found.column("id").to_pylist()], pa.float32()))
+        if self.order is not None:
+            name, descending = self.order
+            # Arrow's sort is stable: rows equal in the column keep their order by score.
+            key = (name, "descending" if descending else "ascending", "at_end")  # rows without a value last
+            found = found.take(pc.sort_indices(found, sort_keys=[key]))[:self.k]
+            found = found.select([*self.columns, "score"])
+        return found
+
+    def _neighbours(self, index, vector: np.ndarray, allowed: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, scores) best first, at least :meth:`min_score`: the k best, or for a search sorted
+        after a cut-off, every match above it up to SORT_POOL (searched deeper while the last one
+        found still passes)."""
+        depth = self.k
+        pool = self.order is not None and self.threshold is not None
+        if pool:
+            depth = min(max(self.k, SORT_FIRST_DEPTH), SORT_POOL)
+        while True:
+            scores, ids = index.search(vector, depth, allowed)
+            keep = ids[0] >= 0
+            ids, scores = ids[0][keep], scores[0][keep]
+            if self.threshold is not None:
+                passing = scores >= self.threshold
+                full = bool(passing.all()) and len(ids) == depth
+                ids, scores = ids[passing], scores[passing]
+            else:
+                full = False
+            if not pool or not full or depth >= SORT_POOL:
+                return ids, scores
+            depth = min(depth * 4, SORT_POOL)
 
     def _empty(self) -> pa.Table:
         schema = self.store.tables.images.schema

@@ -37,6 +37,17 @@ def check_k(k: Any, maximum: int | None = None) -> int:
     return int(k)
 
 
+def check_min_score(score: Any) -> float | None:
+    """A relevance cut-off as a cosine in [-1, 1], or None for none; strings and NaN refused."""
+    if score is None:
+        return None
+    if isinstance(score, bool) or not isinstance(score, (int, float, np.integer, np.floating)):
+        raise InputError(f"min_score must be a number, got {score!r}")
+    if not -1.0 <= float(score) <= 1.0:  # NaN fails this too
+        raise InputError(f"min_score is a cosine similarity, between -1 and 1; got {score}")
+    return float(score)
+
+
 @dataclass(frozen=True, eq=False)
 class Term:
     """One weighted part of a query: exactly one of a text, an image file path, a decoded picture

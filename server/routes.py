@@ -94,7 +94,8 @@ async def search(request: Request, ctx: Context) -> list[dict]:
 
     JSON: exactly one of ``text``, ``image`` (base64), ``id`` or ``embedding``; ``add``/``subtract``
     terms move the query vector (normalize(sum of weight x term)); ``where`` restricts the candidates
-    with SQL before the search. Multipart: an ``image`` file, with ``k`` and ``where``.
+    with SQL before the search; ``min_score`` drops results below a cosine similarity; ``sort`` orders them by a
+    column (``-mtime``: newest first). Multipart: an ``image`` file, with ``k``, ``where``, ``min_score``, ``sort``.
     """
     body = await read_body(request, SearchRequest, SearchForm)
     return await run_in_threadpool(_search, ctx, body)
@@ -114,7 +115,7 @@ def _search(ctx: ServerContext, body: SearchRequest | SearchForm) -> list[dict]:
             query = query.subtract(_term(ctx, term, term.weight))
     if body.where is not None:
         query = query.where(body.where)
-    return query.to_list()
+    return query.min_score(body.min_score).sort(body.sort).to_list()
 
 
 @router.get("/images/{image_id}", response_class=StreamingResponse, summary="The indexed file itself",

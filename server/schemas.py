@@ -18,6 +18,11 @@ ImageId = Annotated[int, Field(ge=0, le=2**63 - 1, description="A stable image i
 Text = Annotated[str, Field(max_length=2000)]  # emptiness is the query's check (one message, one status)
 Embedding = Annotated[list[Finite], Field(min_length=1, max_length=8192)]
 SOURCES = ("text", "image", "id", "embedding")
+MinScore = Annotated[float | None, Field(ge=-1, le=1, allow_inf_nan=False, description=(
+    "Only results whose cosine similarity is at least this (still at most k)."))]
+SortColumn = Annotated[str | None, Field(max_length=128, pattern=r"^-?[A-Za-z_][A-Za-z0-9_]*$", description=(
+    "Order the results by this column, '-' for descending (e.g. \"-mtime\"), ties by score; with min_score, "
+    "every match above it is ordered and the first k returned."), examples=["-mtime"])]
 
 
 class Strict(BaseModel):
@@ -59,6 +64,8 @@ class SearchRequest(Source):
     where: str | None = Field(None, max_length=MAX_FILTER_LENGTH,
                               description="A SQL prefilter on the metadata columns, e.g. \"width > 500\".",
                               examples=["width > 100 AND path LIKE '%beach%'"])
+    min_score: MinScore = None
+    sort: SortColumn = None
 
     model_config = ConfigDict(json_schema_extra={"examples": [{"text": "a red circle", "k": 5}]})
 
@@ -69,6 +76,8 @@ class SearchForm(FormFields):
     image: bytes = Field(description="An image file (JPEG, PNG, ...).")
     k: int = DEFAULT_K
     where: str | None = Field(None, max_length=MAX_FILTER_LENGTH)
+    min_score: MinScore = None
+    sort: SortColumn = None
 
 
 class Hit(BaseModel):

@@ -4,6 +4,7 @@ filter with SQL, see errors as messages."""
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import socket
@@ -122,3 +123,33 @@ def test_search_page_end_to_end(browser, base_url, served_library):
     search(browser, "a shape", where="widht >>> 3")
     status = WebDriverWait(browser, 20).until(lambda b: b.find_element(By.CSS_SELECTOR, "#status.error"))
     assert "invalid where filter" in status.text
+
+
+def test_the_page_s_min_score_slider_and_sort_choice(browser, base_url):
+    browser.get(base_url + "/?key=" + KEY)
+    WebDriverWait(browser, 20).until(lambda b: b.find_elements(By.ID, "q"))
+
+    def shown_scores():
+        return [float(card.find_element(By.CLASS_NAME, "score").text.split("·")[0]) for card in cards(browser)]
+
+    search(browser, "a shape")
+    wait_for_status(browser, 'results for "a shape"')
+    everything = shown_scores()
+    cut = math.ceil(everything[-1] * 100 + 1) / 100  # a slider step above the last shown, below the best
+    assert cut <= everything[0]
+    slider = browser.find_element(By.ID, "min-score")
+    browser.execute_script(f"arguments[0].value = '{cut}'; arguments[0].dispatchEvent(new Event('input'))", slider)
+    assert float(browser.find_element(By.ID, "min-score-value").text) == cut
+    search(browser, "a shape ")
+    wait_for_status(browser, 'results for "a shape "')
+    scores = shown_scores()
+    assert scores and len(scores) < len(everything) and all(score >= cut for score in scores)
+    browser.find_element(By.CSS_SELECTOR, "#sort option[value='-width']").click()
+    search(browser, "a shape")
+    wait_for_status(browser, 'results for "a shape"')
+    meta = [card.find_element(By.CLASS_NAME, "score").text for card in cards(browser)]
+    widths = [int(text.split("·")[1].split("×")[0]) for text in meta]
+    assert meta and all(float(text.split("·")[0]) >= cut for text in meta)
+    assert widths == sorted(widths, reverse=True)
+    browser.execute_script("arguments[0].value = '0'; arguments[0].dispatchEvent(new Event('input'))", slider)
+    assert browser.find_element(By.ID, "min-score-value").text == "off"
