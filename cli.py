@@ -466,10 +466,15 @@ def info_command(store_dir, as_json, show_failures) -> None:
               help="Order the results by a column, '-' for descending (e.g. --sort=-mtime), ties by score. With "
                    f"--min-score, every match above it (up to {SORT_POOL:,}) is ordered and the first k shown; "
                    "without, the k best matches are reordered.")
+@click.option("--hybrid", is_flag=True,
+              help="Also search the captions for QUERY's words (BM25) and fuse both rankings by reciprocal rank: "
+                   "finds a name, a product code or a rare word the image does not show. Score stays the cosine.")
+@click.option("--fts", is_flag=True, help="Search the captions for QUERY's words only (BM25; score is BM25's).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda (for encoding the query).")
 @click.option("--json", "as_json", is_flag=True,
               help="Print [{id, path, score, width, height, caption}] as JSON (with the --sort column).")
-def search_command(query, store_dir, k, image, adds, subtracts, where, min_score, sort, device, as_json) -> None:
+def search_command(query, store_dir, k, image, adds, subtracts, where, min_score, sort, hybrid, fts, device,
+                   as_json) -> None:
     """Search a store by text (QUERY), by image (--image), or both, with query algebra.
 
     \b
@@ -478,6 +483,7 @@ def search_command(query, store_dir, k, image, adds, subtracts, where, min_score
       clipdex search --image photo.jpg --store demo.clipdex --where "width > 300"
       clipdex search "a circle" --add 2:blue --subtract red --store demo.clipdex
       clipdex search "the beach" --min-score 0.25 --sort=-mtime --store photos.clipdex
+      clipdex search "SKU 4821" --hybrid --store products.clipdex
     """
     if query is None and image is None:
         raise InputError("give a QUERY text, --image PATH, or both")
@@ -489,7 +495,10 @@ def search_command(query, store_dir, k, image, adds, subtracts, where, min_score
         search = search.subtract(term)
     if where:
         search = search.where(where)
-    search = search.min_score(min_score).sort(sort)
+    if hybrid and fts:
+        raise InputError("give one of --hybrid (words and meaning) and --fts (words only)")
+    search = search.min_score(min_score).sort(sort).hybrid(hybrid)
+    search = search.full_text() if fts else search
     column = search.order[0] if search.order else None
     results = search.to_list()
     if as_json:

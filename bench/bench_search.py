@@ -6,6 +6,13 @@ tables and indexed by the store's own rebuild (exact up to 200k, autofaiss above
 real text through the ViT-B-32 text tower (random-init weights: speed does not need training).
 
     python bench/bench_search.py --sizes 10000,100000,1000000 --out bench/results/search.json
+
+--hybrid-quality N instead measures hybrid search on a captioned demo library of N images whose
+captions also name a lot number no image shows (a data team's product photos): recall@10 of the
+lot numbers by vector, hybrid and full-text search, precision@10 of meaning queries by vector and
+hybrid search, and each mode's latency:
+
+    python bench/bench_search.py --hybrid-quality 2000 --out bench/results/hybrid.json
 """
 
 from __future__ import annotations
@@ -87,6 +94,48 @@ def latency(store, queries: list[str], k: int, where: str | None = None) -> dict
     return summary
 
 
+def hybrid_quality(count: int, work: Path, out: Path) -> dict:
+    """The --hybrid-quality report (see the module doc), on clipdex-shapes."""
+    from demo.shapes import write_library, write_lot_captions
+    from indexer.run import IndexConfig, index_paths
+    from search import Query
+    from store.store import Store
+
+    root = work / f"hybrid-{count}"
+    shutil.rmtree(root, ignore_errors=True)
+    labels = write_library(root / "library", count, 41)
+    captions = root / "captions.csv"
+    truth = write_lot_captions(labels, captions)
+    index_paths([root / "library"], root / "store", IndexConfig(model="clipdex-shapes", device="cpu",
+                                                                captions=(str(captions),), progress=False))
+    store = Store.open(root / "store")
+    rng = np.random.default_rng(0)
+    sampled = [list(truth.items())[i] for i in rng.choice(len(truth), size=min(200, len(truth)), replace=False)]
+    modes = {"vector": lambda q: q, "hybrid": lambda q: q.hybrid(), "fts": lambda q: q.full_text()}
+    report = {"images": count, "model": "clipdex-shapes", "command": " ".join(sys.argv),
+              "machine": f"{platform.machine()}, {os.cpu_count()} cores", "lot_recall_at_10": {},
+              "meaning_precision_at_10": {}, "latency_p50_ms": {}}
+    for name, mode in modes.items():
+        for form in ("lot {}", "{}"):
+            found, times = 0, []
+            for path, (_, _, code) in sampled:
+                started = time.perf_counter()
+                rows = mode(Query.create(store, form.format(code))).limit(10).to_list()
+                times.append(time.perf_counter() - started)
+                found += path in [row["path"] for row in rows]
+            report["lot_recall_at_10"][f"{name}: {form.format('N')!r}"] = round(found / len(sampled), 3)
+        report["latency_p50_ms"][name] = round(float(np.percentile(np.array(times[3:]) * 1000, 50)), 2)
+    pairs = sorted({(colour, shape) for colour, shape, _ in truth.values()})
+    for name in ("vector", "hybrid"):
+        precision = [sum(truth[row["path"]][:2] == pair for row in modes[name](
+            Query.create(store, f"a {pair[0]} {pair[1]}")).limit(10).to_list()) / 10 for pair in pairs]
+        report["meaning_precision_at_10"][name] = round(float(np.mean(precision)), 3)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps(report, indent=2))
+    return report
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="10000,100000,1000000")
@@ -95,9 +144,14 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=10)
     parser.add_argument("--work", type=Path, default=Path("/tmp/clipdex-bench"))
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "search.json")
+    parser.add_argument("--hybrid-quality", type=int, metavar="N",
+                        help="Measure hybrid search on a captioned demo library of N images instead (module doc).")
     args = parser.parse_args()
 
     args.work.mkdir(parents=True, exist_ok=True)
+    if args.hybrid_quality:
+        hybrid_quality(args.hybrid_quality, args.work, args.out)
+        return
     weights = weights_for(args.model, args.work)
     from encoder.model import load_model
 

@@ -151,6 +151,23 @@ def write_library(directory: str | Path, count: int, seed: int, progress=None) -
     return labels_path
 
 
+def write_lot_captions(labels_path: str | Path, captions_path: str | Path, first: int = 10_000,
+                       step: int = 7) -> dict[str, tuple[str, str, str]]:
+    """A captions file (path, caption) for a library written by :func:`write_library`, each caption
+    naming a lot number that no image shows ("..., lot 10007"): words only a caption carries, as
+    a data team's product photos have. Returns {absolute path: (colour, shape, lot)}."""
+    labels_path = Path(labels_path)
+    truth = {}
+    with open(labels_path) as handle, open(captions_path, "w", newline="") as out:
+        writer = csv.writer(out)
+        writer.writerow(["path", "caption"])
+        for index, row in enumerate(csv.DictReader(handle)):
+            path, lot = str(labels_path.parent / row["path"]), str(first + step * index)
+            writer.writerow([path, f"{row['caption']}, lot {lot}"])
+            truth[path] = (row["colour"], row["shape"], lot)
+    return truth
+
+
 def read_labels(labels_path: str | Path) -> list[dict[str, str]]:
     """Rows of a ``labels.csv`` with ``path`` made absolute."""
     labels_path = Path(labels_path)

@@ -25,6 +25,7 @@ import pyarrow.compute as pc
 
 from encoder import MODELS, load_image
 from search.filters import combine, parse_filter
+from search.hybrid import HYBRID_DEPTH, informative, rrf
 from search.terms import Term, check_k, check_min_score, parse_term
 from store.errors import InputError, NotFoundError, first_line
 
@@ -61,6 +62,7 @@ class Query:
     encoder: TermEncoder | None = None  # None: the store's model from the shared pool
     threshold: float | None = None  # .min_score(): results below this cosine are left out
     order: tuple[str, bool] | None = None  # .sort(): (column, descending)
+    mode: str = "vector"  # .hybrid(), .full_text(): search.hybrid.MODES
 
     @classmethod
     def create(cls, store: "Store", text: str | None = None, *, image: str | None = None,
@@ -111,10 +113,20 @@ class Query:
             raise InputError(f"cannot sort by {name!r}: the store's columns are {', '.join(sorted(allowed))}")
         return replace(self, order=(name, descending))
 
+    def hybrid(self, on: bool = True) -> "Self":
+        """Rank by the caption's words (BM25) beside the embedding, fused by reciprocal rank; the
+        words are the query's text. ``score`` stays the cosine; a result that matched the words
+        passes :meth:`min_score` whatever its cosine."""
+        return replace(self, mode="hybrid" if on else "vector")
+
+    def full_text(self, on: bool = True) -> "Self":
+        """Rank by the caption's words alone (BM25, ``score`` is BM25's): needs no model."""
+        return replace(self, mode="fts" if on else "vector")
+
     def to_query_object(self) -> dict[str, Any]:
         """A JSON-able description (cache keys, HTTP payloads)."""
         return {"terms": [t.describe() for t in self.terms], "where": list(self.filters), "k": self.k,
-                "min_score": self.threshold, "sort": None if self.order is None else
+                "min_score": self.threshold, "mode": self.mode, "sort": None if self.order is None else
                 ("-" if self.order[1] else "") + self.order[0]}
 
     def vector(self) -> np.ndarray:
@@ -163,16 +175,21 @@ class Query:
 
     def to_arrow(self) -> pa.Table:
         """Results best first (or in :meth:`sort`'s order): the metadata columns plus ``score``
-        (cosine similarity)."""
+        (cosine similarity; BM25's score for :meth:`full_text`)."""
         manifest = self.store.manifest
         if manifest.index.table_version != self.store.tables.version():
             LOG.warning("the index is older than the table (an index run was interrupted or is under way); "
                         "run `clipdex index` to include the latest changes")
-        index = self.store.ann_index()
-        allowed = self._allowed_ids()
-        if allowed is not None and len(allowed) == 0:
-            return self._empty()
-        ids, scores = self._neighbours(index, self.vector()[None, :], allowed)
+        if self.mode == "fts":
+            ids, scores = self._keyword_ids(self.k)
+        else:
+            allowed = self._allowed_ids()
+            if allowed is not None and len(allowed) == 0:
+                return self._empty()
+            if self.mode == "hybrid":
+                ids, scores = self._hybrid(allowed)
+            else:
+                ids, scores = self._neighbours(self.store.ann_index(), self.vector()[None, :], allowed, self.k)
         columns = list(self.columns) + ([self.order[0]] if self.order and self.order[0] not in self.columns else [])
         rows = self.store.tables.rows_by_id(ids.tolist(), columns)
         position = {row_id: i for i, row_id in enumerate(rows.column("id").to_pylist())}
@@ -188,11 +205,11 @@ class Query:
             found = found.select([*self.columns, "score"])
         return found
 
-    def _neighbours(self, index, vector: np.ndarray, allowed: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
-        """(ids, scores) best first, at least :meth:`min_score`: the k best, or for a search sorted
-        after a cut-off, every match above it up to SORT_POOL (searched deeper while the last one
-        found still passes)."""
-        depth = self.k
+    def _neighbours(self, index, vector: np.ndarray, allowed: np.ndarray | None,
+                    depth: int) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, scores) best first, at least :meth:`min_score`: the *depth* best, or for a search
+        sorted after a cut-off, every match above it up to SORT_POOL (searched deeper while the
+        last one found still passes)."""
         pool = self.order is not None and self.threshold is not None
         if pool:
             depth = min(max(self.k, SORT_FIRST_DEPTH), SORT_POOL)
@@ -209,6 +226,54 @@ class Query:
             if not pool or not full or depth >= SORT_POOL:
                 return ids, scores
             depth = min(depth * 4, SORT_POOL)
+
+    def _words(self) -> str:
+        """The text the caption index is asked: the query's text term."""
+        texts = [term.text for term in self.terms if term.text is not None and term.weight > 0]
+        if not texts:
+            raise InputError("hybrid and full-text search need a text query (the words searched in the captions)")
+        if self.mode == "fts" and len(self.terms) > 1:
+            raise InputError("full-text search takes one text and nothing else: no images, ids or vectors, no "
+                             "--add or --subtract")
+        tables = self.store.tables
+        if not tables.has_captions():
+            raise InputError(f"the store {self.store.directory} has no captions to search: hybrid and full-text "
+                             "search read the caption column (index with --captions FILE, or sidecar .txt files)")
+        if not tables.has_caption_index():
+            raise InputError(f"the store {self.store.directory} has no full-text index on its captions yet: "
+                             "`clipdex reindex` (or the next `clipdex index`) makes it")
+        return texts[0]
+
+    def _keyword_ids(self, depth: int) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, BM25 scores) of the captions that best match the query's words, among the filter's rows."""
+        if self.threshold is not None and self.mode == "fts":
+            raise InputError("--min-score is a cosine similarity; a full-text search ranks by BM25 (use --hybrid)")
+        words = self._words()
+        try:
+            found = self.store.tables.full_text(words, depth, combine(self.filters) if self.filters else None)
+        except (ValueError, RuntimeError, OSError) as error:
+            raise InputError(f"full-text search for {words!r} failed: {first_line(error)}") from error
+        return found.column("id").to_numpy(), found.column("bm25").to_numpy()
+
+    def _hybrid(self, allowed: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, cosines) ordered by reciprocal rank fusion of the vector and the caption rankings:
+        the k first that pass :meth:`min_score` or matched the words."""
+        depth = max(2 * self.k, HYBRID_DEPTH)
+        vector = self.vector()
+        keyword_ids, bm25 = self._keyword_ids(depth)
+        keyword_ids = np.asarray(informative(keyword_ids.tolist(), bm25.tolist()), np.int64)
+        threshold, unfiltered = self.threshold, replace(self, threshold=None)
+        vector_ids, vector_scores = unfiltered._neighbours(self.store.ann_index(), vector[None, :], allowed, depth)
+        cosine = dict(zip(vector_ids.tolist(), vector_scores.tolist()))
+        unscored = [i for i in keyword_ids.tolist() if i not in cosine]
+        if unscored:  # found by their words only: their cosine from the stored vectors
+            rows = self.store.tables.rows_by_id(unscored, ["id", "embedding"])
+            stored = np.asarray(rows.column("embedding").to_pylist(), np.float32).reshape(len(rows), -1)
+            cosine.update(zip(rows.column("id").to_pylist(), (stored @ vector).tolist()))
+        matched = set(keyword_ids.tolist())
+        order = [i for i in rrf(vector_ids.tolist(), keyword_ids.tolist()) if i in cosine
+                 and (threshold is None or i in matched or cosine[i] >= threshold)][:self.k]
+        return np.asarray(order, np.int64), np.asarray([cosine[i] for i in order], np.float32)
 
     def _empty(self) -> pa.Table:
         schema = self.store.tables.images.schema

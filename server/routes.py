@@ -115,7 +115,12 @@ def _search(ctx: ServerContext, body: SearchRequest | SearchForm) -> list[dict]:
             query = query.subtract(_term(ctx, term, term.weight))
     if body.where is not None:
         query = query.where(body.where)
-    return query.min_score(body.min_score).sort(body.sort).to_list()
+    query = query.min_score(body.min_score).sort(body.sort)
+    if isinstance(body, SearchRequest):
+        if body.hybrid and body.fts:
+            raise InputError("give one of hybrid (words and meaning) and fts (words only)")
+        query = query.full_text() if body.fts else query.hybrid(body.hybrid)
+    return query.to_list()
 
 
 @router.get("/images/{image_id}", response_class=StreamingResponse, summary="The indexed file itself",

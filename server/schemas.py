@@ -66,6 +66,9 @@ class SearchRequest(Source):
                               examples=["width > 100 AND path LIKE '%beach%'"])
     min_score: MinScore = None
     sort: SortColumn = None
+    hybrid: bool = Field(False, description="Also rank by the captions' words (BM25), fused by reciprocal rank; "
+                                            "needs a text.")
+    fts: bool = Field(False, description="Rank by the captions' words alone (BM25; score is BM25's); needs a text.")
 
     model_config = ConfigDict(json_schema_extra={"examples": [{"text": "a red circle", "k": 5}]})
 

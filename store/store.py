@@ -201,6 +201,7 @@ class Store:
         (kept from now on): :mod:`store.queries`. With *workers* (e.g. Ray tasks), an IVF index
         is trained here and its shards are added in parallel, then merged on disk into an ``.ivfdata`` file beside the index
         (:mod:`store.sharded`)."""
+        self.tables.keep_caption_index()  # before the version the index is built from is read
         table_version = self.tables.version()
         _, covered = changed_since_build(self.directory)  # what this build makes moot, forgotten once it is published
         source = self.tables.vector_source()
@@ -244,6 +245,7 @@ class Store:
         build (:mod:`store.update`). Given *queries* are kept for the next full build either way."""
         if queries:
             save_query_sets(self.directory, {name: unit_rows(v, name) for name, v in queries.items()})
+        self.tables.keep_caption_index()  # a commit of its own: before the delta reads the table's version
         if not config.tune_queries:  # new tuning queries want a build tuned on them
             info = delta_update(self.directory, self._manifest.index, self.tables, config)
             info = info and self._remeasured(info, config)

@@ -191,6 +191,35 @@ class Tables:
             self.images.to_lance().update_metadata({IDENTITY_KEY: text})
         self.images.checkout_latest()
 
+    def has_captions(self) -> bool:
+        return self.exists(IMAGES) and self.images.count_rows("caption IS NOT NULL") > 0
+
+    def has_caption_index(self) -> bool:
+        """Whether this version of the images table has its full-text index on ``caption``."""
+        return any(index.index_type == "FTS" and list(index.columns) == ["caption"]
+                   for index in self.images.list_indices())
+
+    def keep_caption_index(self) -> bool:
+        """Make the full-text (BM25) index on ``caption`` where the table has captions and no index
+        yet (a writer's step; a commit of its own). Rows added later are searched without it
+        until the next compaction adds them to it (``optimize``). True when one was made."""
+        if not self.has_captions() or self.has_caption_index():
+            return False
+        from lancedb.index import FTS
+
+        with writing(self.directory):
+            self.images.create_index("caption", config=FTS(), replace=True)
+        return True
+
+    def full_text(self, text: str, limit: int, where: str | None = None) -> pa.Table:
+        """(id, bm25) of the rows whose caption best matches *text*, best first, among those *where*
+        admits; at most *limit*."""
+        query = self.images.search(text, query_type="fts")
+        if where is not None:
+            query = query.where(where, prefilter=True)
+        rows = query.select(["id", "_score"]).limit(limit).to_arrow()
+        return pa.table({"id": rows.column("id"), "bm25": rows.column("_score").cast(pa.float32())})
+
     def exists(self, name: str) -> bool:
         return name in self._handles or name in self.db.list_tables().tables
 

@@ -24,6 +24,17 @@ def run(capsys, *args):
     return caught.value.code, out, err
 
 
+def run_quietly(*args):
+    """:func:`run` where no capsys is at hand (a module fixture): exit code, stdout, stderr."""
+    import contextlib
+    import io
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), pytest.raises(SystemExit) as caught:
+        cli.main([str(a) for a in args])
+    return caught.value.code, out.getvalue(), err.getvalue()
+
+
 def clipdex(*args, wait=True, unprivileged=False, **kwargs) -> subprocess.Popen | subprocess.CompletedProcess:
     """`clipdex ARGS` in a process of its own (as root without capabilities if *unprivileged*)."""
     command = [sys.executable, "-c", "import cli; cli.main()", *map(str, args)]

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.helpers import MODEL, run
+from tests.helpers import MODEL, run, run_quietly
 
 LIBRARY_PARTS = ("a", "b", "c")
 PER_PART = 24
@@ -48,19 +48,6 @@ def pristine(tmp_path_factory):
     assert len(dataset.get_fragments()) >= 2, "the test needs a store of several fragments"
     assert any(f.metadata.deletion_file is not None for f in dataset.get_fragments()), "and a deletion file"
     return store, library, dataset.count_rows()
-
-
-def run_quietly(*args):
-    """`run` without capsys (a module fixture has none): exit code, stdout, stderr."""
-    import contextlib
-    import io
-
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), pytest.raises(SystemExit) as caught:
-        import cli
-
-        cli.main([str(a) for a in args])
-    return caught.value.code, out.getvalue(), err.getvalue()
 
 
 @pytest.fixture

@@ -153,3 +153,20 @@ def test_the_page_s_min_score_slider_and_sort_choice(browser, base_url):
     assert widths == sorted(widths, reverse=True)
     browser.execute_script("arguments[0].value = '0'; arguments[0].dispatchEvent(new Event('input'))", slider)
     assert browser.find_element(By.ID, "min-score-value").text == "off"
+
+
+def test_the_page_s_words_toggle_searches_the_captions_too(browser, base_url):
+    browser.get(base_url + "/?key=" + KEY)
+    WebDriverWait(browser, 20).until(lambda b: b.find_elements(By.ID, "q"))
+    browser.find_element(By.CSS_SELECTOR, "#k option:nth-child(1)").click()  # 12 results
+
+    def top_captions(text):
+        search(browser, text)
+        wait_for_status(browser, f'results for "{text}"')
+        return [card.find_element(By.CLASS_NAME, "caption").text for card in cards(browser)[:5]]
+
+    by_picture = top_captions("top right")
+    browser.find_element(By.ID, "hybrid").click()
+    with_words = top_captions("top right ")
+    assert sum("top right" in caption for caption in with_words) >= 3
+    assert sum("top right" in caption for caption in with_words) > sum("top right" in c for c in by_picture)
