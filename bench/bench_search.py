@@ -94,6 +94,77 @@ def latency(store, queries: list[str], k: int, where: str | None = None) -> dict
     return summary
 
 
+# Widths are uniform in [300, 4000): these admit 1 %, 10 % and 54 % of the rows.
+FILTERS = {"1%": "width > 3963", "10%": "width > 3630", "54%": "width > 2000"}
+
+
+def filters(store, queries: list[str], k: int) -> dict:
+    """Latency with each of FILTERS, the plan search.filtered chose, and recall@k against an exact
+    search over the admitted rows (on 20 of the queries)."""
+    from encoder import MODELS
+    from search import Query
+    from search.filtered import FilteredIndex
+
+    model = MODELS.for_manifest(store.manifest, device="cpu")
+    report = {}
+    for name, sql in FILTERS.items():
+        plan = FilteredIndex(store.ann_index(), store.tables, sql, store.stored_values())
+        admitted = np.sort(store.tables.ids_where(sql))
+        recall = []
+        for text in queries[:20]:
+            vector = model.encode_texts([text])[0]
+            found = [row["id"] for row in Query.create(store, vector=vector).where(sql).limit(k).to_list()]
+            rows = store.tables.rows_by_id(admitted.tolist(), ["id", "embedding"]) if len(admitted) <= 20_000 else None
+            if rows is not None:
+                vectors = np.asarray(rows.column("embedding").to_pylist(), np.float32)
+                truth = rows.column("id").to_numpy()[np.argsort(-(vectors @ vector))[:k]]
+                recall.append(len(set(found) & set(truth.tolist())) / k)
+        report[name] = {"where": sql, "admitted": int(len(admitted)), "plan": plan.plan,
+                        **latency(store, queries, k, where=sql)["total"],
+                        "recall_at_10": round(float(np.mean(recall)), 3) if recall else None}
+    return report
+
+
+def serve_memory(store_dir: Path, queries: list[str], k: int) -> dict:
+    """`clipdex serve` on the store: its memory (VmRSS, and RssAnon: what is not file pages the
+    kernel may drop) after start and after *queries*, half of them filtered."""
+    import subprocess
+    import urllib.request
+
+    port = 8765
+    server = subprocess.Popen([sys.executable, "-c", "import cli; cli.main()", "serve", "--store", str(store_dir),
+                               "--port", str(port)], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + 300
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+                break
+            except OSError:
+                if time.time() > deadline or server.poll() is not None:
+                    raise RuntimeError(f"the server did not start: {server.stderr.read().decode()[-500:]}")
+                time.sleep(0.5)
+        started = _memory(server.pid)
+        for i, text in enumerate(queries):
+            body = {"text": text, "k": k, **({"where": FILTERS["10%"]} if i % 2 else {})}
+            request = urllib.request.Request(f"http://127.0.0.1:{port}/search", data=json.dumps(body).encode(),
+                                             headers={"Content-Type": "application/json"})
+            urllib.request.urlopen(request, timeout=60).read()
+        return {"after_start": started, f"after_{len(queries)}_queries": _memory(server.pid)}
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+
+
+def _memory(pid: int) -> dict:
+    fields = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        name, _, value = line.partition(":")
+        if name in ("VmRSS", "RssAnon", "RssFile"):
+            fields[name + "_mb"] = round(int(value.split()[0]) / 1024)
+    return fields
+
+
 def hybrid_quality(count: int, work: Path, out: Path) -> dict:
     """The --hybrid-quality report (see the module doc), on clipdex-shapes."""
     from demo.shapes import write_library, write_lot_captions
@@ -144,6 +215,7 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=10)
     parser.add_argument("--work", type=Path, default=Path("/tmp/clipdex-bench"))
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "search.json")
+    parser.add_argument("--serve-rss", action="store_true", help="Also measure `clipdex serve`'s memory per size.")
     parser.add_argument("--hybrid-quality", type=int, metavar="N",
                         help="Measure hybrid search on a captioned demo library of N images instead (module doc).")
     args = parser.parse_args()
@@ -165,8 +237,9 @@ def main() -> None:
         store, write_seconds, info = build_store(args.work / f"search-{size}", size, args.model, weights, dim)
         row = {"write_seconds": round(write_seconds, 2), "index": info.type, "index_key": info.key,
                "index_params": info.params, "build_seconds": info.build_seconds, "recall_at_10": info.recall_at_10,
-               "latency": latency(store, queries, args.k),
-               "latency_where_width_gt_2000": latency(store, queries[:50], args.k, where="width > 2000")}
+               "latency": latency(store, queries, args.k), "filters": filters(store, queries[:60], args.k)}
+        if args.serve_rss:
+            row["serve"] = serve_memory(args.work / f"search-{size}", queries[:100], args.k)
         report["sizes"][str(size)] = row
         print(json.dumps({size: row}), flush=True)
         args.out.parent.mkdir(parents=True, exist_ok=True)

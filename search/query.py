@@ -24,6 +24,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from encoder import MODELS, load_image
+from search.filtered import FilteredIndex
 from search.filters import combine, parse_filter
 from search.hybrid import HYBRID_DEPTH, informative, rrf
 from search.terms import Term, check_k, check_min_score, parse_term
@@ -163,15 +164,17 @@ class Query:
             raise NotFoundError(f"no image with id {image_id} in this store")
         return np.asarray(rows[0]["embedding"], np.float32)
 
-    def _allowed_ids(self) -> np.ndarray | None:
+    def _searcher(self):
+        """The store's index, restricted to the rows the filters admit by the plan their measured
+        selectivity calls for (:mod:`search.filtered`)."""
+        index = self.store.ann_index()
         if not self.filters:
-            return None
+            return index
         sql = combine(self.filters)
         try:
-            rows = self.store.tables.images.search().where(sql).select(["id"]).to_arrow()
+            return FilteredIndex(index, self.store.tables, sql, self.store.stored_values())
         except Exception as error:  # lance reports SQL problems as ValueError/RuntimeError/its own
             raise InputError(f"invalid where filter {sql!r}: {first_line(error)}") from error
-        return rows.column("id").to_numpy()
 
     def to_arrow(self) -> pa.Table:
         """Results best first (or in :meth:`sort`'s order): the metadata columns plus ``score``
@@ -182,14 +185,12 @@ class Query:
                         "run `clipdex index` to include the latest changes")
         if self.mode == "fts":
             ids, scores = self._keyword_ids(self.k)
+        elif self.mode == "hybrid":
+            ids, scores = self._hybrid(self._searcher())
         else:
-            allowed = self._allowed_ids()
-            if allowed is not None and len(allowed) == 0:
-                return self._empty()
-            if self.mode == "hybrid":
-                ids, scores = self._hybrid(allowed)
-            else:
-                ids, scores = self._neighbours(self.store.ann_index(), self.vector()[None, :], allowed, self.k)
+            ids, scores = self._neighbours(self._searcher(), self.vector()[None, :], self.k)
+        if not len(ids):
+            return self._empty()
         columns = list(self.columns) + ([self.order[0]] if self.order and self.order[0] not in self.columns else [])
         rows = self.store.tables.rows_by_id(ids.tolist(), columns)
         position = {row_id: i for i, row_id in enumerate(rows.column("id").to_pylist())}
@@ -205,8 +206,7 @@ class Query:
             found = found.select([*self.columns, "score"])
         return found
 
-    def _neighbours(self, index, vector: np.ndarray, allowed: np.ndarray | None,
-                    depth: int) -> tuple[np.ndarray, np.ndarray]:
+    def _neighbours(self, index, vector: np.ndarray, depth: int) -> tuple[np.ndarray, np.ndarray]:
         """(ids, scores) best first, at least :meth:`min_score`: the *depth* best, or for a search
         sorted after a cut-off, every match above it up to SORT_POOL (searched deeper while the
         last one found still passes)."""
@@ -214,7 +214,7 @@ class Query:
         if pool:
             depth = min(max(self.k, SORT_FIRST_DEPTH), SORT_POOL)
         while True:
-            scores, ids = index.search(vector, depth, allowed)
+            scores, ids = index.search(vector, depth)
             keep = ids[0] >= 0
             ids, scores = ids[0][keep], scores[0][keep]
             if self.threshold is not None:
@@ -255,7 +255,7 @@ class Query:
             raise InputError(f"full-text search for {words!r} failed: {first_line(error)}") from error
         return found.column("id").to_numpy(), found.column("bm25").to_numpy()
 
-    def _hybrid(self, allowed: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    def _hybrid(self, index) -> tuple[np.ndarray, np.ndarray]:
         """(ids, cosines) ordered by reciprocal rank fusion of the vector and the caption rankings:
         the k first that pass :meth:`min_score` or matched the words."""
         depth = max(2 * self.k, HYBRID_DEPTH)
@@ -263,7 +263,7 @@ class Query:
         keyword_ids, bm25 = self._keyword_ids(depth)
         keyword_ids = np.asarray(informative(keyword_ids.tolist(), bm25.tolist()), np.int64)
         threshold, unfiltered = self.threshold, replace(self, threshold=None)
-        vector_ids, vector_scores = unfiltered._neighbours(self.store.ann_index(), vector[None, :], allowed, depth)
+        vector_ids, vector_scores = unfiltered._neighbours(index, vector[None, :], depth)
         cosine = dict(zip(vector_ids.tolist(), vector_scores.tolist()))
         unscored = [i for i in keyword_ids.tolist() if i not in cosine]
         if unscored:  # found by their words only: their cosine from the stored vectors

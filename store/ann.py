@@ -518,7 +518,10 @@ def search(index, queries: np.ndarray, k: int, allowed_ids: np.ndarray | None = 
     if allowed_ids is not None:
         allowed = np.setdiff1d(allowed_ids, hidden_ids) if hidden else allowed_ids
         selector = faiss.IDSelectorBatch(np.ascontiguousarray(allowed, dtype=np.int64))
-        return index.search(queries, k, params=_restricted(index, selector))
+        # An IVF search scores only the admitted vectors of the lists it probes: as many more lists
+        # as the filter is narrow keep it finding what the tuned nprobe finds unfiltered.
+        breadth = index.ntotal / max(len(allowed), 1)
+        return index.search(queries, k, params=_restricted(index, selector, breadth))
     excluded = faiss.IDSelectorBatch(np.ascontiguousarray(hidden_ids, dtype=np.int64))
     selector = faiss.IDSelectorNot(excluded)
     found = index.search(queries, k, params=_restricted(index, selector))
@@ -526,13 +529,15 @@ def search(index, queries: np.ndarray, k: int, allowed_ids: np.ndarray | None = 
     return found
 
 
-def _restricted(index, selector):
+def _restricted(index, selector, breadth: float = 1.0):
     """Search parameters of the index's own type (IVF and HNSW reject the base class), keeping its
-    tuned nprobe / efSearch, restricted to *selector*."""
+    tuned nprobe / efSearch (an IVF's nprobe times *breadth*, up to every list), restricted to
+    *selector*."""
     faiss = _faiss()
     ivf = faiss.try_extract_index_ivf(index)
     if ivf is not None:
-        return faiss.SearchParametersIVF(sel=selector, nprobe=ivf.nprobe)
+        nprobe = min(ivf.nlist, max(ivf.nprobe, int(np.ceil(ivf.nprobe * breadth))))
+        return faiss.SearchParametersIVF(sel=selector, nprobe=nprobe)
     inner = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap) else index
     if isinstance(inner, faiss.IndexHNSW):
         return faiss.SearchParametersHNSW(sel=selector, efSearch=inner.hnsw.efSearch)

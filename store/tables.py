@@ -345,8 +345,26 @@ class Tables:
             positions = np.minimum(np.searchsorted(known, wanted), len(known) - 1)
             found = positions[known[positions] == wanted] if len(known) else positions[:0]
             return self._pinned.select(list(columns)).take(pa.array(found, pa.int64()))
-        listed = ",".join(str(int(i)) for i in ids)
-        return self._select(columns, where=f"id IN ({listed})", limit=len(ids))
+        return self.rows_where(f"id IN ({_listed(ids)})", columns)
+
+    def rows_where(self, sql: str, columns: Sequence[str]) -> pa.Table:
+        """*columns* of the rows *sql* admits, read through Lance's own scanner at the table's
+        version (LanceDB's query path measured 19 ms for 40 ids at 1M rows, Lance's 7 ms)."""
+        table = self.images.to_lance().to_table(filter=sql, columns=self._present(columns))
+        return _with_columns(table, columns, image_schema(self.dim))
+
+    def ids_where(self, sql: str) -> np.ndarray:
+        """The ids of the rows *sql* admits (6 ms for 10k of 1M rows)."""
+        return self.images.to_lance().to_table(filter=sql, columns=["id"]).column("id").to_numpy()
+
+    def count_where(self, sql: str) -> int:
+        return self.images.to_lance().count_rows(filter=sql)
+
+    def admitted(self, ids: Sequence[int], sql: str) -> np.ndarray:
+        """Those of *ids* whose rows *sql* admits (in no particular order)."""
+        if not len(ids):
+            return np.zeros(0, np.int64)
+        return self.ids_where(f"id IN ({_listed(ids)}) AND ({sql})")
 
     def add(self, rows: pa.Table) -> None:
         if rows.num_rows:
@@ -472,6 +490,10 @@ def _delete_in(table, column: str, literals: Sequence[str], chunk: int = 2_000) 
     """Delete rows whose *column* is one of the SQL *literals*, a bounded IN list at a time."""
     for start in range(0, len(literals), chunk):
         table.delete(f"{column} IN ({','.join(literals[start:start + chunk])})")
+
+
+def _listed(ids: Iterable[int]) -> str:
+    return ",".join(str(int(i)) for i in ids)
 
 
 def _quote(text: str) -> str:
