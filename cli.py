@@ -354,6 +354,12 @@ def index_command(paths, store_dir, model_name, pretrained, device, batch_size, 
     """Embed the images under PATHS into the store, incrementally.
 
     \b
+    Files: jpg jpeg png webp bmp gif tif tiff avif (animations by their first frame), heic heif
+    hif (pillow-heif), and camera RAW by its embedded preview (libraw): dng cr2 cr3 crw nef nrw
+    arw srf sr2 raf orf rw2 pef srw x3f 3fr iiq erf kdc mrw; any letter case, upright by the
+    camera's orientation.
+
+    \b
     Reruns embed only new or changed files, drop rows of deleted files, and recognise moved or
     copied files (a renamed library folder too) by content hash without re-embedding them. Bad
     files are recorded in the store's failures table and never stop the run. Safe to interrupt:

@@ -11,9 +11,9 @@ from typing import BinaryIO, Iterator
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from encoder.formats import IMAGE_EXTENSIONS, open_image
 from store.errors import ImageError, first_line
 
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 ORIENTATION_TAG = 0x0112
 DEFAULT_MAX_PIXELS = 100_000_000  # ~10k x 10k; above this a file is treated as a decompression bomb
 
@@ -167,7 +167,9 @@ def open_readable(name: str) -> Iterator[BinaryIO]:
 def _decode(handle: BinaryIO, name: str, max_pixels: int,
             draft: tuple[int, int] | None) -> tuple[Image.Image, tuple[int, int]]:
     try:
-        image = Image.open(handle)
+        image, orientation = open_image(handle, name, max_pixels)
+        if orientation is not None:  # where the file says it elsewhere than in the picture's own EXIF
+            image.getexif()[ORIENTATION_TAG] = orientation
         width, height = image.size
         if width * height > max_pixels:
             raise ImageError(name, "too large", f"{width}x{height} pixels, limit {max_pixels:,}")

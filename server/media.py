@@ -119,12 +119,13 @@ def _check_same_file(handle: BinaryIO, row: dict, content_hash: str) -> None:
 MAX_THUMBNAIL_BYTES = 4 << 20  # a 1024 px JPEG at quality 85 is a few hundred KB
 
 
-def thumbnail(store_dir: Path, handle: BinaryIO, content_hash: str, size: int) -> bytes:
+def thumbnail(store_dir: Path, handle: BinaryIO, content_hash: str, size: int, name: str | None = None) -> bytes:
     """A JPEG at most *size* px on its longer side of the opened file, made once per content and
     kept in the store's thumbnails/ (when the store can be written). The cache is read and written
     without following any link: a link, folder or device planted in it is removed and the
     thumbnail made again, so a writer of thumbnails/ cannot make the server send another file.
-    Nothing is created where the store folder itself has gone."""
+    Nothing is created where the store folder itself has gone. *name*: the row's path, whose
+    extension says how a file Pillow does not open itself is opened (HEIC, camera RAW)."""
     target = thumbnail_file(store_dir, content_hash, size)
     parts = target.relative_to(store_dir).parts
     try:
@@ -135,7 +136,7 @@ def thumbnail(store_dir: Path, handle: BinaryIO, content_hash: str, size: int) -
         cached = _cached(store_fd, parts) if store_fd is not None else None
         if cached is not None:
             return cached
-        image, _ = decode_file(handle, getattr(handle, "name", "image"), draft=(size, size))
+        image, _ = decode_file(handle, name or str(getattr(handle, "name", handle)), draft=(size, size))
         image.thumbnail((size, size))
         out = io.BytesIO()
         image.save(out, "JPEG", quality=85)

@@ -142,7 +142,7 @@ def image_thumbnail(image_id: ImageIdPath, ctx: Context) -> Response:
     snapshot = ctx.live.current()
     row = stored_row(snapshot, image_id, SERVED_COLUMNS)
     with open_indexed(row, snapshot.store.manifest.roots, snapshot.store.manifest.content_hash) as handle:
-        made = thumbnail(snapshot.store.directory, handle, row["hash"], ctx.config.thumbnail_size)
+        made = thumbnail(snapshot.store.directory, handle, row["hash"], ctx.config.thumbnail_size, row["path"])
     return Response(made, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=86400"})
 
 
