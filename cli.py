@@ -61,6 +61,7 @@ from store.queries import has_query_set
 from store.repair import RepairConfig, repair_store
 from store.report import inspect, recall_text
 from store.store import reindex
+from store.tables import PHOTO_COLUMNS
 from store.values import VALUES_DTYPES
 
 INDEX = IndexConfig()  # option defaults come from the config objects, never re-declared here
@@ -508,7 +509,8 @@ def search_command(query, store_dir, k, image, adds, subtracts, where, min_score
     column = search.order[0] if search.order else None
     results = search.to_list()
     if as_json:
-        keep = ("id", "path", "score", "width", "height", "caption") + ((column,) if column else ())
+        keep = ("id", "path", "score", "width", "height", "caption", *PHOTO_COLUMNS) + \
+            ((column,) if column and column not in PHOTO_COLUMNS else ())
         click.echo(json.dumps([{key: _jsonable(row.get(key)) for key in keep} for row in results]))
         return
     if not results:
@@ -634,7 +636,8 @@ def export_command(store_dir, out, kind, columns, where, shard_rows, overwrite, 
     """
     to_stdout = out == "-"
     store = Store.open(store_dir)
-    condition = parse_filter(where, store.tables.filter_columns()) if where is not None else None
+    condition = (parse_filter(where, store.tables.filter_columns(), store.tables.time_columns())
+                 if where is not None else None)
     config = ExportConfig(out=Path(out), format=export_format_for(out, kind),
                           columns=tuple(c.strip() for c in columns.split(",") if c.strip()) if columns else (),
                           where=condition, overwrite=overwrite, shard_rows=shard_rows)

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 import numpy as np
 from PIL import Image
 
+from encoder.exif import photo_columns
 from encoder.images import DEFAULT_MAX_PIXELS, ORIENTATION_TAG, decode_file, jpeg_orientation, to_rgb
 from encoder.reduction import Reduction, reduction_for
 from store.errors import ImageError, InputError
@@ -57,6 +58,7 @@ class Prepared:
     jpeg: "torch.Tensor | None" = None  # the file's bytes, to decode on the device
     orientation: int = 1  # of jpeg: the EXIF orientation the device applies after decoding
     image: "torch.Tensor | None" = None  # upright RGB uint8 [3, H, W], decoded on the host
+    photo: dict | None = None  # capture time, camera, lens, place: encoder.exif.PHOTO_FIELDS
 
 
 @dataclass
@@ -82,7 +84,7 @@ class PillowFeed:
         image, size = decode_file(io.BytesIO(data), name, self.max_pixels, reduction and reduction.draft)
         if reduction is not None:
             image = reduction.finish(image, size)
-        return Prepared(size, pixels=self.model.preprocess(image))
+        return Prepared(size, pixels=self.model.preprocess(image), photo=photo_columns(data, name))
 
     def embed(self, items: Sequence[Prepared], names: Sequence[str], timing: Timing = no_timing) -> Embedded:
         import torch
@@ -145,13 +147,14 @@ class TorchvisionFeed:
             raise ImageError(name, "too large", f"{width}x{height} pixels, limit {self.max_pixels:,}")
         size = (height, width) if orientation in (5, 6, 7, 8) else (width, height)
         return Prepared(size, jpeg=torch.frombuffer(data if isinstance(data, bytearray) else bytearray(data),
-                                                    dtype=torch.uint8), orientation=orientation)
+                                                    dtype=torch.uint8), orientation=orientation,
+                        photo=photo_columns(data, name))
 
     def _on_host(self, data: bytes | bytearray, name: str) -> Prepared:
         from torchvision.transforms.v2.functional import pil_to_tensor
 
         image, size = decode_file(io.BytesIO(data), name, self.max_pixels)
-        return Prepared(size, image=pil_to_tensor(to_rgb(image)))
+        return Prepared(size, image=pil_to_tensor(to_rgb(image)), photo=photo_columns(data, name))
 
     def embed(self, items: Sequence[Prepared], names: Sequence[str], timing: Timing = no_timing) -> Embedded:
         device = self.model.device

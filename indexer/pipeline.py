@@ -48,6 +48,7 @@ class Batch:
     embedded: Embedded | None
     failures: list[tuple[int, ImageError]] = field(default_factory=list)
     hashes: dict[int, str] = field(default_factory=dict)  # position -> content hash, where asked for
+    photos: list[dict | None] = field(default_factory=list)  # per position: capture time, camera, place
 
     def vectors(self):
         return self.embedded.vectors()
@@ -205,7 +206,8 @@ class _Pipeline:
             failures += [(positions[i], error) for i, error in embedded.failures]
             positions = [positions[i] for i in embedded.kept]
             prepared = [prepared[i] for i in embedded.kept]
-        return Batch(positions, [p.size for p in prepared], embedded, sorted(failures, key=lambda f: f[0]), hashes)
+        return Batch(positions, [p.size for p in prepared], embedded, sorted(failures, key=lambda f: f[0]), hashes,
+                     [p.photo for p in prepared])
 
     def run(self, write: Callable[[Batch], None], readers: int, decoders: int,
             progress: Callable[[int], None] | None) -> StageReport:

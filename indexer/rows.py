@@ -9,6 +9,8 @@ import numpy as np
 import pyarrow as pa
 
 from encoder import ClipModel
+from encoder.exif import PHOTO_FIELDS
+from encoder.exif import empty as empty_photo
 from indexer.pipeline import Batch
 from indexer.plan import Job
 from store.tables import IDENTITY_COLUMNS, image_rows
@@ -73,8 +75,10 @@ def batch_rows(model: ClipModel, files: Files, batch: Batch) -> pa.Table:
     it was run over, and a file hashed while it was read gets the hash of the bytes embedded."""
     taken = {name: [values[p] for p in batch.positions] for name, values in files.items()}
     taken["hash"] = [batch.hashes.get(p, digest) for p, digest in zip(batch.positions, taken["hash"])]
+    photos = batch.photos or [None] * len(batch.positions)
+    photos = [photo or empty_photo() for photo in photos]
     return indexed_rows(model, taken, width=[w for w, _ in batch.sizes], height=[h for _, h in batch.sizes],
-                        embedding=batch.vectors())
+                        embedding=batch.vectors(), **{name: [p[name] for p in photos] for name in PHOTO_FIELDS})
 
 
 def caption_vectors(model: ClipModel, captions: Sequence[str | None]) -> pa.Array:

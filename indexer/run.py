@@ -26,6 +26,7 @@ from indexer.config import IndexConfig, RayConfig
 from indexer.engine import Session, Target, decode_threads
 from indexer.engines import ENGINES as ENGINE_REGISTRY
 from indexer.engines import engine_for
+from indexer.photos import fill_photo_columns
 from indexer.pipeline import stage_line
 from indexer.plan import Plan, make_plan, read_captions, sidecar_caption
 from indexer.rows import file_columns, indexed_rows
@@ -34,9 +35,10 @@ from store.commit import Committer
 from store.errors import InputError
 from store.files import prune_thumbnails
 from store.lock import writer_lock
+from store.manifest import PHOTO_VERSION
 from store.queries import has_query_set
 from store.store import Store, expand
-from store.tables import FAILURE_SCHEMA, column_vectors, split_path
+from store.tables import FAILURE_SCHEMA, PHOTO_COLUMNS, column_vectors, split_path
 
 __all__ = ["ENGINES", "IndexConfig", "IndexSummary", "RayConfig", "index_paths"]
 
@@ -206,7 +208,13 @@ def _update(run: _Run, session: Session) -> IndexSummary:
                                                        for _, e in embedding.failures]
     store.tables.replace_failures(_failure_rows(failures), forget=found.covers)
 
-    changed = embedding.written or plan.moves or plan.copies or plan.recaption or plan.removed_ids or failed_modified
+    if store.manifest.photo_version < PHOTO_VERSION:  # a store from before the photo columns: read, not embedded
+        with _bar(config, len(found.files), "photo metadata") as bar:
+            photos = fill_photo_columns(store, {f.path for f in found.files}, max(1, config.readers or 4), bar.update)
+    else:
+        photos = 0
+    changed = (embedding.written or plan.moves or plan.copies or plan.recaption or plan.removed_ids or failed_modified
+               or photos)
     if changed:
         store.tables.compact()
     if plan.removed_ids or failed_modified or any(job.id < plan.first_new_id for job in plan.embed):
@@ -269,13 +277,13 @@ def _write_copies(run: _Run, plan: Plan) -> None:
     if not plan.copies:
         return
     source_ids = sorted({j.source_id for j in plan.copies})
-    sources = run.store.tables.rows_by_id(source_ids, ["id", "width", "height", "embedding"])
+    sources = run.store.tables.rows_by_id(source_ids, ["id", "width", "height", *PHOTO_COLUMNS, "embedding"])
     by_id = {row_id: i for i, row_id in enumerate(sources.column("id").to_pylist())}
     jobs = [job for job in plan.copies if job.source_id in by_id]  # a source deleted meanwhile: next run embeds
     take = pa.array([by_id[job.source_id] for job in jobs])
+    same = {name: sources.column(name).take(take) for name in ("width", "height", *PHOTO_COLUMNS)}  # the same bytes
     with Committer(run.store.tables, plan.first_new_id) as committer:
-        committer.add(indexed_rows(run.model, file_columns(jobs), width=sources.column("width").take(take),
-                                   height=sources.column("height").take(take),
+        committer.add(indexed_rows(run.model, file_columns(jobs), **same,
                                    embedding=column_vectors(sources)[take.to_numpy()]))
 
 

@@ -79,9 +79,11 @@ TOO_DEEP = (f"it nests too deeply: at most {MAX_DEPTH} levels of parentheses, NO
             "inside one another")
 
 
-def parse_filter(sql: str, columns: Iterable[str]) -> str:
+def parse_filter(sql: str, columns: Iterable[str], times: Iterable[str] = ()) -> str:
     """*sql* as one boolean expression over *columns*, rewritten from its parse tree; InputError
-    naming the problem otherwise (see the module's docstring for what is allowed)."""
+    naming the problem otherwise (see the module's docstring for what is allowed). A quoted
+    date or time compared with one of *times* (timestamp columns) is cast to a timestamp, which
+    Lance does not do itself: ``taken_at >= '2021-01-01'``."""
     text = (sql or "").strip()
     if not text:
         raise InputError("the where filter is empty")
@@ -118,6 +120,9 @@ def parse_filter(sql: str, columns: Iterable[str]) -> str:
     problem = first_refused(tree, set(columns))
     if problem:
         raise refuse(problem)
+    problem = _times_cast(tree, set(times))
+    if problem:
+        raise refuse(problem)
     for node in list(tree.find_all(exp.Extract)):  # Lance reads DATE_PART(...), not EXTRACT(... FROM ...)
         node.replace(exp.Anonymous(this="date_part", expressions=[exp.Literal.string(node.this.name.lower()),
                                                                   node.expression]))
@@ -125,6 +130,29 @@ def parse_filter(sql: str, columns: Iterable[str]) -> str:
         return tree.sql(dialect=DIALECT, comments=False)  # comments dropped: nothing but the tree goes out
     except RecursionError:
         raise refuse(TOO_DEEP) from None
+
+
+COMPARISONS = (exp.EQ, exp.NEQ, exp.GT, exp.GTE, exp.LT, exp.LTE, exp.Between, exp.In)
+TIME_TEXT = re.compile(r"^\d{4}-\d{2}-\d{2}([ T]\d{2}:\d{2}(:\d{2}(\.\d{1,6})?)?)?Z?$")
+
+
+def _times_cast(tree: exp.Expression, times: set[str]) -> str | None:
+    """Cast the quoted values that a comparison holds against a timestamp column to timestamps,
+    in place; the reason a value is refused (not a date), or None."""
+    if not times:
+        return None
+    for node in list(tree.find_all(*COMPARISONS)):
+        operands = [node.this, *(node.args.get(key) for key in ("expression", "low", "high")),
+                    *(node.args.get("expressions") or [])]
+        if not any(isinstance(o, exp.Column) and o.name in times for o in operands):
+            continue
+        for operand in operands:
+            if isinstance(operand, exp.Literal) and operand.is_string:
+                if not TIME_TEXT.match(operand.this):
+                    return f"{operand.this!r} is not a date or time (write '2021-01-01' or '2021-01-01 18:30:00', UTC)"
+                operand.replace(exp.Cast(this=exp.Literal.string(operand.this.rstrip("Z").replace("T", " ")),
+                                         to=exp.DataType.build("TIMESTAMP")))
+    return None
 
 
 def combine(filters: Iterable[str]) -> str:

@@ -29,6 +29,7 @@ from search.filters import combine, parse_filter
 from search.hybrid import HYBRID_DEPTH, informative, rrf
 from search.terms import Term, check_k, check_min_score, parse_term
 from store.errors import InputError, NotFoundError, first_line
+from store.tables import PHOTO_COLUMNS
 
 if TYPE_CHECKING:
     from typing import Self
@@ -38,7 +39,7 @@ if TYPE_CHECKING:
     from store.store import Store
 
 LOG = logging.getLogger(__name__)
-RESULT_COLUMNS = ("id", "path", "width", "height", "caption", "bytes", "mtime", "hash")
+RESULT_COLUMNS = ("id", "path", "width", "height", "caption", "bytes", "mtime", "hash", *PHOTO_COLUMNS)
 DEFAULT_K = 10
 # A search sorted by a column after a relevance cut-off orders every match above the cut-off, up
 # to this many (it searches deeper until the scores fall below the cut-off or this is reached).
@@ -91,7 +92,8 @@ class Query:
     def where(self, sql: str) -> "Self":
         """A SQL prefilter on the metadata columns, one condition (``"width > 500"``); several are
         AND-ed. Parsed, never pasted: see :mod:`search.filters`."""
-        return replace(self, filters=self.filters + (parse_filter(sql, self.store.tables.filter_columns()),))
+        tables = self.store.tables
+        return replace(self, filters=self.filters + (parse_filter(sql, tables.filter_columns(), tables.time_columns()),))
 
     def limit(self, k: int, maximum: int | None = None) -> "Self":
         return replace(self, k=check_k(k, maximum))

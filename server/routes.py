@@ -38,13 +38,13 @@ from server.schemas import (
 )
 from server.security import PageAccess, page_access
 from store.errors import InputError
-from store.tables import IDENTITY_COLUMNS
+from store.tables import IDENTITY_COLUMNS, PHOTO_COLUMNS
 
 # Routes that need the API key (when one is set); /health and the page are on `public`.
 router = APIRouter(responses=ERROR_RESPONSES)
 public = APIRouter()
 ImageIdPath = Annotated[int, Path(ge=0, le=2**63 - 1, description="A stable image id of this store.")]
-HIT_COLUMNS = ("id", "path", "width", "height", "caption")
+HIT_COLUMNS = ("id", "path", "width", "height", "caption", *PHOTO_COLUMNS)
 SERVED_COLUMNS = ["path", "path_bytes", "link_target", "bytes", "mtime", "hash", *IDENTITY_COLUMNS]
 
 

@@ -3,6 +3,7 @@ so a malformed request is a 4xx with a message before any work is done."""
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -90,6 +91,12 @@ class Hit(BaseModel):
     width: int | None
     height: int | None
     caption: str | None
+    taken_at: datetime | None = Field(None, description="When the photo was taken (EXIF), in UTC.")
+    camera_make: str | None = None
+    camera_model: str | None = None
+    lens: str | None = None
+    gps_latitude: float | None = Field(None, description="Decimal degrees, negative south.")
+    gps_longitude: float | None = Field(None, description="Decimal degrees, negative west.")
 
 
 class ClassifyRequest(Strict):

@@ -18,7 +18,8 @@ from store.errors import ManifestDamagedError, StoreError, first_line
 from store.files import DEFAULT_CONTENT_HASH, write_atomically
 
 MANIFEST_NAME = "manifest.json"
-MANIFEST_VERSION = 6
+PHOTO_VERSION = 1  # how the photo columns are read (encoder/exif.py): a store below it is read again
+MANIFEST_VERSION = 7
 
 
 def now() -> str:
@@ -60,6 +61,9 @@ class Manifest:
     roots: tuple[str, ...] = ()  # folders indexed into this store (real paths)
     preprocess: dict[str, Any] = field(default_factory=dict)
     content_hash: str = DEFAULT_CONTENT_HASH  # how rows' file hashes are made: store.files.CONTENT_HASHES
+    # What the photo columns (taken_at, camera, place) were read with: PHOTO_VERSION once every row's
+    # file was read for them; below, the next index run reads the files it sees (no re-embedding).
+    photo_version: int = 0
     count: int = 0
     failures: int = 0
     next_id: int = 1
@@ -129,8 +133,15 @@ def _v5_to_v6(data: dict[str, Any]) -> dict[str, Any]:
     return data
 
 
+def _v6_to_v7(data: dict[str, Any]) -> dict[str, Any]:
+    # v7 stores keep capture time, camera and place as columns; an older store's rows get them
+    # from a metadata-only pass of its next index run.
+    data.setdefault("photo_version", 0)
+    return data
+
+
 MIGRATIONS: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {1: _v1_to_v2, 2: _v2_to_v3, 3: _v3_to_v4,
-                                                                     4: _v4_to_v5, 5: _v5_to_v6}
+                                                                     4: _v4_to_v5, 5: _v5_to_v6, 6: _v6_to_v7}
 
 
 def migrate(data: dict[str, Any]) -> dict[str, Any]:

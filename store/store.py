@@ -29,6 +29,7 @@ from store.lock import writer_lock
 from store.manifest import (
     IDENTITY_FIELDS,
     MANIFEST_NAME,
+    PHOTO_VERSION,
     IndexInfo,
     Manifest,
     identity_of,
@@ -106,7 +107,7 @@ class Store:
         directory.mkdir(parents=True, exist_ok=True)
         manifest = Manifest(model=model, pretrained=pretrained, dim=dim, space=space or model,
                             has_text_encoder=has_text_encoder, weights_sha256=weights_sha256,
-                            preprocess=_jsonable(preprocess or {}))
+                            preprocess=_jsonable(preprocess or {}), photo_version=PHOTO_VERSION)
         write_manifest(directory, manifest)
         return cls(directory, manifest, writable=True)
 

@@ -27,7 +27,8 @@ TABLE_DIR = "lance"
 IDENTITY_COLUMNS = ["file_dev", "file_ino", "file_ctime_ns"]
 FILE_COLUMNS = ["id", "hash", "path", "path_bytes", "link_target", "bytes", "mtime", *IDENTITY_COLUMNS, "caption"]
 METADATA_COLUMNS = ["id", "path", "path_bytes", "link_target", "hash", "bytes", "mtime", *IDENTITY_COLUMNS, "width",
-                    "height", "caption"]
+                    "height", "taken_at", "camera_make", "camera_model", "lens", "gps_latitude", "gps_longitude",
+                    "caption"]
 # Columns for clipdex's own use (exact names, file identity): not filters, not exported by default.
 INTERNAL_COLUMNS = ("path_bytes", "link_target", *IDENTITY_COLUMNS)
 
@@ -62,6 +63,18 @@ def file_path(path: str, raw: bytes | None) -> str:
     return os.fsdecode(raw) if raw is not None else path
 
 
+# What a photo's EXIF says (encoder/exif.py), null where it says nothing: filterable and sortable.
+PHOTO_SCHEMA = (
+    pa.field("taken_at", pa.timestamp("us", tz="UTC")),
+    pa.field("camera_make", pa.string()),
+    pa.field("camera_model", pa.string()),
+    pa.field("lens", pa.string()),
+    pa.field("gps_latitude", pa.float64()),
+    pa.field("gps_longitude", pa.float64()),
+)
+PHOTO_COLUMNS = tuple(f.name for f in PHOTO_SCHEMA)
+
+
 def image_schema(dim: int) -> pa.Schema:
     vector = pa.list_(pa.float32(), dim)
     return pa.schema([
@@ -77,6 +90,7 @@ def image_schema(dim: int) -> pa.Schema:
         *(pa.field(name, pa.int64()) for name in IDENTITY_COLUMNS),  # null for imported rows and older stores
         pa.field("width", pa.int32()),
         pa.field("height", pa.int32()),
+        *PHOTO_SCHEMA,
         pa.field("caption", pa.string()),
         pa.field("embedding", vector, nullable=False),
         # A variable-length list, not a fixed-size one, so that LanceDB sees a single vector column
@@ -253,6 +267,10 @@ class Tables:
         return [f.name for f in self.images.schema
                 if not (pa.types.is_fixed_size_list(f.type) or pa.types.is_list(f.type)
                         or pa.types.is_binary(f.type) or f.name in INTERNAL_COLUMNS)]
+
+    def time_columns(self) -> list[str]:
+        """Filterable columns that hold timestamps (``taken_at``): quoted dates compare with them."""
+        return [f.name for f in self.images.schema if pa.types.is_timestamp(f.type)]
 
     def _present(self, columns: Sequence[str]) -> list[str]:
         """*columns* that the images table has (an older store may lack newer, nullable ones)."""

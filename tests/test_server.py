@@ -47,7 +47,8 @@ def test_text_search_finds_the_described_shapes(client, rows):
     wanted = sum(1 for row in rows if (row["colour"], row["shape"]) == (colour, shape))
     status, hits = post(client, "/search", {"text": f"a {colour} {shape}", "k": 5})
     assert status == 200
-    assert set(hits[0]) == {"id", "path", "score", "width", "height", "caption"}
+    assert set(hits[0]) == {"id", "path", "score", "width", "height", "caption", "taken_at", "camera_make",
+                            "camera_model", "lens", "gps_latitude", "gps_longitude"}  # the photo columns too
     assert [truth[h["id"]] for h in hits[:wanted]] == [(colour, shape)] * wanted
     assert [h["score"] for h in hits] == sorted((h["score"] for h in hits), reverse=True)
     assert hits[0]["caption"] and shape in hits[0]["caption"]  # captions came from labels.csv
