@@ -187,3 +187,40 @@ def test_a_copy_keeps_its_source_s_columns(capsys, library, tmp_path):
         ["path", "taken_at", "camera_make"]).to_arrow().to_pylist()
     copy = next(r for r in rows if r["path"].endswith("shot1 copy.jpg"))
     assert copy["camera_make"] == "Apple" and copy["taken_at"].year == 2021
+
+
+def test_a_big_endian_block_as_nikon_and_canon_write_them():
+    """Pillow writes little-endian blocks only: this one is made by hand, in the order a camera
+    lays it out (IFD0, the Exif IFD, the GPS IFD, then the values too long for an entry)."""
+    import struct
+
+    def entries(items, values_at):  # (tag, type, count, payload) -> IFD bytes and the values after it
+        head, tail = struct.pack(">H", len(items)), b""
+        for tag, kind, count, payload in items:
+            if len(payload) <= 4:
+                head += struct.pack(">HHI", tag, kind, count) + payload.ljust(4, b"\0")
+            else:
+                head += struct.pack(">HHII", tag, kind, count, values_at + len(tail))
+                tail += payload
+        return head + struct.pack(">I", 0), tail
+
+    def size(n):
+        return 2 + 12 * n + 4
+
+    rational = b"".join(struct.pack(">II", *pair) for pair in ((48, 1), (51, 1), (2400, 100)))
+    ifd0_at = 8
+    exif_at = ifd0_at + size(3) + 20  # after IFD0 and its one long value, "NIKON CORPORATION\0" (18 bytes)
+    gps_at = exif_at + size(2) + 40
+    first, first_tail = entries([(0x010F, 2, 18, b"NIKON CORPORATION\0"), (0x8769, 4, 1, struct.pack(">I", exif_at)),
+                                 (0x8825, 4, 1, struct.pack(">I", gps_at))], ifd0_at + size(3))
+    sub, sub_tail = entries([(0x9003, 2, 20, b"2018:08:09 10:11:12\0"), (0x9011, 2, 7, b"-03:00\0")],
+                            exif_at + size(2))
+    gps, gps_tail = entries([(1, 2, 2, b"N\0"), (2, 5, 3, rational)], gps_at + size(2))
+    block = b"MM\x00*" + struct.pack(">I", ifd0_at) + first + first_tail
+    block = block.ljust(exif_at, b"\0") + sub + sub_tail
+    block = block.ljust(gps_at, b"\0") + gps + gps_tail
+    data = b"\xff\xd8" + b"\xff\xe1" + (2 + 6 + len(block)).to_bytes(2, "big") + b"Exif\x00\x00" + block + b"\xff\xd9"
+    columns = photo_columns(data, "DSC_0001.JPG")
+    assert columns["camera_make"] == "NIKON CORPORATION"
+    assert columns["taken_at"] == datetime(2018, 8, 9, 13, 11, 12, tzinfo=UTC)
+    assert columns["gps_latitude"] == pytest.approx(48 + 51 / 60 + 24 / 3600) and columns["gps_longitude"] is None
