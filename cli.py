@@ -44,6 +44,8 @@ from search import (
     get_label_set,
     similarity,
 )
+from search.dupes import DEFAULT_THRESHOLD as DUPES_THRESHOLD
+from search.dupes import find_duplicates
 from search.filters import parse_filter
 from search.query import DEFAULT_K, SORT_POOL
 from search.zeroshot import DEFAULT_TOP_K, check_template
@@ -757,6 +759,51 @@ def repair_command(store_dir, dry_run, deep, model_name, pretrained, ann, wait, 
         click.echo(f"{'would lose' if dry_run else 'lost'} {report.lost:,} of {report.rows_before:,} rows{known}. "
                    "`clipdex index` on the store's folders (or `clipdex import` of its features) then adds them "
                    "again, and nothing else")
+
+
+@cli.command("dupes", context_settings=CONTEXT)
+@click.option("--store", "store_dir", required=True, type=click.Path(file_okay=False))
+@click.option("--threshold", default=DUPES_THRESHOLD, show_default=True, type=click.FloatRange(-1, 1),
+              help="Near-duplicates: photos whose embeddings are at least this similar (cosine). The default was "
+                   "calibrated on the demo model for precision >= 0.9 (BENCHMARKS.md); see README for other models.")
+@click.option("--exact-only", is_flag=True, help="Only files with the same content (same hash).")
+@click.option("--where", help="Only among the rows this SQL filter admits, e.g. \"taken_at >= '2024-01-01'\".")
+@click.option("--json", "as_json", is_flag=True,
+              help='Print [{"kind", "ids", "paths", "bytes", "times", "score", "keep"}] as JSON.')
+@click.option("--csv", "as_csv", is_flag=True, help="Print one CSV line per member: group,kind,score,keep,id,path,"
+                                                    "bytes,time.")
+def dupes_command(store_dir, threshold, exact_only, where, as_json, as_csv) -> None:
+    """Groups of duplicate photos: exact copies (the same bytes), then near-duplicates (re-encoded,
+    resized, cropped a little, lightly edited, bursts), each with the lowest similarity between two
+    of its members and a suggested photo to keep: the largest, then the oldest. Nothing is deleted.
+
+    \b
+    Example:
+      clipdex dupes --store pictures.clipdex --where "taken_at >= '2024-01-01'" --csv > dupes.csv
+    """
+    if as_json and as_csv:
+        raise InputError("give one of --json and --csv")
+    store = Store.snapshot(store_dir)
+    condition = (parse_filter(where, store.tables.filter_columns(), store.tables.time_columns())
+                 if where is not None else None)
+    groups = find_duplicates(store, threshold, exact_only, condition)
+    if as_json:
+        click.echo(json.dumps([group.to_dict() for group in groups]))
+    elif as_csv:
+        import csv
+
+        out = csv.writer(click.get_text_stream("stdout"), lineterminator="\n")
+        out.writerow(["group", "kind", "score", "keep", "id", "path", "bytes", "time"])
+        for number, group in enumerate(groups, 1):
+            for row in zip(group.ids, group.paths, group.bytes, group.times):
+                out.writerow([number, group.kind, group.score, group.keep, *row])
+    else:
+        for group in groups:
+            click.echo(f"{group.kind:<5} {group.score:.3f}  {len(group.ids)} photos, keep {group.keep}")
+            for row_id, path in zip(group.ids, group.paths):
+                click.echo(f"  {'*' if row_id == group.keep else ' '} {row_id:>8}  {shown(path)}")
+        click.echo(f"{len(groups)} groups ({sum(g.kind == 'exact' for g in groups)} exact), "
+                   f"{sum(len(g.ids) - 1 for g in groups)} photos besides the ones to keep", err=True)
 
 
 @cli.group("cache", context_settings=CONTEXT)
