@@ -11,10 +11,14 @@ from typing import Annotated, Any
 
 import numpy as np
 from fastapi import APIRouter, Depends, Path, Request
+from fastapi import Query as Param
 from fastapi.responses import HTMLResponse, RedirectResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from search.blend import BlendParams
+from search.dupes import DEFAULT_THRESHOLD, find_duplicates
+from search.filters import MAX_LENGTH as MAX_FILTER_LENGTH
+from search.filters import parse_filter
 from search.query import Query
 from search.terms import Term, vector_term
 from search.zeroshot import classify_features
@@ -28,6 +32,7 @@ from server.schemas import (
     BlendResponse,
     ClassifyForm,
     ClassifyRequest,
+    DuplicateGroup,
     ErrorBody,
     Health,
     Hit,
@@ -121,6 +126,18 @@ def _search(ctx: ServerContext, body: SearchRequest | SearchForm) -> list[dict]:
             raise InputError("give one of hybrid (words and meaning) and fts (words only)")
         query = query.full_text() if body.fts else query.hybrid(body.hybrid)
     return query.to_list()
+
+
+@router.get("/duplicates", response_model=list[DuplicateGroup], summary="Groups of duplicate photos")
+def duplicates(ctx: Context, threshold: Annotated[float, Param(ge=-1, le=1, allow_inf_nan=False)] = DEFAULT_THRESHOLD,
+               exact_only: bool = False,
+               where: Annotated[str | None, Param(max_length=MAX_FILTER_LENGTH)] = None) -> list[dict]:
+    """Exact copies (the same bytes) and near-duplicates (embeddings at least ``threshold`` similar),
+    each group with its members (the suggested keeper first), as ``clipdex dupes --json`` gives them.
+    Every row's neighbours are searched: about a minute at 1M rows."""
+    store = ctx.live.current().store
+    condition = parse_filter(where, store.tables.filter_columns(), store.tables.time_columns()) if where else None
+    return [group.to_dict() for group in find_duplicates(store, threshold, exact_only, condition)]
 
 
 @router.get("/images/{image_id}", response_class=StreamingResponse, summary="The indexed file itself",

@@ -99,6 +99,17 @@ class Hit(BaseModel):
     gps_longitude: float | None = Field(None, description="Decimal degrees, negative west.")
 
 
+class DuplicateGroup(BaseModel):
+    kind: Literal["exact", "near"] = Field(description="exact: the same bytes; near: embeddings at least the threshold "
+                                                       "similar")
+    ids: list[int] = Field(description="Members, the suggested keeper first.")
+    paths: list[str]
+    bytes: list[int | None]
+    times: list[str | None] = Field(description="When each was taken (EXIF), else its file's mtime, ISO 8601 UTC.")
+    score: float = Field(description="The lowest cosine between two members.")
+    keep: int = Field(description="The suggested photo to keep: the largest, then the oldest.")
+
+
 class ClassifyRequest(Strict):
     image: str | None = Field(None, description="An image file as base64 (or a data: URL).")
     id: ImageId | None = None

@@ -98,3 +98,20 @@ def test_csv_text_and_mistakes(capsys, planted):
     assert code == 1 and err.count("\n") == 1
     code, _, err = run(capsys, "dupes", "--store", store, "--threshold", "3")
     assert code == 2
+
+
+def test_http_gives_what_the_command_line_gives(capsys, planted):
+    from server import ServeConfig, create_app
+    from tests.helpers import local_client
+
+    _, store, _, _ = planted
+    with local_client(create_app(ServeConfig(store=store))) as client:
+        assert client.get("/duplicates").json() == groups_of(capsys, store)
+        only = client.get("/duplicates", params={"exact_only": "true"}).json()
+        assert [g["kind"] for g in only] == ["exact"]
+        narrowed = client.get("/duplicates", params={"where": "path LIKE '%_q40.jpg' OR path LIKE '%_small.jpg'"})
+        assert narrowed.status_code == 200 and narrowed.json() == groups_of(
+            capsys, store, "--where", "path LIKE '%_q40.jpg' OR path LIKE '%_small.jpg'")
+        for params, status in (({"threshold": "2"}, 422), ({"threshold": "nan"}, 422), ({"where": "widht >"}, 400)):
+            response = client.get("/duplicates", params=params)
+            assert response.status_code == status and "error" in response.json(), (params, response.text)

@@ -170,3 +170,39 @@ def test_the_page_s_words_toggle_searches_the_captions_too(browser, base_url):
     with_words = top_captions("top right ")
     assert sum("top right" in caption for caption in with_words) >= 3
     assert sum("top right" in caption for caption in with_words) > sum("top right" in c for c in by_picture)
+
+
+def test_the_page_shows_duplicate_groups_with_the_keeper_outlined(browser, tmp_path):
+    from demo.shapes import write_library
+    from indexer.run import IndexConfig, index_paths
+
+    library = tmp_path / "library"
+    write_library(library, 12, 5)
+    first = sorted(library.rglob("*.png"))[0]
+    shutil.copy(first, library / "again.png")
+    index_paths([library], tmp_path / "store", IndexConfig(model="clipdex-shapes", device="cpu", progress=False))
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(create_app(ServeConfig(store=tmp_path / "store", port=port)),
+                                           host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not server.started:
+            assert time.monotonic() < deadline, "the server did not start"
+            time.sleep(0.05)
+        browser.get(f"http://127.0.0.1:{port}/")
+        WebDriverWait(browser, 20).until(lambda b: b.find_elements(By.ID, "dupes"))
+        browser.find_element(By.ID, "dupes").click()
+        wait_for_status(browser, "of duplicates")
+        groups = browser.find_elements(By.CSS_SELECTOR, "#results .group")
+        exact = [g for g in groups if "the same file" in g.find_element(By.TAG_NAME, "h2").text]
+        assert len(exact) == 1
+        shown = {card.get_attribute("data-path") for card in exact[0].find_elements(By.CSS_SELECTOR, ".hit")}
+        assert shown == {str(first), str(library / "again.png")}
+        assert len(exact[0].find_elements(By.CSS_SELECTOR, ".hit.keep")) == 1
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
