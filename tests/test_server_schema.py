@@ -14,7 +14,7 @@ from server import ServeConfig, create_app
 
 KEY = "schema-key"
 OPERATIONS = ["GET /health", "GET /info", "POST /search", "GET /images/{image_id}", "GET /thumbnails/{image_id}",
-              "POST /classify", "POST /cache/blend"]
+              "POST /classify", "POST /cache/blend", "GET /duplicates"]
 
 
 @pytest.fixture(scope="module")
