@@ -238,13 +238,14 @@ class Query:
             raise InputError("full-text search takes one text and nothing else: no images, ids or vectors, no "
                              "--add or --subtract")
         tables = self.store.tables
+        # The index exists only where captions do: the caption column is scanned only to say why not.
+        if tables.has_caption_index():
+            return texts[0]
         if not tables.has_captions():
             raise InputError(f"the store {self.store.directory} has no captions to search: hybrid and full-text "
                              "search read the caption column (index with --captions FILE, or sidecar .txt files)")
-        if not tables.has_caption_index():
-            raise InputError(f"the store {self.store.directory} has no full-text index on its captions yet: "
-                             "`clipdex reindex` (or the next `clipdex index`) makes it")
-        return texts[0]
+        raise InputError(f"the store {self.store.directory} has no full-text index on its captions yet: "
+                         "`clipdex reindex` (or the next `clipdex index`) makes it")
 
     def _keyword_ids(self, depth: int) -> tuple[np.ndarray, np.ndarray]:
         """(ids, BM25 scores) of the captions that best match the query's words, among the filter's rows."""

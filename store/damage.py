@@ -14,7 +14,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from store.errors import ClipdexError, DamagedStoreError, StoreError, first_line
+from store.errors import ClipdexError, DamagedStoreError, StoreError
+from store.fragments import short
 from store.health import DAMAGE, check_store
 
 LOG = logging.getLogger(__name__)
@@ -57,7 +58,7 @@ def explain(error: BaseException, directory: str | os.PathLike) -> str | None:
         first = damage[0]
         more = f" (and {len(damage) - 1} more: `clipdex check --store {directory}`)" if len(damage) > 1 else ""
         return f"the store {directory} is damaged: {first.path} {first.what}{more}; {repair}"
-    return (f"the store {directory} could not be read ({_short(error)}); `clipdex check --store {directory} --deep` "
+    return (f"the store {directory} could not be read ({short(error)}); `clipdex check --store {directory} --deep` "
             f"finds the damage, then {repair}")
 
 
@@ -75,7 +76,3 @@ def _from_storage(error: BaseException) -> bool:
 def _disk_full(error: BaseException) -> bool:
     return (isinstance(error, OSError) and error.errno == errno.ENOSPC) or "No space left on device" in str(error) \
         or "os error 28" in str(error)
-
-
-def _short(error: BaseException) -> str:
-    return first_line(error, 200).split(", /")[0]

@@ -119,12 +119,10 @@ def any_version_reads(uri: str | Path) -> bool:
     return False
 
 
-def readable_versions(uri: str | Path, newer_than: int = 0, deep: bool = False) -> Iterator[int]:
-    """Versions after *newer_than*, newest first, whose manifest opens and whose fragments are all
-    readable (the candidates of a rollback)."""
+def readable_versions(uri: str | Path, deep: bool = False) -> Iterator[int]:
+    """Versions, newest first, whose manifest opens and whose fragments are all readable (where
+    repair takes the rows of unreadable fragments back from)."""
     for version in reversed(list(version_files(uri))):
-        if version <= newer_than:
-            return
         try:
             dataset = open_version(uri, version)
         except Exception:  # noqa: BLE001 - an unreadable manifest is no candidate, whatever Lance raised

@@ -217,8 +217,8 @@ class Tables:
         """Make the full-text (BM25) index on ``caption`` where the table has captions and no index
         yet (a writer's step; a commit of its own). Rows added later are searched without it
         until the next compaction adds them to it (``optimize``). True when one was made."""
-        if not self.has_captions() or self.has_caption_index():
-            return False
+        if not self.exists(IMAGES) or self.has_caption_index() or not self.has_captions():
+            return False  # the index first: a look at metadata, where counting captions scans a column
         from lancedb.index import FTS
 
         with writing(self.directory):
