@@ -26,6 +26,7 @@ import pyarrow.parquet as pq
 from demo import DEMO_COUNT, DEMO_DIR, DEMO_SEED, demo_lines, plot_classification, plot_similarity, write_demo_library
 from encoder import DEFAULT_MODEL, MODELS, can_load, list_models, load_image, pretrained_label
 from encoder.feed import DECODERS
+from encoder.precision import DEFAULT_PRECISION, PRECISIONS
 from encoder.prompts import text_queries
 from indexer import IndexConfig, index_paths
 from indexer.config import RayConfig
@@ -138,12 +139,22 @@ def model_options(command: Callable | None = None, *, default_model: str | None 
                               "Default: the model's default tag (laion2b_s34b_b79k for ViT-B-32); the bundled "
                               "weights for clipdex-shapes. Env: CLIPDEX_PRETRAINED."),
             click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda."),
+            precision_option("images and texts"),
         ]
         for option in reversed(options):
             command = option(command)
         return command
 
     return decorate(command) if command is not None else decorate
+
+
+def precision_option(what: str) -> Callable:
+    return click.option(
+        "--precision", type=click.Choice(list(PRECISIONS)), default=DEFAULT_PRECISION, show_default=True,
+        help=f"Arithmetic for embedding {what}. fp32: open_clip in torch. int8: both towers exported once to "
+             "ONNX and quantised (kept in the user cache): the fastest on a CPU. bf16: open_clip with bfloat16 "
+             "weights. int8 and bf16 are for the CPU and within cosine 0.99 of fp32 (README, \"Precision on a "
+             "CPU\").")
 
 
 def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
@@ -196,7 +207,7 @@ def models_command(as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print {texts, images, similarity} as JSON.")
 @click.option("--plot", type=click.Path(dir_okay=False), help="Also draw the similarity heatmap into this PNG.")
 @model_options()
-def compare_command(images, texts, as_json, plot, model_name, pretrained, device) -> None:
+def compare_command(images, texts, as_json, plot, model_name, pretrained, device, precision) -> None:
     """Cosine similarity of every text with every image (rows texts, columns images).
 
     \b
@@ -206,7 +217,7 @@ def compare_command(images, texts, as_json, plot, model_name, pretrained, device
     for text in texts:
         check_text(text, "--text")
     pictures = _load_images(images)
-    sims = similarity(MODELS.get(model_name, pretrained, device), pictures, texts)
+    sims = similarity(MODELS.get(model_name, pretrained, device, precision=precision), pictures, texts)
     names = _names(images)
     if as_json:
         click.echo(json.dumps({"texts": list(texts), "images": list(images),
@@ -235,7 +246,8 @@ def _print_matrix(sims, rows: Sequence[str], columns: Sequence[str]) -> None:
 @click.option("--json", "as_json", is_flag=True, help='Print [{"path", "top": [{"label", "prob"}]}] as JSON.')
 @click.option("--plot", type=click.Path(dir_okay=False), help="Also draw each image beside its top-k bar chart.")
 @model_options()
-def classify_command(images, labels, labels_file, template, k, as_json, plot, model_name, pretrained, device) -> None:
+def classify_command(images, labels, labels_file, template, k, as_json, plot, model_name, pretrained, device,
+                     precision) -> None:
     """Zero-shot classification: top-k labels per image, probabilities = softmax(100 * cosine).
 
     \b
@@ -246,7 +258,8 @@ def classify_command(images, labels, labels_file, template, k, as_json, plot, mo
     label_list = clean_labels(_read_labels(labels, labels_file))
     check_template(template)
     pictures = _load_images(images)
-    results = classify(MODELS.get(model_name, pretrained, device), pictures, label_list, template, k)
+    results = classify(MODELS.get(model_name, pretrained, device, precision=precision), pictures, label_list,
+                       template, k)
     if as_json:
         click.echo(json.dumps([{"path": path, "top": [{"label": s.label, "prob": round(s.prob, 6)} for s in top]}
                                for path, top in zip(images, results)]))
@@ -351,7 +364,7 @@ def demo_command(directory: str, count: int) -> None:
                    "/proc, /sys, /dev and other kernel file systems never).")
 @click.option("--json", "as_json", is_flag=True,
               help='Print {"scanned", "embedded", "reused", "moved", "removed", "failed", "unavailable", ...} at the end.')
-def index_command(paths, store_dir, model_name, pretrained, device, batch_size, workers, readers, decoder, captions, engine,
+def index_command(paths, store_dir, model_name, pretrained, device, precision, batch_size, workers, readers, decoder, captions, engine,
                   ray_address, cpus_per_worker, gpus_per_worker, max_pixels, exact_decode, commit_every, ann, wait,
                   prune, cross_mounts, as_json) -> None:
     """Embed the images under PATHS into the store, incrementally.
@@ -376,7 +389,8 @@ def index_command(paths, store_dir, model_name, pretrained, device, batch_size, 
     Example:
       clipdex index ~/Pictures --store pictures.clipdex --model clipdex-shapes
     """
-    config = IndexConfig(model=model_name, pretrained=pretrained, device=device, batch_size=batch_size,
+    config = IndexConfig(model=model_name, pretrained=pretrained, device=device, precision=precision,
+                         batch_size=batch_size,
                          workers=workers, readers=readers, decoder=decoder, captions=tuple(captions),
                          max_pixels=max_pixels,
                          exact_decode=exact_decode, commit_every=commit_every, wait=wait, prune=prune,
@@ -440,7 +454,7 @@ def info_command(store_dir, as_json, show_failures) -> None:
         index_line = "no index yet (run `clipdex index` on the store to build one)"
     roots = "".join(f"\n           {shown(root)} ({count} images)" for root, count in report.roots.items())
     click.echo(f"store:     {store.directory}\n"
-               f"model:     {manifest['model']} ({manifest['pretrained']}), {manifest['dim']}-d\n"
+               f"model:     {manifest['model']} ({manifest['pretrained']}), {manifest['dim']}-d{_precisions(manifest)}\n"
                f"images:    {report.rows} ({report.captioned} with captions)\nfailures:  {report.failures}\n"
                f"folders:   {len(report.roots) or 'none recorded'}{roots}\n"
                f"index:     {index_line}\n"
@@ -456,6 +470,12 @@ def info_command(store_dir, as_json, show_failures) -> None:
     for failure in failures:
         detail = f"  ({failure['detail']})" if failure["detail"] else ""
         click.echo(f"  {failure['reason']:<13} {shown(failure['path'])}{detail}")
+
+
+def _precisions(manifest: dict) -> str:
+    """How the vectors were computed, for the model line (nothing for imported features)."""
+    made = manifest["precisions"]
+    return f", {' and '.join(made)} vectors" if made else ""
 
 
 @cli.command("search", context_settings=CONTEXT)
@@ -480,10 +500,11 @@ def info_command(store_dir, as_json, show_failures) -> None:
                    "finds a name, a product code or a rare word the image does not show. Score stays the cosine.")
 @click.option("--fts", is_flag=True, help="Search the captions for QUERY's words only (BM25; score is BM25's).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda (for encoding the query).")
+@precision_option("the query")
 @click.option("--json", "as_json", is_flag=True,
               help="Print [{id, path, score, width, height, caption}] as JSON (with the --sort column).")
 def search_command(query, store_dir, k, image, adds, subtracts, where, min_score, sort, hybrid, fts, device,
-                   as_json) -> None:
+                   precision, as_json) -> None:
     """Search a store by text (QUERY), by image (--image), or both, with query algebra.
 
     \b
@@ -497,7 +518,7 @@ def search_command(query, store_dir, k, image, adds, subtracts, where, min_score
     if query is None and image is None:
         raise InputError("give a QUERY text, --image PATH, or both")
     terms = ([Term(1.0, text=query)] if query is not None else []) + ([Term(1.0, image=image)] if image else [])
-    search = Query(Store.open(store_dir), terms=tuple(terms), device=device).limit(k)
+    search = Query(Store.open(store_dir), terms=tuple(terms), device=device, precision=precision).limit(k)
     for term in adds:
         search = search.add(term)
     for term in subtracts:
@@ -875,8 +896,9 @@ def cache_query_command(store_dir, queries_path, k, alpha, weighting, temperatur
                    "needs --api-key.")
 @click.option("--access-log", metavar="FILE", help="Append one line per request to FILE ('-': standard output).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
+@precision_option("the queries")
 def serve_command(store_dir, host, port, api_key, max_k, max_batch, max_body_mb, allow_hosts, cors_origins, access_log,
-                  device) -> None:
+                  device, precision) -> None:
     """Serve a store over HTTP: the search page at /, the API described at /openapi.json.
 
     The server follows the store: when `clipdex index` publishes a new version, it is served from
@@ -898,6 +920,7 @@ def serve_command(store_dir, host, port, api_key, max_k, max_batch, max_body_mb,
         open_access_log(access_log).close()
     config = ServeConfig(store=Path(store_dir), host=host, port=port, api_key=api_key, max_k=max_k,
                          max_batch=max_batch, max_body_bytes=int(max_body_mb * MIB), device=device,
+                         precision=precision,
                          allow_hosts=tuple(allow_hosts), cors_origins=tuple(cors_origins), access_log=access_log)
     _check_port_free(host, port)
     if api_key is None and host not in ("127.0.0.1", "localhost", "::1"):

@@ -6,6 +6,13 @@ The forward-only rate of each model (random pixels, no decoding) is measured too
 
     python bench/bench_indexing.py --images 2000 --work /tmp/clipdex-bench \
         --clip-retrieval /work/peers/cr/bin/python --out bench/results/indexing.json
+
+With ``--precisions fp32,int8 --pairs 3`` clipdex alone runs once per precision in each pair,
+alternating, after the int8 export was built (a first run on a few files); "net" is files per second
+of the run less its start-up (imports, the model, the store: the summary's ``load`` stage).
+
+    python bench/bench_indexing.py --images 2000 --models ViT-B-32 --precisions fp32,int8 --pairs 3 \
+        --skip-lancedb --out bench/results/indexing-precision.json
 """
 
 from __future__ import annotations
@@ -160,8 +167,12 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--device", default="cpu", help="cuda: clipdex and the forward-only ceiling on the GPU "
                         "(fp16 autocast), with the GPU's utilisation during the run")
+    parser.add_argument("--precisions", help="e.g. fp32,int8: clipdex alone, at each precision, alternating")
+    parser.add_argument("--pairs", type=int, default=1, help="with --precisions: how many alternating rounds")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "indexing.json")
     args = parser.parse_args()
+    if args.precisions:
+        return compare_precisions(args)
 
     args.work.mkdir(parents=True, exist_ok=True)
     low, high = (int(side) for side in args.short_side.split(","))
@@ -191,6 +202,42 @@ def main() -> None:
         report["models"][model] = row
         print(json.dumps({model: row}, indent=1), flush=True)
     write_report(args.out, report)
+
+
+def compare_precisions(args) -> None:
+    args.work.mkdir(parents=True, exist_ok=True)
+    images = args.work / f"jpegs-{args.images}"
+    make_jpegs(images, args.images, processes=os.cpu_count() or 1)
+    precisions = args.precisions.split(",")
+    report = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.platform()}",
+              "images": args.images, "command": " ".join(sys.argv), "models": {}}
+    for model in args.models.split(","):
+        weights = weights_for(model, args.work)
+        warm = args.work / "jpegs-warm"
+        make_jpegs(warm, 4)
+        for precision in precisions:  # builds the exports once, outside the timed runs
+            run_clipdex(model, weights, warm, args.work, args.batch_size, "--precision", precision)
+        runs: dict[str, list[dict]] = {p: [] for p in precisions}
+        for pair in range(args.pairs):
+            for precision in precisions:
+                run = run_clipdex(model, weights, images, args.work, args.batch_size, "--precision", precision)
+                run["img_s"] = run["embedded"] / run["seconds"]
+                run["net_img_s"] = run["embedded"] / (run["inner_seconds"] - run["stages"]["load"])
+                runs[precision].append(run)
+                print(json.dumps({"model": model, "pair": pair, "precision": precision, "img_s": run["img_s"],
+                                  "net_img_s": run["net_img_s"], "stages": run["stages"]}), flush=True)
+        row = {"runs": runs, "forward_only_fp32_img_s": forward_only(model, weights, args.batch_size)}
+        for precision in precisions:
+            row[f"{precision}_median_img_s"] = float(np.median([r["img_s"] for r in runs[precision]]))
+            row[f"{precision}_median_net_img_s"] = float(np.median([r["net_img_s"] for r in runs[precision]]))
+        first = precisions[0]
+        for precision in precisions[1:]:
+            row[f"{precision}_vs_{first}_net"] = [b["net_img_s"] / a["net_img_s"]
+                                                  for a, b in zip(runs[first], runs[precision])]
+        report["models"][model] = row
+    write_report(args.out, report)
+    print(json.dumps({m: {k: v for k, v in row.items() if k != "runs"} for m, row in report["models"].items()},
+                     indent=1))
 
 
 def write_report(out: Path, report: dict) -> None:

@@ -15,9 +15,12 @@ from urllib.parse import urlparse
 
 import numpy as np
 
+from encoder import exported
 from encoder.checkpoints import check_sha256, open_clip_reads_weights_only
+from encoder.precision import DEFAULT_PRECISION, PRECISIONS, check_precision
 from encoder.registry import DEFAULT_MODEL, open_clip_module, pretrained_label, resolve_pretrained
 from encoder.registry import weights_sha256 as registry_sha256
+from encoder.user_cache import CacheRefused
 from store.errors import ClipdexError, InputError, ModelLoadError, first_line
 
 if TYPE_CHECKING:
@@ -85,9 +88,13 @@ class ClipModel:
     L2-normalised as float32 numpy arrays, so cosine similarity is a dot product."""
 
     def __init__(self, name: str, pretrained: str, model: "torch.nn.Module",
-                 preprocess: Callable[["Image.Image"], "torch.Tensor"], tokenizer: Callable, device: str) -> None:
+                 preprocess: Callable[["Image.Image"], "torch.Tensor"], tokenizer: Callable, device: str,
+                 precision: str = "fp32") -> None:
         self.name, self.pretrained, self.device = name, pretrained, device
         self.model, self.preprocess, self.tokenizer = model, preprocess, tokenizer
+        self.precision = precision  # how the vectors are computed: encoder.precision.PRECISIONS
+        # Exported towers (encoder.exported.Tower) that replace the torch forward of a precision
+        self.towers: dict[str, Callable[[np.ndarray], np.ndarray]] = {}
         self.embed_dim = int(getattr(model.visual, "output_dim", 0)) or int(self.encode_texts(["x"]).shape[-1])
 
     @property
@@ -99,6 +106,13 @@ class ClipModel:
     def preprocess_cfg(self) -> dict:
         """Resize/crop/normalisation settings, recorded in the store manifest."""
         return dict(getattr(self.model.visual, "preprocess_cfg", {}) or {})
+
+    @property
+    def _dtype(self):
+        """The dtype of the model's weights (bfloat16 for --precision bf16): pixels are cast to it."""
+        import torch
+
+        return torch.bfloat16 if self.precision == "bf16" else torch.float32
 
     def _autocast(self):
         import torch
@@ -114,8 +128,11 @@ class ClipModel:
         back into pinned memory asynchronously, so the caller can queue the next batch first."""
         import torch
 
+        if "image" in self.towers:
+            vectors = self.towers["image"](pixels.numpy())
+            return lambda: vectors
         with torch.inference_mode(), self._autocast():
-            features = self.model.encode_image(pixels.to(self.device, non_blocking=True))
+            features = self.model.encode_image(pixels.to(self.device, self._dtype, non_blocking=True))
             features = torch.nn.functional.normalize(features.float(), dim=-1)
             if not self.device.startswith("cuda"):
                 vectors = features.numpy()
@@ -144,6 +161,9 @@ class ClipModel:
         out = []
         with torch.inference_mode(), self._autocast():
             for i in range(0, len(texts), batch_size):
+                if "text" in self.towers:
+                    out.append(self.towers["text"](self.tokenizer(list(texts[i:i + batch_size])).numpy()))
+                    continue
                 features = self.model.encode_text(self.tokenizer(list(texts[i:i + batch_size])).to(self.device))
                 out.append(torch.nn.functional.normalize(features.float(), dim=-1).cpu().numpy())
         return np.concatenate(out) if out else np.zeros((0, self.embed_dim), np.float32)
@@ -157,7 +177,7 @@ def _cause(error: BaseException) -> str:
 
 
 def load_model(name: str = DEFAULT_MODEL, pretrained: str | None = None, device: str = "auto",
-               weights_sha256: str = "") -> ClipModel:
+               weights_sha256: str = "", precision: str = DEFAULT_PRECISION) -> ClipModel:
     """Load *name* with *pretrained* (hub tag, checkpoint file, or None for the model's default).
 
     Every checkpoint is read by :mod:`encoder.checkpoints`: weights only, never pickled code.
@@ -166,6 +186,7 @@ def load_model(name: str = DEFAULT_MODEL, pretrained: str | None = None, device:
     Raises :class:`ModelLoadError` with an actionable message when the weights cannot be had.
     """
     device = resolve_device(device)
+    exported = check_precision(precision, device).exported
     checkpoint = resolve_pretrained(name, pretrained)
     open_clip = open_clip_module()
     schema = name.startswith(("hf-hub:", "local-dir:"))  # open_clip finds these weights itself
@@ -180,7 +201,7 @@ def load_model(name: str = DEFAULT_MODEL, pretrained: str | None = None, device:
     try:
         with _hub_offline(offline), _quiet_open_clip(), open_clip_reads_weights_only(name, sha256) as read:
             model, _, preprocess = open_clip.create_model_and_transforms(
-                name, pretrained=checkpoint or None, device=device)
+                name, pretrained=checkpoint or None, device=device, precision=PRECISIONS[precision].open_clip)
             tokenizer = open_clip.get_tokenizer(name)
     except ClipdexError:
         raise  # refused by encoder.checkpoints, already one line naming the file
@@ -202,4 +223,17 @@ def load_model(name: str = DEFAULT_MODEL, pretrained: str | None = None, device:
     model.eval()
     label = pretrained_label(name, pretrained)
     LOG.info("loaded %s (%s) on %s", name, label, device)
-    return ClipModel(name, label, model, preprocess, tokenizer, device)
+    loaded = ClipModel(name, label, model, preprocess, tokenizer, device, precision=precision)
+    return with_exported_towers(loaded, precision, sha256) if exported else loaded
+
+
+def with_exported_towers(model: ClipModel, precision: str, weights_sha256: str = "") -> ClipModel:
+    """*model* with both towers run from their export at *precision* (built once per model and
+    kept in the user's cache); one line naming the cause when they cannot be had."""
+    key = exported.key_for(model.name, model.pretrained, weights_sha256)
+    try:
+        towers = {name: exported.tower(key, name, precision, model) for name in exported.TOWERS}
+    except (exported.ExportError, CacheRefused) as error:
+        raise ModelLoadError(f"--precision {precision} is not available for {model.name}: {error}") from error
+    model.towers, model.precision = towers, precision
+    return model

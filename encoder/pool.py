@@ -4,19 +4,40 @@ every request of the server)."""
 
 from __future__ import annotations
 
+import copy
 import inspect
+import logging
 import os
 import threading
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Protocol, Sequence
 
+import numpy as np
+
+from encoder import exported
 from encoder.checkpoints import check_sha256
-from encoder.model import ClipModel, load_model, resolve_device
+from encoder.model import ClipModel, load_model, resolve_device, with_exported_towers
+from encoder.precision import DEFAULT_PRECISION, check_precision
 from encoder.registry import pretrained_label
 from encoder.registry import weights_sha256 as weights_sha256_of
+from encoder.user_cache import CacheRefused
 from store.errors import NoEncoderError
 
 if TYPE_CHECKING:
     from store.manifest import Manifest
+
+LOG = logging.getLogger(__name__)
+
+
+class TextEncoder(Protocol):
+    def encode_texts(self, texts: Sequence[str]) -> np.ndarray: ...
+
+
+def _on_cpu(device: str) -> bool:
+    """Whether *device* is the CPU, told without importing torch: "auto" is the CPU on a machine
+    without NVIDIA's driver (where it is loaded, torch decides, as before)."""
+    if device != "auto":
+        return device == "cpu"
+    return not (os.path.exists("/proc/driver/nvidia/version") or os.path.exists("/dev/nvidiactl"))
 
 
 class ModelPool:
@@ -31,22 +52,30 @@ class ModelPool:
     def __init__(self, loader: Callable[..., ClipModel] = load_model) -> None:
         self._loader = loader
         self._checks = _takes_hash(loader)  # else a stand-in: the pool checks the file before calling it
-        self._models: dict[tuple[str, str, str, str], ClipModel] = {}
+        self._models: dict[tuple[str, str, str, str, str], ClipModel] = {}
+        self._texts: dict[tuple[exported.ModelKey, str], TextEncoder] = {}
         self._lock = threading.Lock()  # two threads asking at once load the model once
 
     def get(self, name: str, pretrained: str | None = None, device: str = "auto",
-            weights_sha256: str = "") -> ClipModel:
+            weights_sha256: str = "", precision: str = DEFAULT_PRECISION) -> ClipModel:
         """The model, loaded once; with *weights_sha256* (a store's record of its local checkpoint)
         the file must have that hash, else :class:`ModelMismatchError`."""
         device = resolve_device(device)
+        check_precision(precision, device)
         label = pretrained_label(name, pretrained)
-        key = (name, label, device, weights_sha256)
+        key = (name, label, device, weights_sha256, precision)
         with self._lock:
             if key not in self._models:
-                self._models[key] = self._load(name, pretrained, device, label, weights_sha256)
+                self._models[key] = self._load(name, pretrained, device, label, weights_sha256, precision)
             return self._models[key]
 
-    def _load(self, name: str, pretrained: str | None, device: str, label: str, weights_sha256: str) -> ClipModel:
+    def _load(self, name: str, pretrained: str | None, device: str, label: str, weights_sha256: str,
+              precision: str) -> ClipModel:
+        if precision != DEFAULT_PRECISION:  # the towers are exported from the fp32 model, loaded once
+            fp32 = self._models.get((name, label, device, weights_sha256, DEFAULT_PRECISION)) \
+                or self._load(name, pretrained, device, label, weights_sha256, DEFAULT_PRECISION)
+            self._models[(name, label, device, weights_sha256, DEFAULT_PRECISION)] = fp32
+            return with_exported_towers(copy.copy(fp32), precision, weights_sha256)
         if not weights_sha256:
             return self._loader(name, pretrained, device)
         if self._checks:
@@ -55,7 +84,8 @@ class ModelPool:
             check_sha256(label, weights_sha256, weights_sha256_of(label))
         return self._loader(name, pretrained, device)
 
-    def for_manifest(self, manifest: "Manifest", device: str = "auto") -> ClipModel:
+    def for_manifest(self, manifest: "Manifest", device: str = "auto",
+                     precision: str = DEFAULT_PRECISION) -> ClipModel:
         """The model that made a store's vectors, or :class:`NoEncoderError` for imported features
         that clipdex has no encoder for (they answer vector queries and the cache only). A local
         checkpoint must be the file the store recorded (:class:`ModelMismatchError`)."""
@@ -63,7 +93,28 @@ class ModelPool:
             raise NoEncoderError(
                 f"this store holds '{manifest.space}' features, which have no text or image encoder in clipdex: "
                 "query it with vectors (search(vector=...), an id, an embedding) or the cache")
-        return self.get(manifest.model, manifest.pretrained, device, weights_sha256=manifest.weights_sha256)
+        return self.get(manifest.model, manifest.pretrained, device, weights_sha256=manifest.weights_sha256,
+                        precision=precision)
+
+    def text_encoder(self, manifest: "Manifest", device: str = "auto",
+                     precision: str = DEFAULT_PRECISION) -> "TextEncoder":
+        """What embeds a store's text queries most cheaply: on the CPU, its text tower exported to
+        ONNX with the tokenizer (no torch, no open_clip: a one-shot search costs less than
+        importing torch), built from the model the first time; elsewhere, or where the model
+        cannot be exported, the model itself."""
+        if not _on_cpu(device) or not manifest.has_text_encoder or precision not in exported.PRECISIONS:
+            return self.for_manifest(manifest, device, precision)
+        key = exported.key_for(manifest.model, manifest.pretrained, manifest.weights_sha256)
+        with self._lock:
+            if (key, precision) in self._texts:
+                return self._texts[(key, precision)]
+        try:
+            encoder: TextEncoder = exported.text_encoder(key, precision, lambda: self.for_manifest(manifest, "cpu"))
+        except (exported.ExportError, CacheRefused) as error:
+            LOG.warning("%s; text queries are embedded by the model itself", error)
+            encoder = self.for_manifest(manifest, device, precision)
+        with self._lock:
+            return self._texts.setdefault((key, precision), encoder)
 
 
 def _takes_hash(loader: Callable[..., ClipModel]) -> bool:

@@ -23,6 +23,7 @@ class IndexConfig:
     model: str | None = None  # None: the store's model, or ViT-B-32 for a new store
     pretrained: str | None = None
     device: str = "auto"
+    precision: str = "fp32"  # encoder.precision.PRECISIONS: how the vectors are computed (recorded by the store)
     batch_size: int | None = None  # images per forward pass; None: 64 on CPU, 256 on CUDA
     workers: int | None = None  # decoding threads; None: one per core, at most 8 (ray: the number of actors)
     readers: int | None = None  # threads reading files; None: as many as decoding threads

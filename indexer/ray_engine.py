@@ -206,7 +206,7 @@ class _Embedder:
         torch.set_num_threads(work.threads)
         self.work, config = work, work.config
         self.model = load_model(config.model, config.pretrained, device=config.device,
-                                weights_sha256=work.weights_sha256)
+                                weights_sha256=work.weights_sha256, precision=config.precision)
 
     def __call__(self, jobs: pa.Table) -> pa.Table:
         from lance.fragment import write_fragments  # in the actor's process only

@@ -151,7 +151,7 @@ def _open(found: Scan, store_dir: Path, config: IndexConfig, models: ModelPool, 
         existing.check_model(name, label, weights_sha256=weights)
     # The file read must be the one the store recorded (or, for a new store, the one just hashed).
     recorded = (existing.manifest.weights_sha256 if existing is not None else "") or weights
-    model = models.get(name, pretrained, device=config.device, weights_sha256=recorded)
+    model = models.get(name, pretrained, device=config.device, weights_sha256=recorded, precision=config.precision)
     LOG.info("model loaded at %.2fs", clock.elapsed())
     if existing is not None:
         existing.check_model(model.name, model.pretrained, model.embed_dim, weights)
@@ -201,6 +201,8 @@ def _update(run: _Run, session: Session) -> IndexSummary:
                                   plan.embed, bar.update)
     clock.lap("embed")
     LOG.info("embedded %d at %.2fs", embedding.written, clock.elapsed())
+    if embedding.written and run.model.precision not in store.manifest.precisions:
+        store.update_manifest(precisions=(*store.manifest.precisions, run.model.precision))
     failed_modified = [plan.embed[pos].id for pos, _ in embedding.failures if plan.embed[pos].id < plan.first_new_id]
     store.tables.delete_ids(plan.removed_ids + failed_modified)
 

@@ -24,6 +24,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from encoder import MODELS, load_image
+from encoder.precision import DEFAULT_PRECISION
 from search.filtered import FilteredIndex
 from search.filters import combine, parse_filter
 from search.hybrid import HYBRID_DEPTH, informative, rrf
@@ -36,6 +37,7 @@ if TYPE_CHECKING:
 
     from PIL import Image
 
+    from encoder.pool import TextEncoder
     from store.store import Store
 
 LOG = logging.getLogger(__name__)
@@ -65,15 +67,16 @@ class Query:
     threshold: float | None = None  # .min_score(): results below this cosine are left out
     order: tuple[str, bool] | None = None  # .sort(): (column, descending)
     mode: str = "vector"  # .hybrid(), .full_text(): search.hybrid.MODES
+    precision: str = DEFAULT_PRECISION  # how text and image terms are embedded: encoder.precision
 
     @classmethod
     def create(cls, store: "Store", text: str | None = None, *, image: str | None = None,
                vector: np.ndarray | None = None, encoder: TermEncoder | None = None,
-               device: str = "auto") -> "Query":
+               device: str = "auto", precision: str = DEFAULT_PRECISION) -> "Query":
         given = [x for x in (text, image, vector) if x is not None]
         if len(given) != 1:
             raise InputError("search needs exactly one of a text, an image or a vector")
-        query = cls(store, encoder=encoder, device=device)
+        query = cls(store, encoder=encoder, device=device, precision=precision)
         if text is not None:
             return query.add(Term(1.0, text=text))
         if image is not None:
@@ -146,7 +149,14 @@ class Query:
         return (total / norm).astype(np.float32)
 
     def _encoder(self) -> TermEncoder:
-        return self.encoder if self.encoder is not None else MODELS.for_manifest(self.store.manifest, self.device)
+        if self.encoder is not None:
+            return self.encoder
+        return MODELS.for_manifest(self.store.manifest, self.device, self.precision)
+
+    def _text_encoder(self) -> "TextEncoder":
+        if self.encoder is not None:
+            return self.encoder
+        return MODELS.text_encoder(self.store.manifest, self.device, self.precision)
 
     def _embed(self, term: Term) -> np.ndarray:
         dim = self.store.manifest.dim
@@ -156,7 +166,7 @@ class Query:
                 raise InputError(f"the query vector has {vector.size} values; this store's vectors have {dim}")
             return vector / (np.linalg.norm(vector) or 1.0)
         if term.text is not None:
-            return self._encoder().encode_texts([term.text])[0]
+            return self._text_encoder().encode_texts([term.text])[0]
         picture = term.picture if term.picture is not None else load_image(os.path.expanduser(term.image))
         return self._encoder().encode_images([picture])[0]
 

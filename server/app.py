@@ -41,7 +41,7 @@ def create_app(config: ServeConfig, live: LiveStore | None = None) -> FastAPI:
     check_cors_origins(config.cors_origins, config.api_key)
     log = open_access_log(config.access_log) if config.access_log else None
     live = live or LiveStore(config.store, config.refresh_seconds, config.device, config.metadata_cache_rows)
-    ctx = ServerContext(config, live, Encoder(config.device))
+    ctx = ServerContext(config, live, Encoder(config.device, config.precision))
     if live.current().store.manifest.has_text_encoder:
         ctx.encoder.model(live.current())  # load now: fail at start, not on the first query
 

@@ -15,6 +15,7 @@ class ServeConfig:
     port: int = 8000
     api_key: str | None = None  # when set, every endpoint but /health requires it
     device: str = "auto"
+    precision: str = "fp32"  # how queries are embedded: encoder.precision.PRECISIONS
     max_k: int = 1000
     max_batch: int = 1024  # queries per /cache/blend request
     max_body_bytes: int = 16 * MIB  # uploads, base64 images and embedding batches alike

@@ -19,7 +19,7 @@ from store.files import DEFAULT_CONTENT_HASH, write_atomically
 
 MANIFEST_NAME = "manifest.json"
 PHOTO_VERSION = 1  # how the photo columns are read (encoder/exif.py): a store below it is read again
-MANIFEST_VERSION = 7
+MANIFEST_VERSION = 8
 
 
 def now() -> str:
@@ -64,6 +64,9 @@ class Manifest:
     # What the photo columns (taken_at, camera, place) were read with: PHOTO_VERSION once every row's
     # file was read for them; below, the next index run reads the files it sees (no re-embedding).
     photo_version: int = 0
+    # The precisions the stored vectors were computed with (encoder.precision), in the order first
+    # used: a store may mix those measured within fidelity of each other. Empty for imported features.
+    precisions: tuple[str, ...] = ()
     count: int = 0
     failures: int = 0
     next_id: int = 1
@@ -140,8 +143,16 @@ def _v6_to_v7(data: dict[str, Any]) -> dict[str, Any]:
     return data
 
 
+def _v7_to_v8(data: dict[str, Any]) -> dict[str, Any]:
+    # v8 records the precision of the vectors; every vector clipdex computed before it was fp32.
+    embedded = data.get("space", data.get("model")) == data.get("model") and data.get("count", 0) > 0
+    data.setdefault("precisions", ["fp32"] if embedded else [])
+    return data
+
+
 MIGRATIONS: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {1: _v1_to_v2, 2: _v2_to_v3, 3: _v3_to_v4,
-                                                                     4: _v4_to_v5, 5: _v5_to_v6, 6: _v6_to_v7}
+                                                                     4: _v4_to_v5, 5: _v5_to_v6, 6: _v6_to_v7,
+                                                                     7: _v7_to_v8}
 
 
 def migrate(data: dict[str, Any]) -> dict[str, Any]:

@@ -13,6 +13,7 @@ import pyarrow.compute as pc
 
 from store.errors import StoreError
 from store.files import writing
+from store.lance_read import ReadDB
 from store.manifest import IDENTITY_KEY
 
 if TYPE_CHECKING:
@@ -176,9 +177,12 @@ class Tables:
     def open(cls, directory: str | Path, dim: int, writable: bool = False) -> "Tables":
         """Handles on the tables; only a *writable* one (a writer holding the lock) creates a missing
         table, so a reader never leaves anything behind (not even in a store moved away meanwhile)."""
+        folder = str(Path(directory) / TABLE_DIR)
+        if not writable:  # a reader: Lance alone, without LanceDB's second of imports
+            return cls(ReadDB(folder), dim, Path(directory), writable)
         import lancedb
 
-        return cls(lancedb.connect(str(Path(directory) / TABLE_DIR)), dim, Path(directory), writable)
+        return cls(lancedb.connect(folder), dim, Path(directory), writable)
 
     def _table(self, name: str, schema: pa.Schema):
         if name not in self._handles:

@@ -8,6 +8,21 @@ HELDOUT_SEED = 7  # the bundled model was trained on seed 0 and checked on seed 
 HELDOUT_COUNT = 320
 
 
+@pytest.fixture(scope="session", autouse=True)
+def user_cache(tmp_path_factory):
+    """Exported encoders go to a cache of the test session's own, never the user's."""
+    import os
+
+    folder = tmp_path_factory.mktemp("user-cache")
+    saved = os.environ.get("CLIPDEX_CACHE_DIR")
+    os.environ["CLIPDEX_CACHE_DIR"] = str(folder)
+    yield folder
+    if saved is None:
+        os.environ.pop("CLIPDEX_CACHE_DIR", None)
+    else:
+        os.environ["CLIPDEX_CACHE_DIR"] = saved
+
+
 @pytest.fixture(scope="session")
 def demo_model():
     from encoder.model import load_model

@@ -268,6 +268,7 @@ def test_every_reader_refuses_a_swapped_checkpoint_and_takes_the_original_back(
     from server.config import ServeConfig
 
     store, weights, original = local_store
+    monkeypatch.setenv("CLIPDEX_CACHE_DIR", str(tmp_path / "cache"))  # no text tower exported yet
     recorded = weights_sha256(str(weights))
     if swap == "malicious":
         _torch_save(weights, marker)
@@ -277,6 +278,7 @@ def test_every_reader_refuses_a_swapped_checkpoint_and_takes_the_original_back(
     expected = (f"the checkpoint at {weights} is not the one this store was built with "
                 f"(sha256 {recorded[:16]}… recorded, {found[:16]}… found); put the original back or reindex")
     monkeypatch.setattr(MODELS, "_models", {})  # nothing this process loaded before
+    monkeypatch.setattr(MODELS, "_texts", {})
     with monkeypatch.context() as patch:
         if swap == "malicious":
             pretend_old_torch(patch)  # where open_clip's second try unpickled anything
@@ -295,3 +297,13 @@ def test_every_reader_refuses_a_swapped_checkpoint_and_takes_the_original_back(
     assert ModelPool().for_manifest(Store.open(store).manifest, "cpu").embed_dim == 64
     code, out, err = run(capsys, "search", "a red circle", "--store", store, "-k", "1")
     assert code == 0 and out, err
+
+    # The text tower exported from the checked weights answers text queries without reading the
+    # file again; whatever needs the file itself still refuses another one.
+    _other_weights(weights, weights)
+    monkeypatch.setattr(MODELS, "_models", {})
+    monkeypatch.setattr(MODELS, "_texts", {})
+    assert run(capsys, "search", "a red circle", "--store", store, "-k", "1")[:2] == (0, out)
+    picture = small_library[1][0]["path"]
+    code, _, err = run(capsys, "search", "--image", picture, "--store", store, "-k", "1")
+    assert code == 1 and "put the original back" in err

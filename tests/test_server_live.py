@@ -78,7 +78,7 @@ def test_a_server_started_mid_run_serves_the_indexed_version(tmp_path):
     library, store_dir = tmp_path / "library", tmp_path / "store"
     write_library(library, 12, 23)
     index_paths([library], store_dir, IndexConfig(model="clipdex-shapes", device="cpu", progress=False))
-    writer = Store.open(store_dir)
+    writer = Store.open(store_dir, writable=True)  # a writer, as `clipdex index` opens it
     gone = writer.tables.file_rows().column("id").to_pylist()[:5]
     writer.tables.delete_ids(gone)  # committed, but not yet indexed or published
     app = create_app(ServeConfig(store=store_dir, refresh_seconds=3600))
