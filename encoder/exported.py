@@ -150,7 +150,7 @@ def build(model: ClipModel, key: ModelKey, tower: str, precision: str) -> Path:
     published first is kept) and return its folder. :class:`ExportError` when it cannot be."""
     if precision not in PRECISIONS:
         raise ExportError(f"no {precision} export: clipdex exports at {' and '.join(PRECISIONS)}")
-    if tower == "text" and not tokens.can_export(model.tokenizer):
+    if tower == "text" and not tokens.can_export(getattr(model, "tokenizer", None)):
         raise ExportError(f"{model.name}'s tokenizer is not open_clip's CLIP BPE; its text tower stays in torch")
     folder = model_folder(key, create=True) / f"{tower}-{precision}"
     if user_cache.entry(folder) is not None:
@@ -270,3 +270,16 @@ def key_for(name: str, label: str, weights_sha256: str = "") -> ModelKey:
             with open(path, "rb") as handle:
                 weights_sha256 = file_sha256(handle)
     return ModelKey(name, "" if weights_sha256 else label, weights_sha256)
+
+
+def keep_text_tower(model: ClipModel, key: ModelKey) -> None:
+    """Export *model*'s text tower at fp32 now, if it is not yet (a writer's courtesy, on a CPU: the
+    model is loaded anyway, so the store's first one-shot search costs what every later one does).
+    A model that cannot be exported is left to the search to use as it is."""
+    if getattr(model, "device", "cpu") != "cpu" or getattr(model, "precision", "fp32") == "bf16":
+        return  # a bf16 model's weights are not fp32's; a GPU machine's searches use the model
+    try:
+        if tower_folder(key, "text", "fp32") is None:
+            build(model, key, "text", "fp32")
+    except (ExportError, user_cache.CacheRefused, OSError) as error:
+        LOG.info("the text tower is not exported (%s): searches will load the model", first_line(error, 160))

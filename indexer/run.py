@@ -21,6 +21,7 @@ from typing import Collection, Sequence
 import pyarrow as pa
 
 from encoder import DEFAULT_MODEL, MODELS, ClipModel, ModelPool, pretrained_label, weights_sha256
+from encoder.exported import keep_text_tower, key_for
 from encoder.prompts import text_queries
 from indexer.config import IndexConfig, RayConfig
 from indexer.engine import Session, Target, decode_threads
@@ -232,6 +233,9 @@ def _update(run: _Run, session: Session) -> IndexSummary:
         info = store.update_index(config.ann, session.workers, _missing_text_queries(run))
     else:
         store.update_manifest(count=store.tables.count(), failures=store.tables.failure_count())
+    if embedding.written:
+        keep_text_tower(run.model, key_for(store.manifest.model, store.manifest.pretrained,
+                                           store.manifest.weights_sha256))
     clock.lap("finish")
     return IndexSummary(
         scanned=len(found.files) + len(found.failures), embedded=embedding.written, reused=plan.reused,

@@ -44,6 +44,7 @@ def create_app(config: ServeConfig, live: LiveStore | None = None) -> FastAPI:
     ctx = ServerContext(config, live, Encoder(config.device, config.precision))
     if live.current().store.manifest.has_text_encoder:
         ctx.encoder.model(live.current())  # load now: fail at start, not on the first query
+        ctx.encoder.text_encoder(live.current())  # and export the text tower now, where it is used
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):

@@ -175,7 +175,8 @@ def test_a_damaged_export_is_built_again(demo_model, tmp_path, monkeypatch):
     assert np.allclose(again.encode_texts(["a red circle"]), expected, atol=1e-6)
 
 
-def test_store_records_each_precision_and_info_shows_them(tmp_path):
+def test_store_records_each_precision_and_info_shows_them(tmp_path, monkeypatch):
+    monkeypatch.setenv("CLIPDEX_CACHE_DIR", str(tmp_path / "cache"))
     first, second = tmp_path / "a", tmp_path / "b"
     write_library(first, 20, 1)
     write_library(second, 20, 2)
@@ -185,6 +186,8 @@ def test_store_records_each_precision_and_info_shows_them(tmp_path):
                                  "--device", "cpu", "--precision", "int8"])
     assert result.exit_code == 0, result.output
     assert Store.open(store).manifest.precisions == ("int8",)
+    exports = {p.name for p in (tmp_path / "cache" / exported.KIND).glob("*/*")}
+    assert exports == {"image-int8", "text-int8", "text-fp32"}  # the writer's export of the query tower too
     assert "64-d, int8 vectors" in runner.invoke(cli, ["info", "--store", str(store)]).output
     result = runner.invoke(cli, ["index", str(second), "--store", str(store), "--device", "cpu"])
     assert result.exit_code == 0, result.output
