@@ -16,7 +16,7 @@ import numpy as np
 from encoder import exported
 from encoder.checkpoints import check_sha256
 from encoder.model import ClipModel, load_model, resolve_device, with_exported_towers
-from encoder.precision import DEFAULT_PRECISION, check_precision
+from encoder.precision import DEFAULT_PRECISION, PRECISIONS, check_precision
 from encoder.registry import pretrained_label
 from encoder.registry import weights_sha256 as weights_sha256_of
 from encoder.user_cache import CacheRefused
@@ -71,18 +71,19 @@ class ModelPool:
 
     def _load(self, name: str, pretrained: str | None, device: str, label: str, weights_sha256: str,
               precision: str) -> ClipModel:
-        if precision != DEFAULT_PRECISION:  # the towers are exported from the fp32 model, loaded once
+        if PRECISIONS[precision].exported:  # the towers are exported from the fp32 model, loaded once
             fp32 = self._models.get((name, label, device, weights_sha256, DEFAULT_PRECISION)) \
                 or self._load(name, pretrained, device, label, weights_sha256, DEFAULT_PRECISION)
             self._models[(name, label, device, weights_sha256, DEFAULT_PRECISION)] = fp32
             return with_exported_towers(copy.copy(fp32), precision, weights_sha256)
+        other = {} if precision == DEFAULT_PRECISION else {"precision": precision}  # a stand-in knows fp32 only
         if not weights_sha256:
-            return self._loader(name, pretrained, device)
+            return self._loader(name, pretrained, device, **other)
         if self._checks:
-            return self._loader(name, pretrained, device, weights_sha256=weights_sha256)
+            return self._loader(name, pretrained, device, weights_sha256=weights_sha256, **other)
         if os.path.isfile(label):
             check_sha256(label, weights_sha256, weights_sha256_of(label))
-        return self._loader(name, pretrained, device)
+        return self._loader(name, pretrained, device, **other)
 
     def for_manifest(self, manifest: "Manifest", device: str = "auto",
                      precision: str = DEFAULT_PRECISION) -> ClipModel:

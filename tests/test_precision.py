@@ -199,6 +199,23 @@ def test_store_records_each_precision_and_info_shows_them(tmp_path, monkeypatch)
     assert hits.exit_code == 0 and len(json.loads(hits.output)) == 10
 
 
+@pytest.mark.parametrize("precision", LOWER)
+def test_the_pool_gives_each_precision_its_own_arithmetic(precision, tmp_path, monkeypatch):
+    """What every command gets (index, compare, classify, search): int8 runs the exported towers,
+    bf16 the torch model with bfloat16 weights; neither is the fp32 model under another name."""
+    import torch
+
+    monkeypatch.setenv("CLIPDEX_CACHE_DIR", str(tmp_path / "cache"))
+    model = ModelPool().get("clipdex-shapes", device="cpu", precision=precision)
+    assert model.precision == precision
+    weights = {p.dtype for p in model.model.parameters()}
+    if precision == "int8":
+        assert set(model.towers) == {"text", "image"} and weights == {torch.float32}
+    else:
+        assert not model.towers and weights == {torch.bfloat16}
+        assert not (tmp_path / "cache").exists()  # nothing exported for it
+
+
 def test_int8_off_the_cpu_is_one_line(capsys, small_library):
     picture = small_library[1][0]["path"]
     for device in ("cuda", "mps"):
