@@ -36,6 +36,7 @@ class ClipModel(Protocol):
     embed_dim: int
     image_size: tuple[int, int]
 
+
 LOG = logging.getLogger(__name__)
 KIND = "onnx"
 # Bumped when what is exported changes, so older exports are not used.
@@ -199,21 +200,20 @@ def _large(model: ClipModel) -> bool:
 
 
 def _quantise(path: Path, tower: str) -> None:
+    """*path* (and its weights file, past 2 GB) replaced by its int8 quantisation. The fp32 files
+    keep their names while they are read: the graph names its weights file."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    source = path.with_name("fp32.onnx")
-    os.replace(path, source)
-    data = source.with_name(path.name + ".data")
-    if data.exists():
-        os.replace(data, source.with_name("fp32.onnx.data"))
+    target = path.with_name("int8.onnx")
     logging.disable(logging.WARNING)  # it advises on the root logger to pre-process first: measured, no gain
     try:
-        quantize_dynamic(str(source), str(path), weight_type=QuantType.QInt8, per_channel=QUANTISE[tower][1],
+        quantize_dynamic(str(path), str(target), weight_type=QuantType.QInt8, per_channel=QUANTISE[tower][1],
                          op_types_to_quantize=list(QUANTISE[tower][0]), use_external_data_format=False)
     finally:
         logging.disable(logging.NOTSET)
-    for leftover in source.parent.glob("fp32.onnx*"):
-        leftover.unlink()
+    for fp32 in path.parent.glob(f"{path.name}*"):
+        fp32.unlink()
+    os.replace(target, path)
 
 
 def _tower_module(model: Any, tower: str):

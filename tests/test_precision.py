@@ -227,3 +227,20 @@ def test_int8_off_the_cpu_is_one_line(capsys, small_library):
 def test_stores_before_precisions_were_fp32():
     assert migrate({"version": 7, "model": "m", "space": "m", "count": 3})["precisions"] == ["fp32"]
     assert migrate({"version": 7, "model": "m", "space": "imagebind", "count": 3})["precisions"] == []
+
+
+@pytest.mark.parametrize("precision", exported.PRECISIONS)
+def test_a_model_past_2gb_exports_its_weights_beside_the_graph(precision, demo_model, tmp_path, monkeypatch):
+    """ViT-H's image tower is 2.5 GB, more than one protobuf holds: the weights go to a file beside
+    the graph, which the quantiser reads through the name the graph gives it."""
+    import torch
+
+    monkeypatch.setenv("CLIPDEX_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(exported, "_large", lambda model: True)
+    key = exported.key_for(demo_model.name, demo_model.pretrained)
+    tower = exported.tower(key, "image", precision, demo_model)
+    files = {p.name for p in tower.folder.iterdir()}
+    assert files == ({"model.onnx", "model.onnx.data", "meta.json"} if precision == "fp32" else
+                     {"model.onnx", "meta.json"})
+    pixels = torch.rand(8, 3, *demo_model.image_size)
+    assert np.sum(tower(pixels.numpy()) * demo_model.encode_pixels(pixels), axis=1).min() >= 0.99
