@@ -27,7 +27,7 @@ from encoder.registry import BUNDLED_MODELS, BUNDLED_TAG
 from store.errors import ClipdexError, first_line
 
 
-class ClipModel(Protocol):
+class Exportable(Protocol):
     """What an export reads of :class:`encoder.model.ClipModel` (which uses this module)."""
 
     name: str
@@ -146,7 +146,7 @@ class ExportedText:
         return np.concatenate(out) if out else np.zeros((0, self.embed_dim), np.float32)
 
 
-def build(model: ClipModel, key: ModelKey, tower: str, precision: str) -> Path:
+def build(model: Exportable, key: ModelKey, tower: str, precision: str) -> Path:
     """Export *model*'s *tower* at *precision* into the cache (once; a folder another process
     published first is kept) and return its folder. :class:`ExportError` when it cannot be."""
     if precision not in PRECISIONS:
@@ -177,7 +177,7 @@ def build(model: ClipModel, key: ModelKey, tower: str, precision: str) -> Path:
     return folder
 
 
-def _export(model: ClipModel, tower: str, path: Path) -> None:
+def _export(model: Exportable, tower: str, path: Path) -> None:
     import torch
 
     module = _tower_module(model.model, tower).eval()
@@ -194,7 +194,7 @@ def _export(model: ClipModel, tower: str, path: Path) -> None:
         program.save(str(path), external_data=_large(model))
 
 
-def _large(model: ClipModel) -> bool:
+def _large(model: Exportable) -> bool:
     """Past 2 GB a protobuf cannot hold the weights: they go to a file beside the graph."""
     return sum(p.numel() * p.element_size() for p in model.model.parameters()) > (1 << 31) - (64 << 20)
 
@@ -235,7 +235,7 @@ def remove(folder: Path) -> None:
     shutil.rmtree(folder, ignore_errors=True)
 
 
-def text_encoder(key: ModelKey, precision: str, model: Callable[[], ClipModel]) -> ExportedText:
+def text_encoder(key: ModelKey, precision: str, model: Callable[[], Exportable]) -> ExportedText:
     """The exported text encoder of *key* at *precision*, built from *model()* where it was never
     built or its files no longer load (built again, once)."""
     folder = tower_folder(key, "text", precision)
@@ -249,7 +249,7 @@ def text_encoder(key: ModelKey, precision: str, model: Callable[[], ClipModel]) 
     return ExportedText(build(model(), key, "text", precision))
 
 
-def tower(key: ModelKey, name: str, precision: str, model: ClipModel) -> Tower:
+def tower(key: ModelKey, name: str, precision: str, model: Exportable) -> Tower:
     """*model*'s exported *name* tower at *precision* (built where needed, as :func:`text_encoder`)."""
     folder = tower_folder(key, name, precision)
     if folder is not None:
@@ -272,7 +272,7 @@ def key_for(name: str, label: str, weights_sha256: str = "") -> ModelKey:
     return ModelKey(name, "" if weights_sha256 else label, weights_sha256)
 
 
-def keep_text_tower(model: ClipModel, key: ModelKey) -> None:
+def keep_text_tower(model: Exportable, key: ModelKey) -> None:
     """Export *model*'s text tower at fp32 now, if it is not yet (a writer's courtesy, on a CPU: the
     model is loaded anyway, so the store's first one-shot search costs what every later one does).
     A model that cannot be exported is left to the search to use as it is."""

@@ -53,7 +53,7 @@ class ModelPool:
         self._loader = loader
         self._checks = _takes_hash(loader)  # else a stand-in: the pool checks the file before calling it
         self._models: dict[tuple[str, str, str, str, str], ClipModel] = {}
-        self._texts: dict[tuple[exported.ModelKey, str], TextEncoder] = {}
+        self._texts: dict[tuple[str, str, str, str], TextEncoder] = {}  # (model, pretrained, sha256, precision)
         self._lock = threading.Lock()  # two threads asking at once load the model once
 
     def get(self, name: str, pretrained: str | None = None, device: str = "auto",
@@ -105,17 +105,18 @@ class ModelPool:
         cannot be exported, the model itself."""
         if not _on_cpu(device) or not manifest.has_text_encoder or precision not in exported.PRECISIONS:
             return self.for_manifest(manifest, device, precision)
+        known = (manifest.model, manifest.pretrained, manifest.weights_sha256, precision)
+        with self._lock:  # asked once per text query in `serve`: the key hashes bundled weights
+            if known in self._texts:
+                return self._texts[known]
         key = exported.key_for(manifest.model, manifest.pretrained, manifest.weights_sha256)
-        with self._lock:
-            if (key, precision) in self._texts:
-                return self._texts[(key, precision)]
         try:
             encoder: TextEncoder = exported.text_encoder(key, precision, lambda: self.for_manifest(manifest, "cpu"))
         except (exported.ExportError, CacheRefused) as error:
             LOG.warning("%s; text queries are embedded by the model itself", error)
             encoder = self.for_manifest(manifest, device, precision)
         with self._lock:
-            return self._texts.setdefault((key, precision), encoder)
+            return self._texts.setdefault(known, encoder)
 
 
 def _takes_hash(loader: Callable[..., ClipModel]) -> bool:

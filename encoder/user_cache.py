@@ -5,7 +5,7 @@ this machine, never downloaded): ``$CLIPDEX_CACHE_DIR``, else ``$XDG_CACHE_HOME/
 Another user who can write there could swap an encoder for one that answers wrongly, so a folder
 is used only when this user owns it and nobody else may write to it (the rule ssh applies to
 ``~/.ssh``); anything else is refused with the reason, and clipdex carries on without the cache.
-Files appear whole or not at all: each is written beside its place and renamed into it.
+A model's folder appears whole or not at all: it is written beside its place and renamed into it.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Iterator
 
 from store.errors import StoreError
+from store.nofollow import rename_no_replace
 
 ENV = "CLIPDEX_CACHE_DIR"
 
@@ -82,10 +83,7 @@ def publishing(folder: Path) -> Iterator[Path]:
     work.mkdir(mode=0o700)
     try:
         yield work
-        try:
-            os.rename(work, folder)
-        except OSError:
-            if not folder.is_dir():
-                raise
+        with contextlib.suppress(FileExistsError):
+            rename_no_replace(work, folder)
     finally:
         shutil.rmtree(work, ignore_errors=True)
