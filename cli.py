@@ -61,6 +61,8 @@ from store.export import format_for as export_format_for
 from store.health import DAMAGE, check_store
 from store.importer import IMPORTED, ImportConfig
 from store.queries import has_query_set
+from store.remote import is_url
+from store.remote import parse_options as parse_storage_options
 from store.repair import RepairConfig, repair_store
 from store.report import inspect, recall_text
 from store.store import reindex
@@ -362,12 +364,21 @@ def demo_command(directory: str, count: int) -> None:
 @click.option("--cross-mounts", is_flag=True,
               help="Also index file systems mounted below PATHS (by default only the file system each path is on; "
                    "/proc, /sys, /dev and other kernel file systems never).")
+@click.option("--storage-option", "storage_options", multiple=True, metavar="KEY=VALUE",
+              help="An option for s3:// and gs:// PATHS, passed to s3fs or gcsfs (repeatable): endpoint_url=..., "
+                   "anon=true, profile=... Credentials otherwise come from the AWS environment variables and "
+                   "config files (AWS_ENDPOINT_URL names an S3-compatible server).")
 @click.option("--json", "as_json", is_flag=True,
               help='Print {"scanned", "embedded", "reused", "moved", "removed", "failed", "unavailable", ...} at the end.')
 def index_command(paths, store_dir, model_name, pretrained, device, precision, batch_size, workers, readers, decoder, captions, engine,
                   ray_address, cpus_per_worker, gpus_per_worker, max_pixels, exact_decode, commit_every, ann, wait,
-                  prune, cross_mounts, as_json) -> None:
+                  prune, cross_mounts, storage_options, as_json) -> None:
     """Embed the images under PATHS into the store, incrementally.
+
+    \b
+    PATHS are folders, files, webdataset shards (.tar, img2dataset's KEY.jpg + KEY.txt caption +
+    KEY.json metadata; brace patterns such as 'shards/{00000..00099}.tar'), and s3:// or gs://
+    prefixes, objects and shards (needs clipdex[cloud]).
 
     \b
     Files: jpg jpeg png webp bmp gif tif tiff avif (animations by their first frame), heic heif
@@ -395,6 +406,7 @@ def index_command(paths, store_dir, model_name, pretrained, device, precision, b
                          max_pixels=max_pixels,
                          exact_decode=exact_decode, commit_every=commit_every, wait=wait, prune=prune,
                          cross_mounts=cross_mounts, ann=ann, engine=engine,
+                         storage_options=parse_storage_options(storage_options),
                          ray=RayConfig(address=ray_address, cpus_per_worker=cpus_per_worker,
                                        gpus_per_worker=gpus_per_worker,
                                        **(dict(workers=workers, batch_size=batch_size or RayConfig.batch_size)
@@ -629,20 +641,24 @@ def import_command(features, store_dir, metadata, model_name, pretrained, ann, e
 @click.option("--out", required=True, type=click.Path(allow_dash=True),
               help="A .parquet or .csv file, or a folder for --format clip-retrieval; - writes CSV (or "
                    "--format parquet) to standard output, and the summary to stderr. Never inside the store, "
-                   "and never a link, device or FIFO.")
+                   "and never a link, device or FIFO. An s3:// or gs:// URL writes to object storage "
+                   "(needs clipdex[cloud]).")
 @click.option("--format", "kind", type=click.Choice(list(EXPORT_FORMATS)),
               help="Default: from the extension of --out (csv for -). clip-retrieval writes img_emb/img_emb_N.npy "
                    "(float32), metadata/metadata_N.parquet (image_path, caption, ...) and text_emb/ when every "
                    "row has a caption embedding.")
 @click.option("--columns", help="Comma-separated columns to write (default: all but clipdex's own path_bytes, "
-                                "link_target, file_dev, file_ino and file_ctime_ns; CSV leaves the vectors out).")
+                                "link_target, file_dev, file_ino, file_ctime_ns, etag and the shard offsets; CSV "
+                                "leaves the vectors out).")
 @click.option("--where", "where", help='Only rows matching this condition, e.g. "width >= 512 AND caption IS NOT NULL".')
 @click.option("--shard-rows", default=1_000_000, show_default=True, type=click.IntRange(min=1),
               help="Rows per clip-retrieval shard.")
 @click.option("--overwrite", is_flag=True,
               help="Replace --out if it is a regular file (for clip-retrieval: a folder of a previous export).")
+@click.option("--storage-option", "storage_options", multiple=True, metavar="KEY=VALUE",
+              help="An option for an s3:// or gs:// --out, passed to s3fs or gcsfs (repeatable), as for index.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
-def export_command(store_dir, out, kind, columns, where, shard_rows, overwrite, as_json) -> None:
+def export_command(store_dir, out, kind, columns, where, shard_rows, overwrite, storage_options, as_json) -> None:
     """Write the store's rows out: id, path, metadata and embeddings (fixed-size float32 lists).
 
     \b
@@ -656,14 +672,16 @@ def export_command(store_dir, out, kind, columns, where, shard_rows, overwrite, 
       clipdex export --store pictures.clipdex --out big.csv --where "width >= 1024" --columns id,path,caption
       clipdex export --store cc3m.clipdex --out cc3m_embeddings --format clip-retrieval
       clipdex export --store pictures.clipdex --out - --columns id,path,caption | grep circle
+      clipdex export --store cc3m.clipdex --out s3://bucket/cc3m.parquet
     """
     to_stdout = out == "-"
     store = Store.open(store_dir)
     condition = (parse_filter(where, store.tables.filter_columns(), store.tables.time_columns())
                  if where is not None else None)
-    config = ExportConfig(out=Path(out), format=export_format_for(out, kind),
+    config = ExportConfig(out=out if is_url(out) else Path(out), format=export_format_for(out, kind),
                           columns=tuple(c.strip() for c in columns.split(",") if c.strip()) if columns else (),
-                          where=condition, overwrite=overwrite, shard_rows=shard_rows)
+                          where=condition, overwrite=overwrite, shard_rows=shard_rows,
+                          storage_options=parse_storage_options(storage_options))
     if to_stdout and config.format == "parquet" and sys.stdout.isatty():
         raise InputError("Parquet is binary: send standard output to a file or a pipe, or export --format csv")
     try:

@@ -74,6 +74,32 @@ def read_bytes(path: str | os.PathLike) -> bytearray:
     return data
 
 
+def read_member(shard: str | os.PathLike, offset: int, size: int, name: str) -> bytearray:
+    """The *size* bytes at *offset* in *shard*: an image inside a webdataset tar, with the reasons
+    of :func:`read_bytes` under the member's *name* (``truncated``: the shard now ends first)."""
+    try:
+        fd = os.open(shard, os.O_RDONLY | os.O_NONBLOCK)
+    except FileNotFoundError as error:
+        raise ImageError(name, "missing", "its shard is gone") from error
+    except OSError as error:
+        raise ImageError(name, "unreadable", error.strerror or first_line(error)) from error
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ImageError(name, "not a file", "its shard is not a regular file")
+        data = bytearray()
+        while len(data) < size and (chunk := os.pread(fd, size - len(data), offset + len(data))):
+            data += chunk
+    except OSError as error:
+        raise ImageError(name, "unreadable", error.strerror or first_line(error)) from error
+    finally:
+        os.close(fd)
+    if len(data) < size:
+        raise ImageError(name, "truncated", f"its shard ends {size - len(data)} bytes before the member does")
+    if not data:
+        raise ImageError(name, "empty file")
+    return data
+
+
 def _read_open(fd: int, size: int) -> bytearray:
     """Every byte of the open file *fd*, which fstat said holds *size*: one read for a local file."""
     data = bytearray(size + 1)  # one byte more tells a file that grew meanwhile

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from encoder import DEFAULT_MAX_PIXELS
 from store.ann import AnnConfig
+from store.remote import StorageOptions
 
 
 @dataclass(frozen=True)
@@ -38,4 +39,5 @@ class IndexConfig:
     prune: bool = False  # remove the rows of roots that are missing, unreadable or empty
     cross_mounts: bool = False  # also enter file systems mounted below a root (never /proc, /sys and the like)
     engine: str = "local"  # a key of indexer.engines.ENGINES: local | ray
+    storage_options: StorageOptions = ()  # for s3:// and gs:// inputs (store.remote), as --storage-option gives them
     ray: RayConfig = field(default_factory=RayConfig)

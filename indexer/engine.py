@@ -21,13 +21,16 @@ import pyarrow as pa
 
 from encoder import ClipModel
 from encoder.feed import make_feed
+from encoder.images import read_bytes, read_member
 from indexer.config import IndexConfig
 from indexer.pipeline import Batch, Hashing, StageReport, run_pipeline
 from indexer.plan import Job
 from indexer.rows import Files, batch_rows
-from store.errors import ImageError
+from store.errors import ImageError, first_line
+from store.remote import StorageOptions, is_url, read_object
 from store.sharded import Workers
 from store.store import Store
+from store.tables import image_schema
 
 Progress = Callable[[int], None]
 
@@ -75,22 +78,57 @@ def decode_threads(config: IndexConfig) -> int:
     return config.workers if config.workers is not None else min(8, os.cpu_count() or 1)
 
 
+class JobSources:
+    """The bytes of each job: a file by its path, an object by its URL, an image inside a shard by
+    where it lies (a shard in object storage is read by range)."""
+
+    def __init__(self, files: Files, storage: StorageOptions = ()) -> None:
+        self.names, self.storage = list(files["path"]), storage
+        self.shards, self.offsets, self.sizes = files["shard"], files["shard_offset"], files["bytes"]
+
+    def read(self, position: int) -> bytearray:
+        shard, name = self.shards[position], self.names[position]
+        if shard is None:
+            return self._object(name) if is_url(name) else read_bytes(name)
+        if is_url(shard):
+            offset = self.offsets[position]
+            return self._object(shard, offset, offset + self.sizes[position], name)
+        return read_member(shard, self.offsets[position], self.sizes[position], name)
+
+    def _object(self, url: str, start: int | None = None, end: int | None = None, name: str | None = None) -> bytearray:
+        name = name or url
+        try:
+            data = bytearray(read_object(url, self.storage, start, end))
+        except FileNotFoundError as error:
+            raise ImageError(name, "missing", "the object is gone") from error
+        except OSError as error:
+            raise ImageError(name, "unreadable", first_line(error)) from error
+        if end is not None and len(data) < end - start:
+            raise ImageError(name, "truncated", f"its shard ends {end - start - len(data)} bytes before the member does")
+        if not data:
+            raise ImageError(name, "empty file")
+        return data
+
+
 def embed_files(model: ClipModel, files: Files, config: IndexConfig, threads: int, hashing: str,
-                sink: Callable[[pa.Table], None], progress: Progress | None = None):
+                sink: Callable[[pa.Table], None], progress: Progress | None = None, schema: pa.Schema | None = None):
     """Read, decode and embed the files of *files* (file columns of jobs, see indexer.rows) as
     *config* says, handing each batch's rows to *sink* on the pipeline's writer thread; files
     without a hash are hashed with *hashing* as they are read. *threads* decode (and, unless
-    ``config.readers``, read). Returns (failures by position, StageReport)."""
+    ``config.readers``, read). *schema*: the images table's, whose metadata columns the files'
+    metadata fills. Returns (failures by position, StageReport)."""
     feed = make_feed(model, config.decoder, config.exact_decode, config.max_pixels)
     batch_size = config.batch_size or (256 if model.device.startswith("cuda") else 64)
     failures: list[tuple[int, ImageError]] = []
+    own = set(image_schema(model.embed_dim).names)
+    extra = [f for f in schema if f.name not in own] if schema is not None else []
 
     def write(batch: Batch) -> None:
         failures.extend(batch.failures)
         if batch.positions:
-            sink(batch_rows(model, files, batch))
+            sink(batch_rows(model, files, batch, extra))
 
     unhashed = {position for position, digest in enumerate(files["hash"]) if digest is None}
-    report = run_pipeline(list(files["path"]), feed, write, batch_size, config.readers or threads, threads,
+    report = run_pipeline(JobSources(files, config.storage_options), feed, write, batch_size, config.readers or threads, threads,
                           progress, Hashing(unhashed, hashing))
     return failures, report

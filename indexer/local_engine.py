@@ -36,5 +36,6 @@ class LocalSession:
         store = target.store
         with Committer(store.tables, target.first_new_id, self.config.commit_every) as committer:
             failures, report = embed_files(target.model, JobFiles(jobs), self.config, decode_threads(self.config),
-                                           store.manifest.content_hash, committer.add, progress)
+                                           store.manifest.content_hash, committer.add, progress,
+                                           store.tables.images.schema)
         return Embedding(committer.written, failures, report)

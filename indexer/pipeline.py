@@ -33,6 +33,23 @@ from store.files import bytes_hash
 STAGES = ("read", "decode", "embed", "write")
 
 
+class Sources(Protocol):
+    """What the readers read: a name per position (what failures and the decoder are told) and
+    its bytes (a file, or an image inside a shard: indexer.engine.JobSources)."""
+    names: Sequence[str]
+
+    def read(self, position: int) -> bytearray: ...
+
+
+@dataclass(frozen=True)
+class FileSources:
+    """Plain files by path."""
+    names: Sequence[str]
+
+    def read(self, position: int) -> bytearray:
+        return read_bytes(self.names[position])
+
+
 class Feed(Protocol):
     def prepare(self, data: bytes | bytearray, name: str) -> Prepared: ...
 
@@ -131,16 +148,20 @@ class Hashing:
     algorithm: str
 
 
-def run_pipeline(paths: Sequence[str], feed: Feed, write: Callable[[Batch], None], batch_size: int,
+def run_pipeline(sources: Sources | Sequence[str], feed: Feed, write: Callable[[Batch], None], batch_size: int,
                  readers: int, decoders: int, progress: Callable[[int], None] | None = None,
                  hashing: Hashing | None = None) -> StageReport:
-    """Embed *paths* through *feed* and hand every batch to *write* (on the writer thread), in order."""
-    return _Pipeline(paths, feed, batch_size, hashing or Hashing((), "")).run(write, readers, decoders, progress)
+    """Embed *sources* (or files by path) through *feed* and hand every batch to *write* (on the
+    writer thread), in order."""
+    if not hasattr(sources, "read"):
+        sources = FileSources(sources)
+    return _Pipeline(sources, feed, batch_size, hashing or Hashing((), "")).run(write, readers, decoders, progress)
 
 
 class _Pipeline:
-    def __init__(self, paths: Sequence[str], feed: Feed, batch_size: int, hashing: Hashing) -> None:
-        self.paths, self.feed, self.batch_size, self.hashing = paths, feed, batch_size, hashing
+    def __init__(self, sources: Sources, feed: Feed, batch_size: int, hashing: Hashing) -> None:
+        self.sources, self.paths = sources, sources.names
+        self.feed, self.batch_size, self.hashing = feed, batch_size, hashing
         self.clock = _Clock()
 
     def read(self, start: int) -> tuple[list[tuple[int, bytearray | None, ImageError | None]], dict[int, str]]:
@@ -148,7 +169,7 @@ class _Pipeline:
             out, hashes = [], {}
             for position in range(start, min(start + self.batch_size, len(self.paths))):
                 try:
-                    data = read_bytes(self.paths[position])
+                    data = self.sources.read(position)
                 except ImageError as error:
                     out.append((position, None, error))
                     continue

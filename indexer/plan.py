@@ -10,16 +10,17 @@ embedded without being read here: the embedding stage hashes the bytes it reads 
 from __future__ import annotations
 
 import os
-from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
 import pyarrow as pa
 
+from encoder.images import read_member
 from indexer.scanner import Failure, FoundFile, Scan, sidecar_path
-from store.errors import InputError, first_line
-from store.files import is_under, stream_hash
+from store.errors import ImageError, InputError, first_line
+from store.files import bytes_hash, is_under, stream_hash
+from store.remote import StorageOptions, is_url, read_object
 from store.tables import IDENTITY_COLUMNS, file_path
 
 
@@ -28,7 +29,18 @@ def content_hash(path: str, algorithm: str) -> str:
         return stream_hash(handle, algorithm)
 
 
-@dataclass(frozen=True)
+def found_hash(file: FoundFile, algorithm: str, storage: StorageOptions = ()) -> str:
+    """The content hash of a found file, an object, or an image inside a shard (its member's bytes)."""
+    member = file.member
+    if member is None:
+        return bytes_hash(read_object(file.path, storage), algorithm) if is_url(file.path) else \
+            content_hash(file.path, algorithm)
+    if is_url(member.shard):
+        return bytes_hash(read_object(member.shard, storage, member.offset, member.offset + file.bytes), algorithm)
+    return bytes_hash(read_member(member.shard, member.offset, file.bytes, file.path), algorithm)
+
+
+@dataclass(frozen=True, slots=True)  # one per file: a run of millions holds millions
 class Job:
     """One file to write a row for: ``source_id`` set means reuse that row's embedding."""
 
@@ -88,8 +100,10 @@ def make_plan(scan: Scan, rows: pa.Table, first_new_id: int, captions: Callable[
     blind = _unavailable_roots(scan, existing)
     plan.unavailable = {root: sum(1 for path in existing if is_under(path, root)) for root in blind}
 
-    def caption_of(path: str, row: dict | None) -> str | None:
-        caption = captions(path)
+    def caption_of(file: FoundFile, row: dict | None) -> str | None:
+        caption = captions(file.path)
+        if caption is None and file.member is not None:
+            caption = file.member.caption  # KEY.txt in a listed shard
         return caption if caption is not None or row is None else row["caption"]
 
     def removable(path: str) -> bool:
@@ -100,7 +114,7 @@ def make_plan(scan: Scan, rows: pa.Table, first_new_id: int, captions: Callable[
         row = existing.get(file.path)
         if row is not None and _same_file(row, file):
             plan.unchanged += 1
-            caption = caption_of(file.path, row)
+            caption = caption_of(file, row)
             if caption != row["caption"]:
                 plan.recaption.append(Job(row["id"], file, row["hash"], caption))
         else:
@@ -119,8 +133,8 @@ def make_plan(scan: Scan, rows: pa.Table, first_new_id: int, captions: Callable[
                 return absent.pop(path)
         return None
 
-    digests = dict(_hash_all(_worth_hashing(changed, scan, existing, absent), hashing, workers, plan.failures,
-                               progress))
+    digests = dict(_hash_all(_worth_hashing(changed, scan, existing, absent), (hashing, scan.storage), workers,
+                             plan.failures, progress))
     if progress:
         progress(len(scan.files) - plan.unchanged - len(digests))
     failed = {failure.path for failure in plan.failures}
@@ -128,7 +142,7 @@ def make_plan(scan: Scan, rows: pa.Table, first_new_id: int, captions: Callable[
         if file.path in failed:
             continue
         row = existing.get(file.path)
-        caption = caption_of(file.path, row)
+        caption = caption_of(file, row)
         digest = digests.get(file.path)
         if digest is None:  # content no other file or row can share: hashed as it is read for embedding
             plan.embed.append(Job(row["id"] if row is not None else plan.next_id, file, None, caption))
@@ -138,7 +152,7 @@ def make_plan(scan: Scan, rows: pa.Table, first_new_id: int, captions: Callable[
         elif row is not None:  # modified in place: keeps its id
             plan.embed.append(Job(row["id"], file, digest, caption))
         elif (moved := take_moved(digest)) is not None:
-            plan.moves.append(Job(moved["id"], file, digest, caption_of(file.path, moved), source_id=moved["id"]))
+            plan.moves.append(Job(moved["id"], file, digest, caption_of(file, moved), source_id=moved["id"]))
         elif digest in present_by_hash:
             plan.copies.append(Job(plan.next_id, file, digest, caption, source_id=present_by_hash[digest]))
             plan.next_id += 1
@@ -161,7 +175,12 @@ def _unavailable_roots(scan: Scan, existing: dict[str, dict]) -> list[str]:
 def _same_file(row: dict, file: FoundFile) -> bool:
     """Unchanged: the size, mtime and link of the row, and the same inode where the row recorded one
     (a file replaced by another of the same size, its mtime set back, is read again)."""
-    if (row["bytes"], row["mtime"], row.get("link_target")) != (file.bytes, file.mtime, _raw(file.link_target)):
+    if (row["bytes"], row["mtime"], row.get("link_target"), row.get("etag")) != (
+            file.bytes, file.mtime, _raw(file.link_target), file.etag):
+        return False
+    member = file.member
+    where = (member.offset, member.shard_bytes, member.shard_mtime, member.shard_images) if member else (None,) * 4
+    if (row.get("shard_offset"), row.get("shard_bytes"), row.get("shard_mtime"), row.get("shard_images")) != where:
         return False
     recorded = tuple(row.get(name) for name in IDENTITY_COLUMNS)
     return None in recorded or file.identity is None or recorded == file.identity
@@ -185,28 +204,34 @@ def _defer_copies_of_new_files(plan: Plan) -> Plan:
 
 def _worth_hashing(changed: list[FoundFile], scan: Scan, existing: dict[str, dict],
                    absent: dict[str, dict]) -> list[FoundFile]:
-    """The changed files whose hash can decide anything: a file can be a copy, a move or a touched
-    file only if another file or row has its exact size. The others (nearly every file of a new
-    library) are hashed by the reader that reads them for embedding, so they are read once."""
-    sizes = Counter(file.bytes for file in scan.files)
+    """The changed files whose hash can decide anything: a file can be a touched one, a move or a
+    copy only if a row (its own, one whose file is gone, one whose file is still here) has its
+    exact size. Two new files of one size are both embedded whatever their content (a copy of a
+    file embedded in this very run waits for no row), so they need no hash here. The others
+    (every file of a new library) are hashed by the reader that reads them for embedding, so
+    they are read once, on the engine's workers."""
+    found = {file.path for file in scan.files}
+    stored_sizes = {row["bytes"] for path, row in existing.items() if path in found}
     absent_sizes = {row["bytes"] for row in absent.values()}
 
     def worth(file: FoundFile) -> bool:
         row = existing.get(file.path)
         if row is not None:  # modified in place keeps its id; equal size might be a touch
             return row["bytes"] == file.bytes
-        return sizes[file.bytes] > 1 or file.bytes in absent_sizes
+        return file.bytes in stored_sizes or file.bytes in absent_sizes
 
     return [file for file in changed if worth(file)]
 
 
-def _hash_all(files: list[FoundFile], hashing: str, workers: int, failures: list[Failure],
+def _hash_all(files: list[FoundFile], hashing: tuple[str, StorageOptions], workers: int, failures: list[Failure],
               progress: Callable[[int], None] | None) -> Iterable[tuple[str, str]]:
     def one(file: FoundFile) -> tuple[FoundFile, str | None, Failure | None]:
         try:
-            return file, content_hash(file.path, hashing), None
+            return file, found_hash(file, *hashing), None
         except FileNotFoundError:
             return file, None, Failure(file.path, "missing", "vanished during the run")
+        except ImageError as error:
+            return file, None, Failure(file.path, error.reason, error.detail)
         except OSError as error:
             return file, None, Failure(file.path, "unreadable", error.strerror or str(error))
 
@@ -251,9 +276,11 @@ def _real_folder(path: str) -> str:
     return os.path.join(os.path.realpath(os.path.dirname(path)), os.path.basename(path))
 
 
-def sidecar_caption(path: str) -> str | None:
-    """The text of ``photo.txt`` beside ``photo.jpg``, if there is one."""
+def sidecar_caption(path: str, storage: StorageOptions = ()) -> str | None:
+    """The text of ``photo.txt`` beside ``photo.jpg`` (an object beside an object), if there is one."""
     try:
+        if is_url(path):
+            return read_object(sidecar_path(path), storage).decode("utf-8").strip() or None
         with open(sidecar_path(path), encoding="utf-8") as handle:
             return handle.read().strip() or None
     except (OSError, UnicodeDecodeError):

@@ -193,6 +193,7 @@ def _actors(ray, config: RayConfig, jobs: int) -> int:
 def _job_table(jobs: Sequence[Job]) -> pa.Table:
     columns = file_columns(jobs)
     columns["path"] = [os.fsencode(path) for path in columns["path"]]  # a file name need not be valid UTF-8
+    columns["shard"] = pa.array([None if shard is None else os.fsencode(shard) for shard in columns["shard"]], pa.binary())
     return pa.table({"position": pa.array(range(len(jobs)), pa.int64()), **columns})
 
 
@@ -214,9 +215,11 @@ class _Embedder:
         work = self.work
         files = {name: jobs.column(name).to_pylist() for name in jobs.column_names if name != "position"}
         files["path"] = [os.fsdecode(path) for path in files["path"]]
+        files["shard"] = [None if shard is None else os.fsdecode(shard) for shard in files["shard"]]
         positions = jobs.column("position").to_numpy()
         tables: list[pa.Table] = []
-        failed, report = embed_files(self.model, files, work.config, work.threads, work.hashing, tables.append)
+        failed, report = embed_files(self.model, files, work.config, work.threads, work.hashing, tables.append,
+                                     schema=work.schema)
         failures = [[int(positions[p]), e.path, e.reason, e.detail] for p, e in failed]
         fragments, replaced, new, old = [], b"", 0, 0
         if tables:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Mapping, Sequence
 
@@ -23,7 +24,17 @@ _FIELDS = {
     "link_target": lambda j: os.fsencode(j.file.link_target) if j.file.link_target else None,
     "bytes": lambda j: j.file.bytes, "mtime": lambda j: j.file.mtime,
     **{name: (lambda j, i=i: j.file.identity[i] if j.file.identity else None) for i, name in enumerate(IDENTITY_COLUMNS)},
+    "etag": lambda j: j.file.etag,
     "caption": lambda j: j.caption,
+    # An image inside a webdataset shard (indexer.shards): the shard's path, where the member lies,
+    # and KEY.json's fields as JSON text (typed into the table's metadata columns by batch_rows).
+    "shard": lambda j: j.file.member.shard if j.file.member else None,
+    "key": lambda j: j.file.member.key if j.file.member else None,
+    "shard_offset": lambda j: j.file.member.offset if j.file.member else None,
+    "shard_bytes": lambda j: j.file.member.shard_bytes if j.file.member else None,
+    "shard_mtime": lambda j: j.file.member.shard_mtime if j.file.member else None,
+    "shard_images": lambda j: j.file.member.shard_images if j.file.member else None,
+    "metadata": lambda j: j.file.member.metadata if j.file.member else None,
 }
 
 
@@ -62,15 +73,19 @@ class _Column(Sequence):
         return len(self.jobs)
 
 
-def indexed_rows(model: ClipModel, files: Files, *, partial: bool = False, **pixels) -> pa.Table:
+def indexed_rows(model: ClipModel, files: Files, *, partial: bool = False, extra: Sequence[pa.Field] = (),
+                 **pixels) -> pa.Table:
     """Rows for indexed files: their file columns, the caption embedding of each caption, and what
     the pixels gave where they were read (``width``, ``height``, ``embedding``). ``partial``: just
-    these columns, to update stored rows (moves, new captions) without their vectors."""
-    return image_rows(model.embed_dim, partial=partial, **files, **pixels,
+    these columns, to update stored rows (moves, new captions) without their vectors. *extra*:
+    the table's metadata columns, filled from each file's ``metadata`` where it has some."""
+    columns = {name: values for name, values in files.items() if name != "metadata"}
+    metadata = metadata_columns(files.get("metadata"), extra) if "metadata" in files else {}
+    return image_rows(model.embed_dim, partial=partial, **columns, **pixels, metadata=metadata or None,
                       caption_embedding=caption_vectors(model, files["caption"]))
 
 
-def batch_rows(model: ClipModel, files: Files, batch: Batch) -> pa.Table:
+def batch_rows(model: ClipModel, files: Files, batch: Batch, extra: Sequence[pa.Field] = ()) -> pa.Table:
     """The rows of one embedded batch of the pipeline; *files* holds the columns of every position
     it was run over, and a file hashed while it was read gets the hash of the bytes embedded."""
     taken = {name: [values[p] for p in batch.positions] for name, values in files.items()}
@@ -78,7 +93,31 @@ def batch_rows(model: ClipModel, files: Files, batch: Batch) -> pa.Table:
     photos = batch.photos or [None] * len(batch.positions)
     photos = [photo or empty_photo() for photo in photos]
     return indexed_rows(model, taken, width=[w for w, _ in batch.sizes], height=[h for _, h in batch.sizes],
-                        embedding=batch.vectors(), **{name: [p[name] for p in photos] for name in PHOTO_FIELDS})
+                        embedding=batch.vectors(), extra=extra,
+                        **{name: [p[name] for p in photos] for name in PHOTO_FIELDS})
+
+
+def metadata_columns(texts: Sequence[str | None], extra: Sequence[pa.Field]) -> dict[str, pa.Array]:
+    """The metadata columns (*extra*, as the table types them) of files whose ``metadata`` is
+    JSON text (a shard member's KEY.json, typed by indexer.shards.typed_metadata); a value the
+    column's type cannot hold is left null rather than failing the batch."""
+    objects = [json.loads(text) if text else {} for text in texts]
+    names = {name for value in objects for name in value}
+    return {f.name: _typed([value.get(f.name) for value in objects], f.type) for f in extra if f.name in names}
+
+
+def _typed(values: list, kind: pa.DataType) -> pa.Array:
+    try:
+        return pa.array(values, kind)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError):
+        return pa.array([_one(value, kind) for value in values], kind)
+
+
+def _one(value, kind: pa.DataType):
+    try:
+        return pa.scalar(value, kind).as_py()
+    except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError):
+        return None
 
 
 def caption_vectors(model: ClipModel, captions: Sequence[str | None]) -> pa.Array:

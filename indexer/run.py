@@ -32,12 +32,14 @@ from indexer.pipeline import stage_line
 from indexer.plan import Plan, make_plan, read_captions, sidecar_caption
 from indexer.rows import file_columns, indexed_rows
 from indexer.scanner import Failure, Scan, scan, sidecar_path
+from indexer.shards import list_shards
 from store.commit import Committer
 from store.errors import InputError
 from store.files import prune_thumbnails
 from store.lock import writer_lock
 from store.manifest import PHOTO_VERSION
 from store.queries import has_query_set
+from store.remote import StorageOptions
 from store.store import Store, expand
 from store.tables import FAILURE_SCHEMA, PHOTO_COLUMNS, column_vectors, split_path
 
@@ -100,14 +102,14 @@ def index_paths(paths: Sequence[str | os.PathLike], store_dir: str | Path,
     clock = _Clock()
     engine = engine_for(config)  # before anything is scanned: an option it cannot honour is one line at once
     store_dir = expand(store_dir)
-    found = scan(paths, exclude=[store_dir], cross_mounts=config.cross_mounts)
+    found = scan(paths, exclude=[store_dir], cross_mounts=config.cross_mounts, storage=config.storage_options)
     clock.lap("scan")
     LOG.info("scanned %d files in %.2fs", len(found.files), clock.elapsed())
     if not Store.exists(store_dir):
         Store.refuse_lost_manifest(store_dir)  # before a model loads for what would be a new store
         if found.missing:
             raise InputError(f"no such file or folder: {found.missing[0]}")
-        if not found.files and not found.failures:
+        if not found.files and not found.failures and not found.shards:
             raise InputError(f"no image files found under {', '.join(map(str, paths))}")
     # The engine's session first: an unreachable cluster stops the run before the store is touched.
     with engine.session(config) as session, writer_lock(store_dir, wait=config.wait):
@@ -181,12 +183,17 @@ def _long_lived_frozen():
 
 def _update(run: _Run, session: Session) -> IndexSummary:
     """Plan, embed (on the session's engine) and finish (index, manifest) the run's store."""
-    found, store, config, clock = run.found, run.store, run.config, run.clock
-    captions = _caption_lookup(config.captions, found.sidecars)
+    store, config, clock = run.store, run.config, run.clock
+    captions = _caption_lookup(config.captions, run.found.sidecars, config.storage_options)
+    rows = store.tables.file_rows()
+    with _bar(config, len(run.found.shards), "listing shards", unit="shard") as bar:
+        found = list_shards(run.found, rows, store.tables.failure_paths() if run.found.shards else (), bar.update)
+    store.tables.add_metadata_columns(found.metadata_fields)  # KEY.json's fields, before any row carries them
     with _bar(config, len(found.files), "checking") as bar:
-        plan = make_plan(found, store.tables.file_rows(), store.next_free_id(), captions,
+        plan = make_plan(found, rows, store.next_free_id(), captions,
                          max(4, decode_threads(config)), bar.update, prune=config.prune,
                          hashing=store.manifest.content_hash)
+    del rows
     unknown = [root for root in found.missing if root not in plan.unavailable]
     if unknown:
         raise InputError(f"no such file or folder: {unknown[0]} (and the store holds nothing from there)")
@@ -254,20 +261,20 @@ def _missing_text_queries(run: _Run) -> dict:
     return {} if has_query_set(run.store.directory, "text") else {"text": text_queries(run.model)}
 
 
-def _caption_lookup(sources: Sequence[str], sidecars: Collection[str]):
+def _caption_lookup(sources: Sequence[str], sidecars: Collection[str], storage: StorageOptions):
     """A file's caption: from the captions files, else from its sidecar among *sidecars* (the scan's)."""
     mapping = read_captions(sources) if sources else {}
 
     def caption(path: str) -> str | None:
-        return mapping.get(path) or (sidecar_caption(path) if sidecar_path(path) in sidecars else None)
+        return mapping.get(path) or (sidecar_caption(path, storage) if sidecar_path(path) in sidecars else None)
 
     return caption
 
 
-def _bar(config: IndexConfig, total: int, desc: str):
+def _bar(config: IndexConfig, total: int, desc: str, unit: str = "img"):
     from tqdm import tqdm
 
-    return tqdm(total=total, desc=desc, unit="img", file=sys.stderr, disable=not config.progress or None,
+    return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, disable=not config.progress or None,
                 dynamic_ncols=True, leave=False)
 
 

@@ -14,17 +14,35 @@ from dataclasses import dataclass
 from typing import Iterable
 
 from encoder.images import is_image_path
+from store.errors import InputError, first_line
 from store.files import is_under
+from store.remote import StorageOptions, filesystem, is_url, object_stat, object_url
 from store.tables import file_identity
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # one per file: a run of millions holds millions
+class Member:
+    """Where an image inside a webdataset shard lies (indexer/shards.py): the shard as the scan
+    found it, and the member's data in it. The row's identity columns are the shard's."""
+    shard: str  # the shard's path, as the scan found it
+    key: str  # webdataset's key: the member's name up to the first dot of its file name
+    offset: int  # of the member's data in the shard
+    shard_bytes: int
+    shard_mtime: float
+    shard_images: int  # image members the shard held when listed
+    caption: str | None = None  # KEY.txt, when the shard was listed
+    metadata: str | None = None  # KEY.json's fields as JSON text, typed by indexer.shards.metadata_fields
+
+
+@dataclass(frozen=True, slots=True)  # one per file: a run of millions holds millions
 class FoundFile:
-    path: str  # absolute, under a real root; symlinked files keep the link's path
+    path: str  # absolute, under a real root; symlinked files keep the link's path; a member: SHARD.tar/NAME
     bytes: int
     mtime: float
     link_target: str | None = None  # the real file a symlinked path leads to
-    identity: tuple[int, int, int] | None = None  # of the real file: store.tables.file_identity
+    identity: tuple[int, int, int] | None = None  # of the real file (a member: of its shard): store.tables.file_identity
+    member: Member | None = None  # set for an image inside a webdataset shard
+    etag: str | None = None  # an object's version tag (store.remote.object_stat; a member: its shard's)
 
 
 @dataclass(frozen=True)
@@ -43,6 +61,9 @@ class Scan:
     unlisted: tuple[str, ...] = ()  # folders that could not be listed: what is under them is unknown
     sidecars: frozenset[str] = frozenset()  # the .txt files seen beside images (captions: sidecar_path)
     skipped: tuple[str, ...] = ()  # mount points not entered (pseudo file systems, other mounts): rows kept
+    shards: tuple[FoundFile, ...] = ()  # webdataset .tar shards, not opened yet (indexer.shards.list_shards)
+    metadata_fields: tuple = ()  # pyarrow fields of the listed members' metadata (indexer.shards.typed_metadata)
+    storage: StorageOptions = ()  # how object storage was reached: reading what was listed needs the same
 
     def covers(self, path: str) -> bool:
         """True if *path* lies under a scanned root in a folder that was listed, so its absence
@@ -68,19 +89,45 @@ def resolve_root(given: str | os.PathLike) -> str:
     return os.path.realpath(os.path.expanduser(os.fspath(given)))
 
 
+def is_shard_path(path: str | os.PathLike) -> bool:
+    """A webdataset shard, by its extension: an uncompressed tar."""
+    return os.fspath(path).lower().endswith(".tar")
+
+
+def expand_patterns(paths: Iterable[str | os.PathLike]) -> list[str]:
+    """Brace patterns (``shards/{00000..00099}.tar``, ``{a,b}``) expanded as webdataset and
+    clip-retrieval expand them; a name that exists as written is taken as it is."""
+    from braceexpand import braceexpand
+
+    expanded: list[str] = []
+    for given in paths:
+        text = os.fspath(given)
+        if "{" in text and not os.path.lexists(os.path.expanduser(text)):
+            expanded.extend(braceexpand(text))
+        else:
+            expanded.append(text)
+    return expanded
+
+
 def scan(paths: Iterable[str | os.PathLike], exclude: Iterable[str | os.PathLike] = (),
-         cross_mounts: bool = False) -> Scan:
-    """Recursively list image files (by extension, any case) under *paths*, sorted.
+         cross_mounts: bool = False, storage: StorageOptions = ()) -> Scan:
+    """Recursively list image files (by extension, any case) and webdataset shards (``.tar``)
+    under *paths*, sorted; brace patterns are expanded (:func:`expand_patterns`).
 
     Non-image files are skipped silently; dangling symlinks and unreadable folders become failures.
     Folder symlinks are not followed, so a link loop cannot hang a run. Folders in *exclude* (the
     store itself) are never entered. Nor are pseudo file systems (/proc, /sys, /dev...), nor,
     unless *cross_mounts*, other file systems mounted below a root (``clipdex index /`` indexes
-    the root file system); what they hold is left as it is in the store.
+    the root file system); what they hold is left as it is in the store. ``s3://`` and ``gs://``
+    URLs are listed through fsspec with the *storage* options (store.remote).
     """
     excluded = {resolve_root(p) for p in exclude}
     roots, missing, unlisted, files, failures, sidecars, skipped = [], [], [], {}, [], set(), []
-    for given in paths:
+    shards: dict[str, FoundFile] = {}
+    for given in expand_patterns(paths):
+        if is_url(given):
+            _scan_remote(given, storage, (roots, missing), (files, shards, sidecars))
+            continue
         root = resolve_root(given)
         if not os.path.lexists(root):
             missing.append(root)
@@ -103,6 +150,8 @@ def scan(paths: Iterable[str | os.PathLike], exclude: Iterable[str | os.PathLike
                 for name in names:
                     if is_image_path(name):
                         _stat(os.path.join(folder, name), files, failures)
+                    elif is_shard_path(name):
+                        _stat(os.path.join(folder, name), shards, failures)
                     elif name.endswith(".txt"):  # listed anyway: the planner need not try to open one per image
                         sidecars.add(os.path.join(folder, name))
             for error in walk_errors:
@@ -113,8 +162,42 @@ def scan(paths: Iterable[str | os.PathLike], exclude: Iterable[str | os.PathLike
             _stat(root, files, failures)
             if os.path.isfile(sidecar_path(root)):
                 sidecars.add(sidecar_path(root))
+        elif is_shard_path(root):
+            _stat(root, shards, failures)
     return Scan(tuple(roots), tuple(files[p] for p in sorted(files)), tuple(failures), tuple(missing), tuple(unlisted),
-                frozenset(sidecars), tuple(skipped))
+                frozenset(sidecars), tuple(skipped), tuple(shards[p] for p in sorted(shards)), storage=storage)
+
+
+def _scan_remote(url: str, storage: StorageOptions, found_roots: tuple[list, list], found: tuple[dict, dict, set]) -> None:
+    """The objects under a ``s3://`` or ``gs://`` prefix (or the one object it names): images,
+    shards and captions. A prefix that lists nothing is missing: object storage cannot tell an
+    empty folder from none."""
+    roots, missing = found_roots
+    files, shards, sidecars = found
+    fs, path = filesystem(url, storage)
+    root = object_url(fs, path.rstrip("/"))
+    try:
+        fs.invalidate_cache(path.rstrip("/"))  # a listing cached by an earlier run in this process is stale
+        listed = fs.find(path.rstrip("/"), detail=True)
+    except FileNotFoundError:
+        listed = {}
+    except Exception as error:  # botocore's and aiohttp's errors are not OSErrors
+        raise InputError(f"cannot list {root}: {first_line(error)}") from error
+    if not listed:
+        missing.append(root)
+        return
+    roots.append(root)
+    for name, info in listed.items():
+        if info.get("type", "file") != "file":
+            continue
+        found_url = object_url(fs, name)
+        size, mtime, etag = object_stat(info)
+        if is_image_path(name):
+            files[found_url] = FoundFile(found_url, size, mtime, etag=etag)
+        elif is_shard_path(name):
+            shards[found_url] = FoundFile(found_url, size, mtime, etag=etag)
+        elif name.endswith(".txt"):
+            sidecars.add(found_url)
 
 
 # Kernel interfaces that look like folders: never photos, and some files block or never end.

@@ -16,9 +16,10 @@ from typing import TYPE_CHECKING, BinaryIO, Sequence
 
 from encoder.images import decode_bytes, decode_file
 from store.errors import GoneError, InputError, NotFoundError
-from store.files import FILE_MODE, is_under, stream_hash, thumbnail_file
+from store.files import FILE_MODE, bytes_hash, is_under, stream_hash, thumbnail_file
 from store.nofollow import folder_beneath, open_no_symlinks, replace_beneath
-from store.tables import IDENTITY_COLUMNS, file_identity, file_path
+from store.remote import is_url
+from store.tables import IDENTITY_COLUMNS, file_identity, file_path, shard_path
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -53,9 +54,13 @@ def open_indexed(row: dict, roots: Sequence[str], content_hash: str) -> BinaryIO
     if row["bytes"] is None or row["mtime"] is None:
         raise NotFoundError(f"image {image_id} has no file here: its features were imported")
     path = file_path(row["path"], row["path_bytes"])
+    if is_url(path):
+        raise NotFoundError(f"image {image_id} is in object storage ({shown}): the server serves local files only")
     if not any(is_under(path, root) for root in roots):
         raise NotFoundError(f"image {image_id} is not under a folder indexed into this store"
                             + ("" if roots else " (run `clipdex index` on the store to record its folders)"))
+    if row.get("shard") is not None:
+        return _open_member(row, content_hash)
     linked = row.get("link_target") is not None
     target = os.fsdecode(row["link_target"]) if linked else path
     if linked and os.path.realpath(path) != target:
@@ -84,6 +89,46 @@ def open_indexed(row: dict, roots: Sequence[str], content_hash: str) -> BinaryIO
     except BaseException:
         handle.close()
         raise
+
+
+def _open_member(row: dict, content_hash: str) -> BinaryIO:
+    """An image inside a webdataset shard: its bytes at the recorded offset of the shard reached
+    without links, served while the shard is the one indexed (the same device, inode, ctime and
+    size) or, in a shard written again, while the bytes there are still the indexed content."""
+    image_id, shown = row["id"], row["path"]
+    try:
+        fd = open_no_symlinks(shard_path(row), os.O_RDONLY | os.O_NONBLOCK)
+    except FileNotFoundError:
+        raise NotFoundError(f"image {image_id} was indexed from the shard {row['shard']}, which is no longer there") from None
+    except PermissionError:
+        raise NotFoundError(f"image {image_id} is in {row['shard']}, which the server is not allowed to read") from None
+    except OSError as error:
+        raise GoneError(f"image {image_id} ({shown}) changed since it was indexed "
+                        f"({errno.errorcode.get(error.errno, 'error')})") from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise GoneError(f"image {image_id} ({shown}): its shard is no longer a regular file")
+        same = (tuple(row.get(name) for name in IDENTITY_COLUMNS) == file_identity(info)
+                and info.st_size == row["shard_bytes"])
+        size, offset = row["bytes"], row["shard_offset"]
+        data = os.pread(fd, size, offset) if offset + size <= info.st_size else b""
+        while 0 < len(data) < size and (more := os.pread(fd, size - len(data), offset + len(data))):
+            data += more
+    finally:
+        os.close(fd)
+    if len(data) != size or (not same and bytes_hash(data, content_hash) != row["hash"]):
+        raise GoneError(f"image {image_id} ({shown}) changed since it was indexed: index the shard again")
+    handle = io.BytesIO(data)
+    handle.name = shown
+    return handle
+
+
+def served_size(handle: BinaryIO) -> int:
+    """The length of what an opened row serves (a file, or a member's bytes)."""
+    if isinstance(handle, io.BytesIO):
+        return handle.getbuffer().nbytes
+    return os.fstat(handle.fileno()).st_size
 
 
 _SEARCH_FLAGS = getattr(os, "O_PATH", os.O_RDONLY) | os.O_DIRECTORY

@@ -25,7 +25,7 @@ from search.zeroshot import classify_features
 from server.blending import BlendJob
 from server.bodies import body_openapi, read_body
 from server.context import ServerContext, stored_row
-from server.media import image_from_base64, image_from_upload, open_indexed, thumbnail
+from server.media import image_from_base64, image_from_upload, open_indexed, served_size, thumbnail
 from server.schemas import (
     ERROR_RESPONSES,
     BlendRequest,
@@ -43,14 +43,14 @@ from server.schemas import (
 )
 from server.security import PageAccess, page_access
 from store.errors import InputError
-from store.tables import IDENTITY_COLUMNS, PHOTO_COLUMNS
+from store.tables import IDENTITY_COLUMNS, PHOTO_COLUMNS, SHARD_COLUMNS
 
 # Routes that need the API key (when one is set); /health and the page are on `public`.
 router = APIRouter(responses=ERROR_RESPONSES)
 public = APIRouter()
 ImageIdPath = Annotated[int, Path(ge=0, le=2**63 - 1, description="A stable image id of this store.")]
 HIT_COLUMNS = ("id", "path", "width", "height", "caption", *PHOTO_COLUMNS)
-SERVED_COLUMNS = ["path", "path_bytes", "link_target", "bytes", "mtime", "hash", *IDENTITY_COLUMNS]
+SERVED_COLUMNS = ["path", "path_bytes", "link_target", "bytes", "mtime", "hash", *IDENTITY_COLUMNS, *SHARD_COLUMNS]
 
 
 def context(request: Request) -> ServerContext:
@@ -150,7 +150,7 @@ def image_file(image_id: ImageIdPath, ctx: Context) -> StreamingResponse:
     handle = open_indexed(row, snapshot.store.manifest.roots, snapshot.store.manifest.content_hash)
     name = os.fsdecode(row["link_target"]) if row["link_target"] is not None else row["path"]
     return StreamingResponse(_chunks(handle), media_type=mimetypes.guess_type(name)[0] or "application/octet-stream",
-                             headers={"Content-Length": str(os.fstat(handle.fileno()).st_size)})
+                             headers={"Content-Length": str(served_size(handle))})
 
 
 @router.get("/thumbnails/{image_id}", response_class=Response, summary="A JPEG thumbnail, cached in the store",

@@ -6,7 +6,8 @@ does not grow with the store. The output appears under its name only when comple
 written under a temporary name beside it and renamed.
 
 Export writes only where it should (:mod:`store.export_target`). ``stream`` writes CSV or
-Parquet to an open binary stream instead (``--out -``).
+Parquet to an open binary stream instead (``--out -``). An ``s3://`` or ``gs://`` target is
+written through fsspec (:mod:`store.export_remote`).
 """
 
 from __future__ import annotations
@@ -24,8 +25,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from store.errors import InputError, StoreError, first_line
+from store.export_remote import Opener, write_remote
 from store.export_target import checked_target, write_beside
 from store.files import progress, writing
+from store.remote import StorageOptions, is_url
 from store.store import Store
 from store.tables import INTERNAL_COLUMNS, VECTOR_COLUMNS
 
@@ -40,13 +43,14 @@ STDOUT = "-"  # --out - : standard output (CSV unless --format parquet)
 
 @dataclass(frozen=True)
 class ExportConfig:
-    out: Path
+    out: Path | str  # a path, or an s3:// or gs:// URL
     format: str = "parquet"
     columns: tuple[str, ...] = ()  # () = every column but HIDDEN (and vectors in CSV)
     where: str | None = None  # a condition already checked by search.filters.parse_filter
     overwrite: bool = False
     shard_rows: int = 1_000_000  # rows per clip-retrieval shard
     progress: bool = True
+    storage_options: StorageOptions = ()  # for an s3:// or gs:// target (store.remote)
 
 
 @dataclass(frozen=True)
@@ -77,9 +81,10 @@ def export_store(store: Store, config: ExportConfig, stream: BinaryIO | None = N
     started = time.perf_counter()
     dataset = store.tables.images.to_lance()  # one version from here on
     columns = _columns(dataset.schema, config)
-    if stream is None:
+    remote = stream is None and is_url(str(config.out))
+    if stream is None and not remote:
         out, existing = checked_target(Path(config.out), Path(store.directory), config.format, config.overwrite)
-    elif config.format == "clip-retrieval":
+    elif stream is not None and config.format == "clip-retrieval":
         raise InputError("a clip-retrieval export is a folder of shards: name one with --out")
     try:
         total = dataset.count_rows(filter=config.where)
@@ -99,9 +104,10 @@ def export_store(store: Store, config: ExportConfig, stream: BinaryIO | None = N
                               batch_readahead=2, fragment_readahead=1).to_batches()
     bar = progress(total, f"export {Path(config.out).name}", unit="row") if config.progress else None
 
-    def write(target) -> None:  # a new folder for clip-retrieval, else an open binary stream
+    def write(target) -> None:  # a new folder (or an opener of parts) for clip-retrieval, else an open binary stream
         if config.format == "clip-retrieval":
-            _clip_retrieval(batches, target, total, schema, config.shard_rows, with_text, bar)
+            opener = _folder_opener(target) if isinstance(target, Path) else target
+            _clip_retrieval(batches, opener, total, schema, (config.shard_rows, with_text), bar)
         else:
             _table_file(batches, target, config.format, schema, bar)
 
@@ -111,6 +117,9 @@ def export_store(store: Store, config: ExportConfig, stream: BinaryIO | None = N
             write(sink)
             stream.flush()
             size = sink.written
+        elif remote:
+            size = write_remote(str(config.out), config.storage_options, config.format, config.overwrite,
+                                lambda target: write(target if config.format == "clip-retrieval" else _Counted(target)))
         else:
             with writing(out.parent):
                 size = write_beside(out, existing, config.format, write)
@@ -237,29 +246,38 @@ def _table_file(batches, sink, kind: str, schema: pa.Schema, bar) -> None:
                 bar.update(batch.num_rows)
 
 
-def _clip_retrieval(batches, folder: Path, total: int, schema: pa.Schema, shard_rows: int, with_text: bool,
+def _folder_opener(folder: Path) -> Opener:
+    """Parts of a clip-retrieval export as new files in *folder* (a fresh temporary one)."""
+    def opener(name: str) -> BinaryIO:
+        path = folder / name
+        path.parent.mkdir(exist_ok=True)
+        return open(path, "xb")
+
+    return opener
+
+
+def _clip_retrieval(batches, opener: Opener, total: int, schema: pa.Schema, shards_as: tuple[int, bool],
                     bar) -> None:
     """img_emb/img_emb_N.npy (float32) with metadata/metadata_N.parquet, N zero-padded as
-    clip-retrieval pads it, and text_emb/text_emb_N.npy when *with_text*. Each shard is written
-    as rows arrive, so none is ever held whole."""
+    clip-retrieval pads it, and text_emb/text_emb_N.npy when *with_text*, each opened by *opener*
+    (files in a folder, objects under a prefix). Each shard is written as rows arrive, so none is
+    ever held whole. *shards_as*: (rows per shard, with_text)."""
     import pyarrow.parquet as pq
 
+    shard_rows, with_text = shards_as
     dim = schema.field("embedding").type.list_size
     meta_schema = pa.schema([pa.field("image_path" if f.name == "path" else f.name, f.type)
                              for f in schema if f.name not in VECTORS])
-    parts = ("img_emb", "metadata", "text_emb") if with_text else ("img_emb", "metadata")
-    for part in parts:
-        os.mkdir(folder / part)
     shards = max(1, math.ceil(total / shard_rows))
     digits = int(math.log10(shards)) + 1
     pending = _Rows(batches, schema)
     for number in range(shards):
         name, rows = str(number).zfill(digits), min(shard_rows, total - number * shard_rows)
         with contextlib.ExitStack() as files:
-            images = files.enter_context(_NpyWriter(folder / "img_emb" / f"img_emb_{name}.npy", rows, dim))
-            texts = (files.enter_context(_NpyWriter(folder / "text_emb" / f"text_emb_{name}.npy", rows, dim))
+            images = files.enter_context(_NpyWriter(opener(f"img_emb/img_emb_{name}.npy"), rows, dim))
+            texts = (files.enter_context(_NpyWriter(opener(f"text_emb/text_emb_{name}.npy"), rows, dim))
                      if with_text else None)
-            meta_file = files.enter_context(open(folder / "metadata" / f"metadata_{name}.parquet", "xb"))
+            meta_file = files.enter_context(opener(f"metadata/metadata_{name}.parquet"))
             meta = files.enter_context(pq.ParquetWriter(meta_file, meta_schema))
             filled = 0
             while filled < rows:
@@ -280,11 +298,11 @@ class _NpyWriter:
     because a mapping's dirty pages count in the exporter's memory until the kernel writes them
     back (a 3M x 1024 export peaked at 5.3 GB mapped)."""
 
-    def __init__(self, path: Path, rows: int, dim: int) -> None:
-        self.path, self.rows, self.dim, self.written = path, rows, dim, 0
+    def __init__(self, handle: BinaryIO, rows: int, dim: int) -> None:
+        self.handle, self.rows, self.dim, self.written = handle, rows, dim, 0
+        self.path = getattr(handle, "name", getattr(handle, "path", "a shard"))
 
     def __enter__(self) -> "_NpyWriter":
-        self.handle = open(self.path, "xb")
         header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float32)), "fortran_order": False,
                   "shape": (self.rows, self.dim)}
         np.lib.format.write_array_header_1_0(self.handle, header)

@@ -26,12 +26,27 @@ TABLE_DIR = "lance"
 # Which file a row was indexed from, as the kernel names it: (st_dev, st_ino, st_ctime_ns) of the
 # file read. The server serves a row only from that file; ctime cannot be set back by a user.
 IDENTITY_COLUMNS = ["file_dev", "file_ino", "file_ctime_ns"]
-FILE_COLUMNS = ["id", "hash", "path", "path_bytes", "link_target", "bytes", "mtime", *IDENTITY_COLUMNS, "caption"]
+# An image inside a webdataset shard (null for files): the shard's path, the member's key
+# (webdataset's: its name up to the first dot), and where its data lies: its member's data in the
+# shard, and the shard's size, mtime and number of images when indexed (a shard whose rows all say
+# so, and are that many, is skipped without being opened: a run killed inside a shard lists it again).
+SHARD_SCHEMA = (
+    pa.field("shard", pa.string()),
+    pa.field("key", pa.string()),
+    pa.field("shard_offset", pa.int64()),
+    pa.field("shard_bytes", pa.int64()),
+    pa.field("shard_mtime", pa.float64()),
+    pa.field("shard_images", pa.int64()),
+)
+SHARD_COLUMNS = [f.name for f in SHARD_SCHEMA]
+SHARD_LOCATION = SHARD_COLUMNS[2:]  # clipdex's own: not filters, not exported by default
+FILE_COLUMNS = ["id", "hash", "path", "path_bytes", "link_target", "bytes", "mtime", *IDENTITY_COLUMNS, "etag",
+                "caption", *SHARD_COLUMNS]
 METADATA_COLUMNS = ["id", "path", "path_bytes", "link_target", "hash", "bytes", "mtime", *IDENTITY_COLUMNS, "width",
                     "height", "taken_at", "camera_make", "camera_model", "lens", "gps_latitude", "gps_longitude",
-                    "caption"]
+                    "caption", *SHARD_COLUMNS]
 # Columns for clipdex's own use (exact names, file identity): not filters, not exported by default.
-INTERNAL_COLUMNS = ("path_bytes", "link_target", *IDENTITY_COLUMNS)
+INTERNAL_COLUMNS = ("path_bytes", "link_target", *IDENTITY_COLUMNS, "etag", *SHARD_LOCATION)
 
 
 def split_path(path: str) -> tuple[str, bytes | None]:
@@ -64,6 +79,14 @@ def file_path(path: str, raw: bytes | None) -> str:
     return os.fsdecode(raw) if raw is not None else path
 
 
+def shard_path(row: dict) -> str:
+    """The file system path of the shard a member's row (``shard`` set) was indexed from: the row's
+    path less the member's name (the names of a shard in ``path`` and ``shard`` are the same text,
+    so the member's name has as many parts in the exact path as after the shard in the text)."""
+    parts = row["path"][len(row["shard"]):].count("/")
+    return file_path(row["path"], row.get("path_bytes")).rsplit("/", parts)[0]
+
+
 # What a photo's EXIF says (encoder/exif.py), null where it says nothing: filterable and sortable.
 PHOTO_SCHEMA = (
     pa.field("taken_at", pa.timestamp("us", tz="UTC")),
@@ -89,10 +112,13 @@ def image_schema(dim: int) -> pa.Schema:
         pa.field("bytes", pa.int64()),
         pa.field("mtime", pa.float64()),
         *(pa.field(name, pa.int64()) for name in IDENTITY_COLUMNS),  # null for imported rows and older stores
+        # An object's version tag in object storage (S3's ETag; a shard member's: its shard's), null for files.
+        pa.field("etag", pa.string()),
         pa.field("width", pa.int32()),
         pa.field("height", pa.int32()),
         *PHOTO_SCHEMA,
         pa.field("caption", pa.string()),
+        *SHARD_SCHEMA,
         pa.field("embedding", vector, nullable=False),
         # A variable-length list, not a fixed-size one, so that LanceDB sees a single vector column
         # and a plain `table.search(vector)` needs no column name. Each value still has dim floats.
@@ -125,6 +151,8 @@ def image_rows(dim: int, *, partial: bool = False, metadata: dict[str, pa.Array]
     if "path" in columns and "path_bytes" not in columns and not isinstance(columns["path"], (pa.Array, pa.ChunkedArray)):
         texts, raws = zip(*(split_path(p) for p in columns["path"])) if len(columns["path"]) else ((), ())
         columns = {**columns, "path": list(texts), "path_bytes": list(raws)}
+    if columns.get("shard") is not None and not isinstance(columns["shard"], (pa.Array, pa.ChunkedArray)):
+        columns = {**columns, "shard": [None if s is None else split_path(s)[0] for s in columns["shard"]]}
     unknown = set(columns) - set(schema.names)
     if unknown:
         raise TypeError(f"images table has no column(s) {sorted(unknown)}")
@@ -440,6 +468,12 @@ class Tables:
             _delete_in(table, "path", [_quote(p) for p in paths])
             if rows.num_rows:
                 table.add(rows)
+
+    def failure_paths(self) -> list[str]:
+        """The paths of the failures recorded."""
+        if not self.exists(FAILURES):
+            return []
+        return self.failures.search().select(["path"]).to_arrow().column("path").to_pylist()
 
     def count(self) -> int:
         return self.images.count_rows()

@@ -44,12 +44,13 @@ class SourceRows:
     width: pa.Array | None = None
     height: pa.Array | None = None
     extra: pa.Table | None = None  # every other metadata column, named and typed for the store
+    key: pa.Array | None = None  # webdataset's key (img2dataset's and clip-retrieval's `key`): the key column
 
     def take(self, positions: Sequence[int]) -> dict:
         """The image_rows columns of *positions* (extra metadata columns included)."""
         taken = pa.array(positions, pa.int64())
         columns = {"path": [self.keys[p] for p in positions], "caption": [self.captions[p] for p in positions]}
-        for name, column in (("width", self.width), ("height", self.height)):
+        for name, column in (("width", self.width), ("height", self.height), ("key", self.key)):
             if column is not None:
                 columns[name] = column.take(taken)
         if self.extra is not None:
@@ -71,7 +72,16 @@ def source_rows(source: str, count: int, meta: pa.Table | None) -> SourceRows:
     captions = meta.column(caption_column).to_pylist() if caption_column else [None] * count
     sizes = {name: _integers(meta.column(name)) if name in names else None for name in ("width", "height")}
     used = {path_column, caption_column, *(name for name in sizes if sizes[name] is not None)}
-    return SourceRows(keys, captions, sizes["width"], sizes["height"], extra_columns(meta, used, source))
+    key = _texts(meta.column("key")) if "key" in names else None
+    used |= {"key"} if key is not None else set()
+    return SourceRows(keys, captions, sizes["width"], sizes["height"], extra_columns(meta, used, source), key)
+
+
+def _texts(column: pa.ChunkedArray) -> pa.Array | None:
+    try:
+        return column.combine_chunks().cast(pa.string())
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        return None  # not keys after all (nested values): kept as a metadata column of its own
 
 
 def _integers(column: pa.ChunkedArray) -> pa.Array | None:
