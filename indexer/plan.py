@@ -12,16 +12,20 @@ from __future__ import annotations
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Mapping
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from encoder.images import read_member
 from indexer.scanner import Failure, FoundFile, Scan, sidecar_path
+from indexer.stored import StoredRows
 from store.errors import ImageError, InputError, first_line
 from store.files import bytes_hash, is_under, stream_hash
-from store.remote import StorageOptions, is_url, read_object
-from store.tables import IDENTITY_COLUMNS, file_path
+from store.remote import StorageOptions, filesystem, is_url, read_object
+from store.sharded import Workers
+from store.tables import IDENTITY_COLUMNS, shard_path
 
 
 def content_hash(path: str, algorithm: str) -> str:
@@ -78,11 +82,12 @@ class Plan:
         return len(self.copies) + self.moved
 
 
-def make_plan(scan: Scan, rows: pa.Table, first_new_id: int, captions: Callable[[str], str | None],
-              workers: int = 4, progress: Callable[[int], None] | None = None, prune: bool = False, *,
+def make_plan(scan: Scan, rows: pa.Table | StoredRows, first_new_id: int, captions: Callable[[str], str | None],
+              workers: int | Workers = 4, progress: Callable[[int], None] | None = None, prune: bool = False, *,
               hashing: str) -> Plan:
     """Decide what to embed, move, copy and remove. *rows* has id, hash, path, path_bytes, bytes,
-    mtime, caption.
+    mtime, caption. *workers*: threads that hash the files whose hash can decide anything, or a
+    cluster's workers (store.sharded.Workers) that do.
 
     New files get ids from *first_new_id* on (the store's first free id); the caller reserves
     ``plan.new_ids`` of them before writing any row. *captions* gives a file's caption, or None
@@ -94,7 +99,7 @@ def make_plan(scan: Scan, rows: pa.Table, first_new_id: int, captions: Callable[
     content matches a row whose old path no longer exists, inside the roots or not (a renamed
     library folder), is a move: same id, no new embedding.
     """
-    existing = {file_path(row["path"], row.get("path_bytes")): row for row in rows.to_pylist()}
+    existing = rows if isinstance(rows, StoredRows) else StoredRows(rows)
     found = {f.path for f in scan.files}
     plan = Plan(first_new_id=first_new_id, next_id=first_new_id)
     blind = _unavailable_roots(scan, existing)
@@ -110,8 +115,11 @@ def make_plan(scan: Scan, rows: pa.Table, first_new_id: int, captions: Callable[
         return prune if _in_any(path, blind) else scan.covers(path)
 
     changed: list[FoundFile] = []
+    present: list[int] = []  # positions of the rows whose file was found
     for file in scan.files:
         row = existing.get(file.path)
+        if row is not None:
+            present.append(row.position)
         if row is not None and _same_file(row, file):
             plan.unchanged += 1
             caption = caption_of(file, row)
@@ -120,21 +128,23 @@ def make_plan(scan: Scan, rows: pa.Table, first_new_id: int, captions: Callable[
         else:
             changed.append(file)
 
-    absent = {path: row for path, row in existing.items() if path not in found}
+    absent = {path: existing[path] for path in existing if path not in found}
     absent_by_hash: dict[str, list[str]] = {}
     for path, row in absent.items():
         absent_by_hash.setdefault(row["hash"], []).append(path)
-    present_by_hash = {row["hash"]: row["id"] for path, row in existing.items() if path in found}
+    positions = np.asarray(present, np.int64)
 
     def take_moved(digest: str) -> dict | None:
         """A row with this content whose old path no longer exists, under the roots or anywhere else."""
         for path in absent_by_hash.get(digest, ()):
-            if path in absent and not os.path.lexists(path):
+            if path in absent and not _still_there(path, absent[path], scan.storage):
                 return absent.pop(path)
         return None
 
-    digests = dict(_hash_all(_worth_hashing(changed, scan, existing, absent), (hashing, scan.storage), workers,
-                             plan.failures, progress))
+    stored_sizes = set(existing.column("bytes", np.unique(positions)))
+    digests = dict(_hash_all(_worth_hashing(changed, existing, stored_sizes, absent), (hashing, scan.storage),
+                             workers, plan.failures, progress))
+    present_by_hash = _ids_by_hash(existing, positions, set(digests.values()))
     if progress:
         progress(len(scan.files) - plan.unchanged - len(digests))
     failed = {failure.path for failure in plan.failures}
@@ -164,12 +174,24 @@ def make_plan(scan: Scan, rows: pa.Table, first_new_id: int, captions: Callable[
     return _defer_copies_of_new_files(plan)
 
 
-def _unavailable_roots(scan: Scan, existing: dict[str, dict]) -> list[str]:
+def _still_there(path: str, row: dict, storage: StorageOptions) -> bool:
+    """Whether a row's file (an object; a member's shard) still exists where it was indexed: then a
+    file of its content elsewhere is a copy, not a move."""
+    where = shard_path(row) if row.get("shard") is not None else path
+    if not is_url(where):
+        return os.path.lexists(where)
+    try:
+        fs, inside = filesystem(where, storage)
+        return fs.exists(inside)
+    except Exception:  # unreachable now: taken for gone, as a file the scan no longer finds
+        return False
+
+
+def _unavailable_roots(scan: Scan, existing: Mapping) -> list[str]:
     """Roots that hold rows but could not be seen: missing, not listable, or listing no file."""
-    stored = list(existing)
     candidates = list(scan.missing) + [root for root in scan.roots
                                        if root in scan.unlisted or scan.files_under(root) == 0]
-    return [root for root in candidates if any(is_under(path, root) for path in stored)]
+    return [root for root in candidates if any(is_under(path, root) for path in existing)]
 
 
 def _same_file(row: dict, file: FoundFile) -> bool:
@@ -202,16 +224,24 @@ def _defer_copies_of_new_files(plan: Plan) -> Plan:
     return plan
 
 
-def _worth_hashing(changed: list[FoundFile], scan: Scan, existing: dict[str, dict],
-                   absent: dict[str, dict]) -> list[FoundFile]:
+def _ids_by_hash(existing: StoredRows, positions: np.ndarray, digests: set[str]) -> dict[str, int]:
+    """hash -> id of the rows at *positions* (whose files were found) that have one of *digests*:
+    the sources a copy can take its vector from."""
+    if not digests or not len(positions) or "hash" not in existing.texts:
+        return {}
+    hashes = existing.texts["hash"].take(pa.array(positions))
+    matches = np.flatnonzero(pc.is_in(hashes, value_set=pa.array(sorted(digests))).to_numpy(zero_copy_only=False))
+    return {hashes[int(i)].as_py(): existing.value("id", int(positions[i])) for i in matches}
+
+
+def _worth_hashing(changed: list[FoundFile], existing: StoredRows, stored_sizes: set[int],
+                   absent: dict[str, Mapping]) -> list[FoundFile]:
     """The changed files whose hash can decide anything: a file can be a touched one, a move or a
     copy only if a row (its own, one whose file is gone, one whose file is still here) has its
     exact size. Two new files of one size are both embedded whatever their content (a copy of a
     file embedded in this very run waits for no row), so they need no hash here. The others
     (every file of a new library) are hashed by the reader that reads them for embedding, so
     they are read once, on the engine's workers."""
-    found = {file.path for file in scan.files}
-    stored_sizes = {row["bytes"] for path, row in existing.items() if path in found}
     absent_sizes = {row["bytes"] for row in absent.values()}
 
     def worth(file: FoundFile) -> bool:
@@ -223,26 +253,50 @@ def _worth_hashing(changed: list[FoundFile], scan: Scan, existing: dict[str, dic
     return [file for file in changed if worth(file)]
 
 
-def _hash_all(files: list[FoundFile], hashing: tuple[str, StorageOptions], workers: int, failures: list[Failure],
-              progress: Callable[[int], None] | None) -> Iterable[tuple[str, str]]:
-    def one(file: FoundFile) -> tuple[FoundFile, str | None, Failure | None]:
-        try:
-            return file, found_hash(file, *hashing), None
-        except FileNotFoundError:
-            return file, None, Failure(file.path, "missing", "vanished during the run")
-        except ImageError as error:
-            return file, None, Failure(file.path, error.reason, error.detail)
-        except OSError as error:
-            return file, None, Failure(file.path, "unreadable", error.strerror or str(error))
+HASH_TASK_FILES = 256  # files a cluster's task hashes
 
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:  # hashlib releases the GIL
-        for file, digest, failure in pool.map(one, files):
+
+def _hash_all(files: list[FoundFile], hashing: tuple[str, StorageOptions], workers: int | Workers,
+              failures: list[Failure], progress: Callable[[int], None] | None) -> Iterable[tuple[str, str]]:
+    """Hash *files* on threads here, or on a cluster's *workers* (where the bytes are as near
+    as they are to the workers that embed: a renamed folder of millions is read there, not here)."""
+    if isinstance(workers, Workers):
+        chunks = [files[start:start + HASH_TASK_FILES] for start in range(0, len(files), HASH_TASK_FILES)]
+        step = max(1, workers.shards) * 4
+        results = (result for start in range(0, len(chunks), step)
+                   for done in workers.map(_hash_task, [(chunk, hashing) for chunk in chunks[start:start + step]])
+                   for result in done)
+    else:
+        pool = ThreadPoolExecutor(max_workers=max(1, workers))  # hashlib releases the GIL
+        results = pool.map(lambda file: _hash_one(file, hashing), files)
+    try:
+        for path, digest, failure in results:
             if progress:
                 progress(1)
             if failure:
                 failures.append(failure)
             else:
-                yield file.path, digest
+                yield path, digest
+    finally:
+        if not isinstance(workers, Workers):
+            pool.shutdown(cancel_futures=True)
+
+
+def _hash_task(job: tuple[list[FoundFile], tuple[str, StorageOptions]]) -> list[tuple[str, str | None, Failure | None]]:
+    """A chunk of files hashed on a worker."""
+    files, hashing = job
+    return [_hash_one(file, hashing) for file in files]
+
+
+def _hash_one(file: FoundFile, hashing: tuple[str, StorageOptions]) -> tuple[str, str | None, Failure | None]:
+    try:
+        return file.path, found_hash(file, *hashing), None
+    except FileNotFoundError:
+        return file.path, None, Failure(file.path, "missing", "vanished during the run")
+    except ImageError as error:
+        return file.path, None, Failure(file.path, error.reason, error.detail)
+    except OSError as error:
+        return file.path, None, Failure(file.path, "unreadable", error.strerror or str(error))
 
 
 def read_captions(sources: Iterable[str | os.PathLike]) -> dict[str, str]:

@@ -33,6 +33,7 @@ from indexer.plan import Plan, make_plan, read_captions, sidecar_caption
 from indexer.rows import file_columns, indexed_rows
 from indexer.scanner import Failure, Scan, scan, sidecar_path
 from indexer.shards import list_shards
+from indexer.stored import StoredRows
 from store.commit import Committer
 from store.errors import InputError
 from store.files import prune_thumbnails
@@ -185,13 +186,14 @@ def _update(run: _Run, session: Session) -> IndexSummary:
     """Plan, embed (on the session's engine) and finish (index, manifest) the run's store."""
     store, config, clock = run.store, run.config, run.clock
     captions = _caption_lookup(config.captions, run.found.sidecars, config.storage_options)
-    rows = store.tables.file_rows()
+    rows = StoredRows(store.tables.file_rows())
     with _bar(config, len(run.found.shards), "listing shards", unit="shard") as bar:
-        found = list_shards(run.found, rows, store.tables.failure_paths() if run.found.shards else (), bar.update)
+        found = list_shards(run.found, rows, store.tables.failure_paths() if run.found.shards else (), bar.update,
+                            session.workers)
     store.tables.add_metadata_columns(found.metadata_fields)  # KEY.json's fields, before any row carries them
     with _bar(config, len(found.files), "checking") as bar:
         plan = make_plan(found, rows, store.next_free_id(), captions,
-                         max(4, decode_threads(config)), bar.update, prune=config.prune,
+                         session.workers or max(4, decode_threads(config)), bar.update, prune=config.prune,
                          hashing=store.manifest.content_hash)
     del rows
     unknown = [root for root in found.missing if root not in plan.unavailable]

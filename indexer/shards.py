@@ -17,55 +17,89 @@ from __future__ import annotations
 
 import bisect
 import json
+import logging
 import os
 import re
 import stat
 import tarfile
+from collections import Counter
 from dataclasses import replace
-from typing import Callable, Collection
+from typing import Callable, Collection, Iterator
 
+import numpy as np
 import pyarrow as pa
 
 from encoder.images import is_image_path
 from indexer.scanner import Failure, FoundFile, Member, Scan
+from indexer.stored import StoredRow, StoredRows
 from store.errors import first_line
 from store.remote import StorageOptions, filesystem, is_url
-from store.sources.metadata import extra_columns
-from store.tables import IDENTITY_COLUMNS, file_identity, file_path, split_path
+from store.sharded import Workers
+from store.sources.metadata import column_name, extra_columns
+from store.tables import IDENTITY_COLUMNS, file_identity, file_path, image_schema, split_path
 
+LOG = logging.getLogger(__name__)
 MAX_TEXT_MEMBER = 1 << 20  # a caption or a metadata member larger than this is not read
+MAX_METADATA_FIELDS = 100  # JSON fields that become columns in one run, the most common first
 REMOTE_BLOCK = 8 << 20  # a shard in object storage is read in ranges of this size while it is listed
 # webdataset's own split of a member name into key and field: the key runs to the first dot of the file name.
 _KEY_FIELD = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")
 
 
-def list_shards(found: Scan, rows: pa.Table, failed: Collection[str],
-                progress: Callable[[int], None] | None = None) -> Scan:
+def list_shards(found: Scan, rows: StoredRows | pa.Table, failed: Collection[str],
+                progress: Callable[[int], None] | None = None, workers: Workers | None = None) -> Scan:
     """*found* with the images of its shards among its files: an unchanged shard's from its
     stored *rows* (which have store.tables.FILE_COLUMNS), a changed or new one's from its tar.
     *failed*: the failure paths the store holds (a shard that left one is listed again, so
     its failed members are tried again like failed files). Members' metadata is typed here,
-    across every shard listed, and the fields it needs are the scan's ``metadata_fields``."""
+    across every shard listed, and the fields it needs are the scan's ``metadata_fields``.
+    *workers* (a cluster's): the shards to list are listed there, each by the worker that reads
+    it, so a driver never reads the shards of a dataset in object storage itself."""
     if not found.shards:
         return found
-    stored = _rows_by_shard(rows)
+    rows = rows if isinstance(rows, StoredRows) else StoredRows(rows)
+    by_shard = _rows_by_shard(rows)
     failures_sorted = sorted(failed)
-    files, failures, listed = list(found.files), list(found.failures), []
+    files, failures, listed, to_list = list(found.files), list(found.failures), [], []
     for shard in found.shards:
         text = split_path(shard.path)[0]
-        rows_of_shard = stored.get(text, [])
+        rows_of_shard = [StoredRow(rows, int(position)) for position in by_shard.get(text, ())]
         if rows_of_shard and _unchanged(shard, rows_of_shard) and not _has_failure(failures_sorted, text):
             files += [_stored_member(shard, row) for row in rows_of_shard]
+            if progress:
+                progress(1)
         else:
-            members, bad = list_members(shard, found.storage)
-            listed += members
-            failures += bad
-        if progress:
-            progress(1)
+            to_list.append(shard)
+    for members, bad in _list_all(to_list, found.storage, workers, progress):
+        listed += members
+        failures += bad
     listed, fields = typed_metadata(listed)
     files += listed
     files.sort(key=lambda f: f.path)
     return replace(found, files=tuple(files), failures=tuple(failures), metadata_fields=fields)
+
+
+def _list_all(shards: list[FoundFile], storage: StorageOptions, workers: Workers | None,
+              progress: Callable[[int], None] | None) -> Iterator[tuple[list[FoundFile], list[Failure]]]:
+    """list_members of each shard, here or on *workers* (a few rounds of the cluster's width at a
+    time, so the members come back as they are listed)."""
+    if workers is None:
+        for shard in shards:
+            yield list_members(shard, storage)
+            if progress:
+                progress(1)
+        return
+    step = max(1, workers.shards) * 4
+    for start in range(0, len(shards), step):
+        chunk = shards[start:start + step]
+        yield from workers.map(_list_task, [(shard, storage) for shard in chunk])
+        if progress:
+            progress(len(chunk))
+
+
+def _list_task(job: tuple[FoundFile, StorageOptions]) -> tuple[list[FoundFile], list[Failure]]:
+    """A shard listed on a worker."""
+    return list_members(*job)
 
 
 def list_members(shard: FoundFile, storage: StorageOptions = ()) -> tuple[list[FoundFile], list[Failure]]:
@@ -125,6 +159,9 @@ def _members(handle, shard: FoundFile) -> tuple[list[FoundFile], list[Failure]]:
             failures.append(Failure(shard.path, "unsafe name", f"member {name!r} skipped"))
             continue
         path = f"{shard.path}/{name}"
+        if member.issparse():  # its data is not one run of bytes at offset_data
+            failures.append(Failure(path, "unsupported format", "a sparse tar member"))
+            continue
         if member.offset_data + member.size > size:
             failures.append(Failure(path, "truncated", f"the shard ends before the member's {member.size} bytes"))
             continue
@@ -170,7 +207,7 @@ def typed_metadata(files: list[FoundFile]) -> tuple[list[FoundFile], tuple[pa.Fi
     becomes ``source_caption``, nested values JSON text), and each member's values under those names. A field
     whose values do not share one type (a number here, text there) is kept as text."""
     objects = [json.loads(f.member.metadata) if f.member and f.member.metadata else {} for f in files]
-    names = list(dict.fromkeys(name for value in objects for name in value))
+    names = _field_names(objects)
     if not names:
         return files, ()
     columns = {name: _column([value.get(name) for value in objects]) for name in names}
@@ -186,6 +223,23 @@ def typed_metadata(files: list[FoundFile]) -> tuple[list[FoundFile], tuple[pa.Fi
     return typed, tuple(table.schema)
 
 
+def _field_names(objects: list[dict]) -> list[str]:
+    """The JSON fields that become columns: the MAX_METADATA_FIELDS most common, one per store
+    name (``a b`` and ``a_b`` are one column: the first seen wins). A dataset whose JSON has a key
+    per image (an id as a key) would otherwise add a column per image."""
+    counts = Counter(name for value in objects for name in value if name != "key")
+    reserved, taken, names = set(image_schema(1).names), set(), []
+    for name, _ in counts.most_common(MAX_METADATA_FIELDS):
+        target = column_name(name, reserved)
+        if target not in taken:
+            taken.add(target)
+            names.append(name)
+    if len(counts) > len(names):
+        LOG.warning("webdataset metadata: %d JSON fields kept as columns, %d others left out", len(names),
+                    len(counts) - len(names))
+    return names
+
+
 def _column(values: list) -> pa.Array:
     try:
         return pa.array(values)
@@ -193,17 +247,21 @@ def _column(values: list) -> pa.Array:
         return pa.array([v if v is None or isinstance(v, str) else json.dumps(v) for v in values], pa.string())
 
 
-def _rows_by_shard(rows: pa.Table) -> dict[str, list[dict]]:
-    if "shard" not in rows.column_names:
+def _rows_by_shard(rows: StoredRows) -> dict[str, np.ndarray]:
+    """The positions of the stored rows of each shard (by the shard's name as the rows show it)."""
+    if "shard" not in rows.texts or not len(rows):
         return {}
-    members = rows.filter(rows.column("shard").is_valid())
-    grouped: dict[str, list[dict]] = {}
-    for row in members.to_pylist():
-        grouped.setdefault(row["shard"], []).append(row)
-    return grouped
+    encoded = rows.texts["shard"].dictionary_encode()
+    codes = encoded.indices.fill_null(-1).to_numpy(zero_copy_only=False)
+    order = np.argsort(codes, kind="stable")
+    ordered = codes[order]
+    starts = np.flatnonzero(np.diff(ordered, prepend=-2))
+    names = encoded.dictionary.to_pylist()
+    return {names[ordered[start]]: order[start:end]
+            for start, end in zip(starts, [*starts[1:], len(order)]) if ordered[start] >= 0}
 
 
-def _unchanged(shard: FoundFile, rows: list[dict]) -> bool:
+def _unchanged(shard: FoundFile, rows: list[StoredRow]) -> bool:
     """Every image of the shard has a row, and each recorded the shard's present size, mtime and
     (device, inode, ctime)."""
     if any(row["shard_images"] != len(rows) for row in rows):
@@ -225,7 +283,7 @@ def _has_failure(failed: list[str], shard: str) -> bool:
             or (inside < len(failed) and failed[inside].startswith(shard + "/")))
 
 
-def _stored_member(shard: FoundFile, row: dict) -> FoundFile:
+def _stored_member(shard: FoundFile, row: StoredRow) -> FoundFile:
     """A member of an unchanged shard, as its row recorded it (the planner finds it unchanged)."""
     where = Member(shard.path, row["key"], row["shard_offset"], row["shard_bytes"], row["shard_mtime"],
                    row["shard_images"])

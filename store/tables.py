@@ -151,8 +151,9 @@ def image_rows(dim: int, *, partial: bool = False, metadata: dict[str, pa.Array]
     if "path" in columns and "path_bytes" not in columns and not isinstance(columns["path"], (pa.Array, pa.ChunkedArray)):
         texts, raws = zip(*(split_path(p) for p in columns["path"])) if len(columns["path"]) else ((), ())
         columns = {**columns, "path": list(texts), "path_bytes": list(raws)}
-    if columns.get("shard") is not None and not isinstance(columns["shard"], (pa.Array, pa.ChunkedArray)):
-        columns = {**columns, "shard": [None if s is None else split_path(s)[0] for s in columns["shard"]]}
+    for name in ("shard", "key"):  # a shard's name, and a member's, may be any bytes: shown as path is
+        if columns.get(name) is not None and not isinstance(columns[name], (pa.Array, pa.ChunkedArray)):
+            columns = {**columns, name: [None if s is None else split_path(s)[0] for s in columns[name]]}
     unknown = set(columns) - set(schema.names)
     if unknown:
         raise TypeError(f"images table has no column(s) {sorted(unknown)}")

@@ -195,15 +195,19 @@ def test_the_ray_workers_read_the_objects_themselves(bucket, tmp_path):
     root, _, _ = bucket
     index_paths([root / "library"], tmp_path / "disk", CONFIG)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)  # after the fixture's environment: the workers inherit it
+    on_ray = replace(CONFIG, engine="ray", ray=RayConfig(workers=1, batch_size=5))
     try:
-        summary = index_paths(["s3://photos/library"], tmp_path / "ray",
-                              replace(CONFIG, engine="ray", ray=RayConfig(workers=1, batch_size=5)))
+        summary = index_paths(["s3://photos/library"], tmp_path / "ray", on_ray)
+        # Shards in the bucket: listed by the cluster's tasks, their members read by range by the actors.
+        shards = index_paths(["s3://photos/shards"], tmp_path / "ray-shards", on_ray)
     finally:
         ray.shutdown()
     remote, local = by_name(tmp_path / "ray", "s3://photos/library"), by_name(tmp_path / "disk", str(root / "library"))
     assert summary.embedded == 12 and sorted(remote) == sorted(local)
     for name, row in local.items():
         np.testing.assert_allclose(remote[name]["vector"], row["vector"], atol=1e-6)
+    members = {row["key"]: row for row in stored(tmp_path / "ray-shards").values()}
+    assert shards.embedded == 12 and len(members) == 12 and all(row["caption"] for row in members.values())
 
 
 def test_an_object_of_the_same_size_and_time_is_changed_when_its_etag_is(bucket):
@@ -222,3 +226,17 @@ def test_an_object_of_the_same_size_and_time_is_changed_when_its_etag_is(bucket)
         found = Scan(("s3://photos",), (FoundFile(url, 10, 5.0, etag=etag),), ())
         plan = make_plan(found, stored_row, 2, lambda path: None, hashing=DEFAULT_CONTENT_HASH)
         assert plan.unchanged == unchanged and len(plan.embed) == 1 - unchanged
+
+
+def test_the_server_says_an_object_is_not_served(bucket, tmp_path):
+    from server.app import create_app
+    from server.config import ServeConfig
+    from tests.helpers import local_client
+
+    index_paths(["s3://photos/library/part-000"], tmp_path / "s", CONFIG)
+    row = next(iter(stored(tmp_path / "s").values()))
+    with local_client(create_app(ServeConfig(store=tmp_path / "s"))) as client:
+        answer = client.get(f"/images/{row['id']}")
+        assert answer.status_code == 404 and "object storage" in answer.json()["error"]
+        assert client.get(f"/thumbnails/{row['id']}").status_code == 404
+        assert client.post("/search", json={"text": "a red circle", "k": 3}).status_code == 200

@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import tarfile
@@ -274,18 +275,94 @@ def test_the_ray_engine_indexes_shards_as_the_local_one_does(dataset, tmp_path):
 
     ray = pytest.importorskip("ray")
     root, _, _ = dataset
-    index_paths([root / "shards"], tmp_path / "local", CONFIG)
+    shutil.copytree(root / "shards", tmp_path / "first")
+    index_paths([tmp_path / "first"], tmp_path / "local", CONFIG)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         on_ray = replace(CONFIG, engine="ray", ray=RayConfig(workers=1, batch_size=5))
-        summary = index_paths([root / "shards"], tmp_path / "ray", on_ray)
-        again = index_paths([root / "shards"], tmp_path / "ray", on_ray)
+        summary = index_paths([tmp_path / "first"], tmp_path / "ray", on_ray)
+        again = index_paths([tmp_path / "first"], tmp_path / "ray", on_ray)
+        # A renamed folder of shards: every member's content is hashed (on the cluster's tasks) and
+        # recognised as a move of its row, nothing embedded again.
+        (tmp_path / "first").rename(tmp_path / "renamed")
+        renamed = index_paths([tmp_path / "renamed"], tmp_path / "ray", on_ray)
+        moved = stored(tmp_path / "ray")
     finally:
         ray.shutdown()
-    local, remote = stored(tmp_path / "local"), stored(tmp_path / "ray")
+    assert (renamed.embedded, renamed.moved) == (0, 12) and all("/renamed/" in path for path in moved)
+    for path in list(moved):
+        moved[path.replace(str(tmp_path / "renamed"), str(tmp_path / "first"))] = moved.pop(path)
+    local, remote = stored(tmp_path / "local"), moved
     assert summary.embedded == 12 and again.embedded == 0 and sorted(local) == sorted(remote)
     for path, row in local.items():
         other = remote[path]
-        assert {k: other[k] for k in ("shard", "key", "caption", "hash", "url", "original_width", "shard_offset")} == \
-            {k: row[k] for k in ("shard", "key", "caption", "hash", "url", "original_width", "shard_offset")}
+        assert {k: other[k] for k in ("key", "caption", "hash", "url", "original_width", "shard_offset")} == \
+            {k: row[k] for k in ("key", "caption", "hash", "url", "original_width", "shard_offset")}
         np.testing.assert_allclose(other["vector"], row["vector"], atol=1e-6)
+
+
+def test_shards_to_list_and_files_to_hash_go_to_the_cluster(dataset, tmp_path):
+    """With a cluster's workers, the driver lists no shard and hashes no file itself."""
+    from indexer.plan import make_plan
+    from indexer.scanner import scan
+    from store.files import DEFAULT_CONTENT_HASH
+    from store.sharded import Workers
+
+    root, _, _ = dataset
+    calls = []
+
+    def cluster_map(function, jobs):
+        calls.append((function.__name__, len(jobs)))
+        return [function(job) for job in jobs]
+
+    workers = Workers(cluster_map, shards=1)
+    shutil.copytree(root / "shards", tmp_path / "first")
+    index_paths([tmp_path / "first"], tmp_path / "s", CONFIG)
+    rows = Store.open(tmp_path / "s").tables.file_rows()
+
+    # Copied while the shards are still where they were indexed: not moves (their rows stay theirs).
+    shutil.copytree(tmp_path / "first", tmp_path / "copied")
+    copied = make_plan(shards_module.list_shards(scan([tmp_path / "copied"]), rows, ()), rows, 100,
+                       lambda path: None, hashing=DEFAULT_CONTENT_HASH)
+    assert not copied.moves and len(copied.embed) == 12
+
+    (tmp_path / "first").rename(tmp_path / "renamed")
+    listed = shards_module.list_shards(scan([tmp_path / "renamed"]), rows, (), workers=workers)
+    plan = make_plan(listed, rows, 100, lambda path: None, workers, hashing=DEFAULT_CONTENT_HASH)
+    assert ("_list_task", 3) in calls and ("_hash_task", 1) in calls
+    assert len(plan.moves) == 12 and not plan.embed
+
+
+def test_hostile_shard_contents_cost_a_row_at_most(dataset, tmp_path):
+    """Odd names and odd JSON in a shard someone else wrote: never a crash, never a column per image."""
+    from server.app import create_app
+    from server.config import ServeConfig
+
+    root, _, keys = dataset
+    items = sorted(keys.items())
+    folder = tmp_path / "lib"
+    folder.mkdir()
+    shard = os.path.join(os.fsencode(folder), b"caf\xe9.tar")  # a shard whose name is not UTF-8
+    image = Path(items[0][1]["path"])
+    with tarfile.open(os.fsdecode(shard), "w", format=tarfile.GNU_FORMAT, encoding="utf-8",
+                      errors="surrogateescape") as tar:
+        add_member(tar, os.fsdecode(b"odd\xff") + image.suffix, image.read_bytes())  # nor is this member's
+        add_member(tar, os.fsdecode(b"odd\xff") + ".json", json.dumps({"a b": 1, "a_b": 2}).encode())
+        for i, (key, row) in enumerate(items[1:6]):
+            add_member(tar, key + Path(row["path"]).suffix, Path(row["path"]).read_bytes())
+            # a field per image (an id as a key), a list, and text that is not JSON
+            add_member(tar, key + ".json", json.dumps({f"id-{i}-{n}": n for n in range(40)}).encode() if i < 4
+                       else b"[1, 2, 3]")
+        add_member(tar, "not-json.json", b"{not json")
+    summary = index_paths([folder], tmp_path / "s", CONFIG)
+    store = Store.open(tmp_path / "s")
+    assert summary.embedded == 6 and summary.failed == 0
+    names = store.tables.images.schema.names
+    assert "a_b" in names and 90 < len([n for n in names if n.startswith("id_")]) < shards_module.MAX_METADATA_FIELDS
+    odd = next(row for row in stored(tmp_path / "s").values() if row["key"] == "odd\\xff")  # shown escaped
+    assert odd["a_b"] == 1 and odd["shard"] == f"{folder}/caf\\xe9.tar"
+    with local_client(create_app(ServeConfig(store=tmp_path / "s"))) as client:
+        served = client.get(f"/images/{odd['id']}")
+        assert served.status_code == 200 and served.content == image.read_bytes()
+    again = index_paths([folder], tmp_path / "s", CONFIG)
+    assert again.embedded == 0 and again.unchanged == 6

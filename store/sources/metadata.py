@@ -101,13 +101,19 @@ def extra_columns(meta: pa.Table, used: set, source: str) -> pa.Table | None:
     for name in meta.column_names:
         if name in used:
             continue
-        target = re.sub(r"\W", "_", name, flags=re.ASCII) or "column"
-        target = f"c_{target}" if target[0].isdigit() else target
-        target = f"source_{target}" if target in reserved else target
+        target = column_name(name, reserved)
         if target in columns:
             raise InputError(f"{source}: metadata columns {name!r} and another both become {target!r}")
         columns[target] = _plain(meta.column(name).combine_chunks())
     return pa.table(columns) if columns else None
+
+
+def column_name(name: str, reserved: set[str]) -> str:
+    """The store's name for a metadata field: an identifier, prefixed ``source_`` where it is a
+    clipdex column (*reserved*)."""
+    target = re.sub(r"\W", "_", name, flags=re.ASCII) or "column"
+    target = f"c_{target}" if target[0].isdigit() else target
+    return f"source_{target}" if target in reserved else target
 
 
 def _plain(column: pa.Array) -> pa.Array:
