@@ -27,7 +27,7 @@ from indexer.pipeline import Batch, Hashing, StageReport, run_pipeline
 from indexer.plan import Job
 from indexer.rows import Files, batch_rows
 from store.errors import ImageError, first_line
-from store.remote import StorageOptions, is_url, read_object
+from store.remote import RangeReader, StorageOptions, is_url, read_object
 from store.sharded import Workers
 from store.store import Store
 from store.tables import image_schema
@@ -85,6 +85,7 @@ class JobSources:
     def __init__(self, files: Files, storage: StorageOptions = ()) -> None:
         self.names, self.storage = list(files["path"]), storage
         self.shards, self.offsets, self.sizes = files["shard"], files["shard_offset"], files["bytes"]
+        self.ranges = RangeReader(storage)
 
     def read(self, position: int) -> bytearray:
         shard, name = self.shards[position], self.names[position]
@@ -98,7 +99,7 @@ class JobSources:
     def _object(self, url: str, start: int | None = None, end: int | None = None, name: str | None = None) -> bytearray:
         name = name or url
         try:
-            data = bytearray(read_object(url, self.storage, start, end))
+            data = bytearray(read_object(url, self.storage) if start is None else self.ranges.read(url, start, end))
         except FileNotFoundError as error:
             raise ImageError(name, "missing", "the object is gone") from error
         except OSError as error:

@@ -240,3 +240,33 @@ def test_the_server_says_an_object_is_not_served(bucket, tmp_path):
         assert answer.status_code == 404 and "object storage" in answer.json()["error"]
         assert client.get(f"/thumbnails/{row['id']}").status_code == 404
         assert client.post("/search", json={"text": "a red circle", "k": 3}).status_code == 200
+
+
+def test_an_object_gone_before_it_is_read_is_a_failure(bucket):
+    """Listed, then deleted before a reader got to it: a failure of that image, as a vanished file is."""
+    from indexer.engine import JobSources
+    from store.errors import ImageError
+
+    fs = bucket[2]
+    fs.pipe_file("photos/gone/a.jpg", b"x" * 100)
+    fs.pipe_file("photos/gone/s.tar", b"y" * 4096)
+    sources = JobSources({"path": ["s3://photos/gone/a.jpg", "s3://photos/gone/s.tar/k.jpg"],
+                          "shard": [None, "s3://photos/gone/s.tar"], "shard_offset": [None, 512], "bytes": [100, 50]})
+    assert sources.read(0) == b"x" * 100 and sources.read(1) == b"y" * 50  # a member by its byte range
+    fs.rm(["photos/gone/a.jpg", "photos/gone/s.tar"])
+    for position in (0, 1):
+        with pytest.raises(ImageError) as caught:
+            JobSources({"path": sources.names, "shard": sources.shards, "shard_offset": sources.offsets,
+                        "bytes": sources.sizes}).read(position)
+        assert caught.value.reason == "missing"
+
+
+def test_a_missing_client_library_is_one_line(tmp_path, capsys, monkeypatch):
+    import sys
+
+    import fsspec  # noqa: F401 (its registry module is loaded)
+
+    monkeypatch.setitem(sys.modules, "gcsfs", None)  # as if clipdex[cloud] were not installed
+    monkeypatch.delitem(sys.modules["fsspec.registry"]._registry, "gs", raising=False)  # not imported before
+    code, _, err = run(capsys, "index", "gs://bucket/photos", "--store", tmp_path / "s", *MODEL)
+    assert code != 0 and "gcsfs" in err and "clipdex[cloud]" in err and len(err.strip().splitlines()) == 1
