@@ -21,13 +21,12 @@ import pyarrow as pa
 
 from encoder import ClipModel
 from encoder.feed import make_feed
-from encoder.images import read_bytes, read_member
 from indexer.config import IndexConfig
 from indexer.pipeline import Batch, Hashing, StageReport, run_pipeline
 from indexer.plan import Job
 from indexer.rows import Files, batch_rows
-from store.errors import ImageError, first_line
-from store.remote import RangeReader, StorageOptions, is_url, read_object
+from indexer.sources import JobSources
+from store.errors import ImageError
 from store.sharded import Workers
 from store.store import Store
 from store.tables import image_schema
@@ -76,39 +75,6 @@ class Engine(Protocol):
 def decode_threads(config: IndexConfig) -> int:
     """Decoding threads of an in-process pipeline: ``config.workers``, else one per core, at most 8."""
     return config.workers if config.workers is not None else min(8, os.cpu_count() or 1)
-
-
-class JobSources:
-    """The bytes of each job: a file by its path, an object by its URL, an image inside a shard by
-    where it lies (a shard in object storage is read by range)."""
-
-    def __init__(self, files: Files, storage: StorageOptions = ()) -> None:
-        self.names, self.storage = list(files["path"]), storage
-        self.shards, self.offsets, self.sizes = files["shard"], files["shard_offset"], files["bytes"]
-        self.ranges = RangeReader(storage)
-
-    def read(self, position: int) -> bytearray:
-        shard, name = self.shards[position], self.names[position]
-        if shard is None:
-            return self._object(name) if is_url(name) else read_bytes(name)
-        if is_url(shard):
-            offset = self.offsets[position]
-            return self._object(shard, offset, offset + self.sizes[position], name)
-        return read_member(shard, self.offsets[position], self.sizes[position], name)
-
-    def _object(self, url: str, start: int | None = None, end: int | None = None, name: str | None = None) -> bytearray:
-        name = name or url
-        try:
-            data = bytearray(read_object(url, self.storage) if start is None else self.ranges.read(url, start, end))
-        except FileNotFoundError as error:
-            raise ImageError(name, "missing", "the object is gone") from error
-        except OSError as error:
-            raise ImageError(name, "unreadable", first_line(error)) from error
-        if end is not None and len(data) < end - start:
-            raise ImageError(name, "truncated", f"its shard ends {end - start - len(data)} bytes before the member does")
-        if not data:
-            raise ImageError(name, "empty file")
-        return data
 
 
 def embed_files(model: ClipModel, files: Files, config: IndexConfig, threads: int, hashing: str,

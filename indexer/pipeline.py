@@ -35,7 +35,7 @@ STAGES = ("read", "decode", "embed", "write")
 
 class Sources(Protocol):
     """What the readers read: a name per position (what failures and the decoder are told) and
-    its bytes (a file, or an image inside a shard: indexer.engine.JobSources)."""
+    its bytes (a file, or an image inside a shard: indexer.sources.JobSources)."""
     names: Sequence[str]
 
     def read(self, position: int) -> bytearray: ...

@@ -18,8 +18,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from encoder.images import read_member
 from indexer.scanner import Failure, FoundFile, Scan, sidecar_path
+from indexer.sources import ImageReader
 from indexer.stored import StoredRows
 from store.errors import ImageError, InputError, first_line
 from store.files import bytes_hash, is_under, stream_hash
@@ -33,15 +33,14 @@ def content_hash(path: str, algorithm: str) -> str:
         return stream_hash(handle, algorithm)
 
 
-def found_hash(file: FoundFile, algorithm: str, storage: StorageOptions = ()) -> str:
+def found_hash(file: FoundFile, algorithm: str, reader: ImageReader) -> str:
     """The content hash of a found file, an object, or an image inside a shard (its member's bytes)."""
     member = file.member
+    if member is None and not is_url(file.path):
+        return content_hash(file.path, algorithm)  # streamed: a large file is never held whole
     if member is None:
-        return bytes_hash(read_object(file.path, storage), algorithm) if is_url(file.path) else \
-            content_hash(file.path, algorithm)
-    if is_url(member.shard):
-        return bytes_hash(read_object(member.shard, storage, member.offset, member.offset + file.bytes), algorithm)
-    return bytes_hash(read_member(member.shard, member.offset, file.bytes, file.path), algorithm)
+        return bytes_hash(reader.read(file.path), algorithm)
+    return bytes_hash(reader.read(file.path, member.shard, member.offset, file.bytes), algorithm)
 
 
 @dataclass(frozen=True, slots=True)  # one per file: a run of millions holds millions
@@ -141,7 +140,7 @@ def make_plan(scan: Scan, rows: pa.Table | StoredRows, first_new_id: int, captio
                 return absent.pop(path)
         return None
 
-    stored_sizes = set(existing.column("bytes", np.unique(positions)))
+    stored_sizes = set(existing.column("bytes", positions))
     digests = dict(_hash_all(_worth_hashing(changed, existing, stored_sizes, absent), (hashing, scan.storage),
                              workers, plan.failures, progress))
     present_by_hash = _ids_by_hash(existing, positions, set(digests.values()))
@@ -268,7 +267,8 @@ def _hash_all(files: list[FoundFile], hashing: tuple[str, StorageOptions], worke
                    for result in done)
     else:
         pool = ThreadPoolExecutor(max_workers=max(1, workers))  # hashlib releases the GIL
-        results = pool.map(lambda file: _hash_one(file, hashing), files)
+        algorithm, reader = hashing[0], ImageReader(hashing[1])
+        results = pool.map(lambda file: _hash_one(file, algorithm, reader), files)
     try:
         for path, digest, failure in results:
             if progress:
@@ -284,13 +284,14 @@ def _hash_all(files: list[FoundFile], hashing: tuple[str, StorageOptions], worke
 
 def _hash_task(job: tuple[list[FoundFile], tuple[str, StorageOptions]]) -> list[tuple[str, str | None, Failure | None]]:
     """A chunk of files hashed on a worker."""
-    files, hashing = job
-    return [_hash_one(file, hashing) for file in files]
+    files, (algorithm, storage) = job
+    reader = ImageReader(storage)  # made here: an open shard cannot travel to a worker
+    return [_hash_one(file, algorithm, reader) for file in files]
 
 
-def _hash_one(file: FoundFile, hashing: tuple[str, StorageOptions]) -> tuple[str, str | None, Failure | None]:
+def _hash_one(file: FoundFile, algorithm: str, reader: ImageReader) -> tuple[str, str | None, Failure | None]:
     try:
-        return file.path, found_hash(file, *hashing), None
+        return file.path, found_hash(file, algorithm, reader), None
     except FileNotFoundError:
         return file.path, None, Failure(file.path, "missing", "vanished during the run")
     except ImageError as error:

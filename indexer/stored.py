@@ -66,9 +66,15 @@ class StoredRows(Mapping):
         return None if text is None else text[position].as_py()
 
     def column(self, name: str, positions: np.ndarray) -> list:
-        """*name* of the rows at *positions*, as Python values."""
-        if name in self.numbers or name not in self.texts:
-            return [self.value(name, int(p)) for p in positions]
+        """*name* of the rows at *positions*, as Python values (one numpy or Arrow take, not a
+        lookup a row: a rerun asks this of every row whose file it found)."""
+        number = self.numbers.get(name)
+        if number is not None:
+            values, valid = number
+            taken = values[positions].tolist()
+            return taken if valid is None else [v if ok else None for v, ok in zip(taken, valid[positions])]
+        if name not in self.texts:
+            return [None] * len(positions)
         return self.texts[name].take(pa.array(positions, pa.int64())).to_pylist()
 
 

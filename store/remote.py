@@ -77,11 +77,11 @@ def object_stat(info: Mapping) -> tuple[int, float, str | None]:
     return size, mtime, None if tag is None else str(tag).strip('"')
 
 
-def read_object(url: str, options: StorageOptions, start: int | None = None, end: int | None = None) -> bytes:
-    """The bytes of an object (from *start* to *end* where given)."""
+def read_object(url: str, options: StorageOptions) -> bytes:
+    """The bytes of an object."""
     fs, path = filesystem(url, options)
     try:
-        return fs.cat_file(path, start=start, end=end)
+        return fs.cat_file(path)
     except OSError:
         raise
     except Exception as error:  # botocore's and aiohttp's errors are not OSErrors: the callers' reasons are

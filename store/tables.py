@@ -464,8 +464,7 @@ class Tables:
         """Record this run's failures; forget earlier ones whose path *forget* accepts (rescanned now)."""
         with writing(self.directory):
             table = self.failures
-            earlier = table.search().select(["path"]).to_arrow().column("path").to_pylist()
-            paths = {p for p in earlier if forget(p)} | set(rows.column("path").to_pylist())
+            paths = {p for p in self.failure_paths() if forget(p)} | set(rows.column("path").to_pylist())
             _delete_in(table, "path", [_quote(p) for p in paths])
             if rows.num_rows:
                 table.add(rows)

@@ -244,7 +244,7 @@ def test_the_server_says_an_object_is_not_served(bucket, tmp_path):
 
 def test_an_object_gone_before_it_is_read_is_a_failure(bucket):
     """Listed, then deleted before a reader got to it: a failure of that image, as a vanished file is."""
-    from indexer.engine import JobSources
+    from indexer.sources import JobSources
     from store.errors import ImageError
 
     fs = bucket[2]
