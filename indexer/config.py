@@ -33,6 +33,7 @@ class IndexConfig:
     max_pixels: int = DEFAULT_MAX_PIXELS
     exact_decode: bool = False  # False: large JPEGs decoded reduced, as far as encoder.reduction allows
     commit_every: int = 1024
+    chunk_files: int = 50_000  # files planned and embedded at a time: what a run holds of the library
     ann: AnnConfig = field(default_factory=AnnConfig)
     progress: bool = True
     wait: bool = False  # another writer holds the store: wait for it (False: fail at once, naming it)

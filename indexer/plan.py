@@ -1,10 +1,12 @@
-"""Stage 2: compare what is on disk with what is in the store and decide the least work.
+"""Stage 2: compare what is on disk with what is in the store and decide the least work, a chunk
+of the walk at a time (:class:`Planner`).
 
-A file whose size and mtime match its row is unchanged and never read. Any other file is hashed:
-the same content at a path that vanished is a move (its id and embedding move with it), the same
-content as a file still present is a copy (embedding reused, new id), anything else is embedded.
-Content is only comparable at equal sizes, so a file whose size no other file or row has is
-embedded without being read here: the embedding stage hashes the bytes it reads anyway.
+A file whose size and mtime match its row is unchanged and never read. Any other file is hashed
+where its hash can decide anything: the same content at a path that vanished is a move (its id
+and embedding move with it), the same content as a file still present is a copy (embedding
+reused, new id), anything else is embedded. Content is only comparable at equal sizes, so a file
+whose size no row has is embedded without being read here: the embedding stage hashes the bytes
+it reads anyway.
 """
 
 from __future__ import annotations
@@ -12,20 +14,19 @@ from __future__ import annotations
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Mapping
+from typing import Callable, Collection, Iterable, Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from indexer.scanner import Failure, FoundFile, Scan, sidecar_path
 from indexer.sources import ImageReader
-from indexer.stored import StoredRows
+from indexer.stored import StoredIndex, StoredRows, TableSource
 from store.errors import ImageError, InputError, first_line
 from store.files import bytes_hash, is_under, stream_hash
 from store.remote import StorageOptions, filesystem, is_url, read_object
 from store.sharded import Workers
-from store.tables import IDENTITY_COLUMNS, shard_path
+from store.tables import IDENTITY_COLUMNS, file_path, shard_path
 
 
 def content_hash(path: str, algorithm: str) -> str:
@@ -71,6 +72,13 @@ class Plan:
     def new_ids(self) -> int:
         return self.next_id - self.first_new_id
 
+    def then(self, later: "Plan") -> "Plan":
+        """This plan and a *later* one of the same run (ids continue from this one's) as one."""
+        return Plan(self.unchanged + later.unchanged, self.embed + later.embed, self.moves + later.moves,
+                    self.copies + later.copies, self.recaption + later.recaption,
+                    self.removed_ids + later.removed_ids, self.failures + later.failures,
+                    {**self.unavailable, **later.unavailable}, self.first_new_id, later.next_id)
+
     @property
     def moved(self) -> int:
         """Files found at a new path with the content of a row whose old path is gone."""
@@ -84,13 +92,32 @@ class Plan:
 def make_plan(scan: Scan, rows: pa.Table | StoredRows, first_new_id: int, captions: Callable[[str], str | None],
               workers: int | Workers = 4, progress: Callable[[int], None] | None = None, prune: bool = False, *,
               hashing: str) -> Plan:
-    """Decide what to embed, move, copy and remove. *rows* has id, hash, path, path_bytes, bytes,
-    mtime, caption. *workers*: threads that hash the files whose hash can decide anything, or a
-    cluster's workers (store.sharded.Workers) that do.
+    """The whole plan of a scan held whole, against *rows* (id, hash, path, path_bytes, bytes,
+    mtime, caption...) held whole: :class:`Planner` with the scan as one chunk."""
+    table = rows.table if isinstance(rows, StoredRows) else rows
+    planner = Planner(StoredIndex(TableSource(table)), first_new_id, captions, workers, progress, prune,
+                      hashing=(hashing, scan.storage))
+    plan = planner.chunk(scan.files, rows if isinstance(rows, StoredRows) else StoredRows(table))
+    return plan.then(planner.finish(scan, [root for root in scan.roots if scan.files_under(root) == 0]))
 
-    New files get ids from *first_new_id* on (the store's first free id); the caller reserves
-    ``plan.new_ids`` of them before writing any row. *captions* gives a file's caption, or None
-    when no source says anything (a stored caption is then kept).
+
+class Planner:
+    """Decides what to embed, move, copy and remove, a chunk of found files at a time, against a
+    store of any size (:class:`indexer.stored.StoredIndex`).
+
+    New files get ids from *first_new_id* on (the store's first free id); the caller reserves each
+    chunk's ``plan.new_ids`` before writing any row. *captions* gives a file's caption, or None
+    when no source says anything (a stored caption is then kept). *workers*: threads that hash the
+    files whose hash can decide anything, or a cluster's workers (store.sharded.Workers) that do.
+
+    :meth:`chunk` settles what a chunk's own rows tell: a file unchanged, touched, modified in place
+    (keeps its id), or of a size no row has (new content: embedded now, hashed as it is read). A
+    new file whose content a row may share is hashed and waits until *waiting* of them have
+    gathered (or the walk ends), then all are settled in one pass over the stored hashes: a row of
+    that content whose file no longer exists is a move, one whose file is there a copy. The file
+    system, not the walk, says a row's file is gone, so this needs no rows from later chunks.
+    :meth:`finish`, after the walk, settles the last of them and removes the rows whose files the
+    walk did not find.
 
     A row is removed only when its folder was listed and its file is gone. A root that is missing,
     could not be listed, or lists no file while rows lie under it is *unavailable* (an unmounted
@@ -98,79 +125,157 @@ def make_plan(scan: Scan, rows: pa.Table | StoredRows, first_new_id: int, captio
     content matches a row whose old path no longer exists, inside the roots or not (a renamed
     library folder), is a move: same id, no new embedding.
     """
-    existing = rows if isinstance(rows, StoredRows) else StoredRows(rows)
-    found = {f.path for f in scan.files}
-    plan = Plan(first_new_id=first_new_id, next_id=first_new_id)
-    blind = _unavailable_roots(scan, existing)
-    plan.unavailable = {root: sum(1 for path in existing if is_under(path, root)) for root in blind}
 
-    def caption_of(file: FoundFile, row: dict | None) -> str | None:
-        caption = captions(file.path)
+    def __init__(self, stored: StoredIndex, first_new_id: int, captions: Callable[[str], str | None],
+                 workers: int | Workers = 4, progress: Callable[[int], None] | None = None, prune: bool = False, *,
+                 hashing: tuple[str, StorageOptions], waiting: int = 50_000) -> None:
+        self.stored, self.captions, self.workers, self.progress, self.prune = stored, captions, workers, progress, prune
+        self.first_new_id = self.next_id = first_new_id
+        self.hashing = hashing  # the store's content hash, and how object storage is reached
+        self.waiting: list[Job] = []  # hashed new files whose content a row may have, until *most_waiting*
+        self.most_waiting = max(1, waiting)
+        self.moved: set[int] = set()  # rows taken by a move in this run (one file each)
+
+    def caption_of(self, file: FoundFile, row: Mapping | None) -> str | None:
+        caption = self.captions(file.path)
         if caption is None and file.member is not None:
             caption = file.member.caption  # KEY.txt in a listed shard
         return caption if caption is not None or row is None else row["caption"]
 
-    def removable(path: str) -> bool:
-        return prune if _in_any(path, blind) else scan.covers(path)
+    def chunk(self, files: Sequence[FoundFile], rows: StoredRows | None = None) -> Plan:
+        """The plan of *files*; *rows*: theirs where the caller has fetched them already (a
+        shard's), else fetched here."""
+        rows = rows if rows is not None else self.stored.rows_at(file.path for file in files)
+        plan = Plan(first_new_id=self.next_id, next_id=self.next_id)
+        changed: list[FoundFile] = []
+        found_ids: list[int] = []
+        for file in files:
+            row = rows.get(file.path)
+            if row is not None:
+                found_ids.append(row["id"])
+            if row is not None and _same_file(row, file):
+                plan.unchanged += 1
+                caption = self.caption_of(file, row)
+                if caption != row["caption"]:
+                    plan.recaption.append(Job(row["id"], file, row["hash"], caption))
+            else:
+                changed.append(file)
+        self.stored.mark_seen(found_ids)
+        worth = self._worth_hashing(changed, rows)
+        digests = dict(_hash_all(worth, self.hashing, self.workers, plan.failures, self.progress))
+        if self.progress:
+            self.progress(len(files) - len(worth))
+        failed = {failure.path for failure in plan.failures}
+        for file in changed:
+            if file.path in failed:
+                continue
+            row = rows.get(file.path)
+            digest = digests.get(file.path)
+            if row is None and digest is not None:  # a move or a copy, or new: known once the walk is done
+                self.waiting.append(Job(0, file, digest, self.caption_of(file, None)))
+                continue
+            caption = self.caption_of(file, row)
+            if digest is None:  # content no row can share: hashed as it is read for embedding
+                plan.embed.append(Job(row["id"] if row is not None else plan.next_id, file, None, caption))
+                plan.next_id += row is None
+            elif row["hash"] == digest:  # touched, not changed
+                plan.moves.append(Job(row["id"], file, digest, caption))
+            else:  # modified in place: keeps its id
+                plan.embed.append(Job(row["id"], file, digest, caption))
+        if len(self.waiting) >= self.most_waiting:
+            self._settle(plan, self.hashing[1])
+        self.next_id = plan.next_id
+        return _defer_copies_of_new_files(plan)
 
-    changed: list[FoundFile] = []
-    present: list[int] = []  # positions of the rows whose file was found
-    for file in scan.files:
-        row = existing.get(file.path)
-        if row is not None:
-            present.append(row.position)
-        if row is not None and _same_file(row, file):
-            plan.unchanged += 1
-            caption = caption_of(file, row)
-            if caption != row["caption"]:
-                plan.recaption.append(Job(row["id"], file, row["hash"], caption))
-        else:
-            changed.append(file)
+    def finish(self, scan: Scan, empty_roots: Collection[str]) -> Plan:
+        """After the walk (*scan*: its roots, what could not be listed; *empty_roots*: roots that
+        listed no file): the files still waiting settled, and the rows whose files the walk did
+        not find removed, or kept where their root could not be seen. Reads those rows a batch
+        at a time."""
+        plan = Plan(first_new_id=self.next_id, next_id=self.next_id)
+        self._settle(plan, scan.storage)
+        self.next_id = plan.next_id
+        blind = [*scan.missing, *(root for root in scan.roots if root in scan.unlisted or root in empty_roots)]
+        under_blind = dict.fromkeys(blind, 0)
+        removable: list[np.ndarray] = []
+        for batch in self.stored.unseen():
+            ids = batch.column("id").to_numpy(zero_copy_only=False)
+            paths = _paths(batch)
+            in_blind = np.zeros(len(ids), bool)
+            for root in blind:  # a row under such a root makes it unavailable: kept unless prune
+                inside = _under(paths, root)
+                under_blind[root] += int(inside.sum())
+                in_blind |= inside
+            covered = np.fromiter(map(scan.covers, paths), bool, len(paths))
+            removable.append(ids[np.where(in_blind, self.prune, covered)])
+        plan.removed_ids = sorted(int(i) for i in np.concatenate(removable)) if removable else []
+        plan.unavailable = {root: count for root, count in under_blind.items() if count}
+        return _defer_copies_of_new_files(plan)
 
-    absent = {path: existing[path] for path in existing if path not in found}
-    absent_by_hash: dict[str, list[str]] = {}
-    for path, row in absent.items():
-        absent_by_hash.setdefault(row["hash"], []).append(path)
-    positions = np.asarray(present, np.int64)
+    def _settle(self, plan: Plan, storage: StorageOptions) -> None:
+        """The waiting files into *plan*: each a move of a row of its content whose file no longer
+        exists (under the roots or anywhere: a renamed library folder), else a copy of a row of its
+        content, else new. Rows of their hashes read in one pass over the stored hashes."""
+        if not self.waiting:
+            return
+        by_hash: dict[str, list[dict]] = {}
+        for row in self.stored.rows_with_hashes({job.hash for job in self.waiting}).to_pylist():
+            by_hash.setdefault(row["hash"], []).append(row)
+        sources: dict[str, int] = {}
+        for job in self.waiting:
+            rows = by_hash.get(job.hash, ())
+            row = self._take_moved(rows, storage)
+            if row is not None:
+                caption = job.caption if job.caption is not None else row["caption"]
+                plan.moves.append(Job(row["id"], job.file, job.hash, caption, source_id=row["id"]))
+                continue
+            source = sources.get(job.hash) or next((r["id"] for r in rows), None)
+            if source is not None:
+                plan.copies.append(Job(plan.next_id, job.file, job.hash, job.caption, source_id=source))
+            else:
+                plan.embed.append(Job(plan.next_id, job.file, job.hash, job.caption))
+                sources[job.hash] = plan.next_id  # a second copy in this batch waits for it: embedded
+            plan.next_id += 1
+        self.waiting = []
 
-    def take_moved(digest: str) -> dict | None:
-        """A row with this content whose old path no longer exists, under the roots or anywhere else."""
-        for path in absent_by_hash.get(digest, ()):
-            if path in absent and not _still_there(path, absent[path], scan.storage):
-                return absent.pop(path)
+    def _take_moved(self, rows: Iterable[dict], storage: StorageOptions) -> dict | None:
+        """A row with this content whose old path no longer exists, under the roots or anywhere else
+        (found by the walk now or not: it cannot be, where nothing lies)."""
+        for row in rows:
+            if row["id"] not in self.moved and not _still_there(file_path(row["path"], row["path_bytes"]), row,
+                                                                  storage):
+                self.moved.add(row["id"])
+                self.stored.mark_seen([row["id"]])  # not gone: moved
+                return row
         return None
 
-    stored_sizes = set(existing.column("bytes", positions))
-    digests = dict(_hash_all(_worth_hashing(changed, existing, stored_sizes, absent), (hashing, scan.storage),
-                             workers, plan.failures, progress))
-    present_by_hash = _ids_by_hash(existing, positions, set(digests.values()))
-    if progress:
-        progress(len(scan.files) - plan.unchanged - len(digests))
-    failed = {failure.path for failure in plan.failures}
-    for file in changed:
-        if file.path in failed:
-            continue
-        row = existing.get(file.path)
-        caption = caption_of(file, row)
-        digest = digests.get(file.path)
-        if digest is None:  # content no other file or row can share: hashed as it is read for embedding
-            plan.embed.append(Job(row["id"] if row is not None else plan.next_id, file, None, caption))
-            plan.next_id += row is None
-        elif row is not None and row["hash"] == digest:  # touched, not changed
-            plan.moves.append(Job(row["id"], file, digest, caption))
-        elif row is not None:  # modified in place: keeps its id
-            plan.embed.append(Job(row["id"], file, digest, caption))
-        elif (moved := take_moved(digest)) is not None:
-            plan.moves.append(Job(moved["id"], file, digest, caption_of(file, moved), source_id=moved["id"]))
-        elif digest in present_by_hash:
-            plan.copies.append(Job(plan.next_id, file, digest, caption, source_id=present_by_hash[digest]))
-            plan.next_id += 1
-        else:
-            plan.embed.append(Job(plan.next_id, file, digest, caption))
-            present_by_hash[digest] = plan.next_id  # a second copy in this run is embedded once
-            plan.next_id += 1
-    plan.removed_ids = sorted(row["id"] for path, row in absent.items() if removable(path))
-    return _defer_copies_of_new_files(plan)
+    def _worth_hashing(self, changed: list[FoundFile], rows: StoredRows) -> list[FoundFile]:
+        """The changed files whose hash can decide anything: a file can be a touched one, a move or
+        a copy only if a row (its own, one whose file is gone, one whose file is still here) has
+        its exact size. Two new files of one size are both embedded whatever their content (a copy
+        of a file embedded in this very run waits for no row), so they need no hash here. The
+        others (every file of a new library) are hashed by the reader that reads them for
+        embedding, so they are read once, on the engine's workers."""
+        shared = self.stored.has_size(np.fromiter((file.bytes for file in changed), np.int64, len(changed)))
+        worth = []
+        for file, size_stored in zip(changed, shared):
+            row = rows.get(file.path)
+            if (row["bytes"] == file.bytes) if row is not None else size_stored:
+                worth.append(file)
+        return worth
+
+
+def _paths(batch: pa.Table) -> list[str]:
+    """The file system paths of rows (id, path, path_bytes...)."""
+    paths = batch.column("path").to_pylist()
+    raws = batch.column("path_bytes")
+    if raws.null_count == len(raws):
+        return paths
+    return [file_path(path, raw) for path, raw in zip(paths, raws.to_pylist())]
+
+
+def _under(paths: list[str], folder: str) -> np.ndarray:
+    return np.fromiter((is_under(path, folder) for path in paths), bool, len(paths))
 
 
 def _still_there(path: str, row: dict, storage: StorageOptions) -> bool:
@@ -184,13 +289,6 @@ def _still_there(path: str, row: dict, storage: StorageOptions) -> bool:
         return fs.exists(inside)
     except Exception:  # unreachable now: taken for gone, as a file the scan no longer finds
         return False
-
-
-def _unavailable_roots(scan: Scan, existing: Mapping) -> list[str]:
-    """Roots that hold rows but could not be seen: missing, not listable, or listing no file."""
-    candidates = list(scan.missing) + [root for root in scan.roots
-                                       if root in scan.unlisted or scan.files_under(root) == 0]
-    return [root for root in candidates if any(is_under(path, root) for path in existing)]
 
 
 def _same_file(row: dict, file: FoundFile) -> bool:
@@ -211,45 +309,12 @@ def _raw(path: str | None) -> bytes | None:
     return os.fsencode(path) if path is not None else None
 
 
-def _in_any(path: str, folders: list[str]) -> bool:
-    return any(is_under(path, folder) for folder in folders)
-
-
 def _defer_copies_of_new_files(plan: Plan) -> Plan:
     """A copy whose source is embedded in this very run must wait for that row: re-plan as embed."""
     pending = {job.id for job in plan.embed}
     plan.embed += [Job(job.id, job.file, job.hash, job.caption) for job in plan.copies if job.source_id in pending]
     plan.copies = [job for job in plan.copies if job.source_id not in pending]
     return plan
-
-
-def _ids_by_hash(existing: StoredRows, positions: np.ndarray, digests: set[str]) -> dict[str, int]:
-    """hash -> id of the rows at *positions* (whose files were found) that have one of *digests*:
-    the sources a copy can take its vector from."""
-    if not digests or not len(positions) or "hash" not in existing.texts:
-        return {}
-    hashes = existing.texts["hash"].take(pa.array(positions))
-    matches = np.flatnonzero(pc.is_in(hashes, value_set=pa.array(sorted(digests))).to_numpy(zero_copy_only=False))
-    return {hashes[int(i)].as_py(): existing.value("id", int(positions[i])) for i in matches}
-
-
-def _worth_hashing(changed: list[FoundFile], existing: StoredRows, stored_sizes: set[int],
-                   absent: dict[str, Mapping]) -> list[FoundFile]:
-    """The changed files whose hash can decide anything: a file can be a touched one, a move or a
-    copy only if a row (its own, one whose file is gone, one whose file is still here) has its
-    exact size. Two new files of one size are both embedded whatever their content (a copy of a
-    file embedded in this very run waits for no row), so they need no hash here. The others
-    (every file of a new library) are hashed by the reader that reads them for embedding, so
-    they are read once, on the engine's workers."""
-    absent_sizes = {row["bytes"] for row in absent.values()}
-
-    def worth(file: FoundFile) -> bool:
-        row = existing.get(file.path)
-        if row is not None:  # modified in place keeps its id; equal size might be a touch
-            return row["bytes"] == file.bytes
-        return file.bytes in stored_sizes or file.bytes in absent_sizes
-
-    return [file for file in changed if worth(file)]
 
 
 HASH_TASK_FILES = 256  # files a cluster's task hashes

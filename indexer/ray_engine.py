@@ -1,9 +1,8 @@
 """`clipdex index --engine ray`: decode and embed on a Ray cluster, with the same guarantees.
 
 The driver does what it does locally: scan, plan, reserve ids (one plan, one id authority) and
-commit. Only the decode + embed stage moves: the jobs become a Ray Dataset, and an actor pool
-(``map_batches`` with a callable class, the model loaded once per actor) turns each batch into
-rows. Rows of new ids are written by the actor itself as Lance fragments beside the table, so
+commit. Only the decode + embed stage moves: a pool of actors (the model loaded once per actor,
+kept for the whole run) turns each block of a chunk's jobs into rows. Rows of new ids are written by the actor itself as Lance fragments beside the table, so
 vectors never travel through the driver; the driver commits the fragments it has been told of
 in one atomic ``Append`` per checkpoint. A driver killed at any moment leaves committed rows
 (skipped by the rerun) and unreferenced fragment files (never rows), so a rerun still ends with
@@ -54,7 +53,11 @@ class RayEngine:
     @contextmanager
     def session(self, config: IndexConfig) -> Iterator["RaySession"]:
         with ray_session(config.ray) as workers:
-            yield RaySession(config, workers)
+            session = RaySession(config, workers)
+            try:
+                yield session
+            finally:
+                session.close()
 
 
 @dataclass(frozen=True)
@@ -77,7 +80,6 @@ class _Work:
 def ray_module():
     try:
         import ray
-        import ray.data  # noqa: F401 (the Data library is the part clipdex uses)
     except ImportError as error:
         raise InputError(RAY_EXTRA) from error
     return ray
@@ -135,10 +137,20 @@ def _check_reachable(address: str) -> None:
         raise InputError(f"cannot reach the Ray cluster at {address}: {error.strerror or first_line(error)}") from error
 
 
-@dataclass(frozen=True)
 class RaySession:
-    config: IndexConfig
-    workers: Workers
+    """The run's actor pool: started on the first chunk the run embeds, kept for every chunk after
+    (a run of 100M images embeds 2,000 chunks; loading the model on every actor again per chunk
+    cost about 10 s each), killed when the session closes."""
+
+    def __init__(self, config: IndexConfig, workers: Workers) -> None:
+        self.config, self.workers = config, workers
+        self.actors: list = []
+
+    def close(self) -> None:
+        ray = ray_module()
+        for actor in self.actors:
+            ray.kill(actor)
+        self.actors = []
 
     def embed(self, target: Target, jobs: Sequence[Job], progress: Progress) -> Embedding:
         """Embed *jobs* on the actor pool and commit what the actors wrote, every ``commit_every`` rows."""
@@ -147,23 +159,16 @@ class RaySession:
         from lance.fragment import FragmentMetadata  # lance is only needed once there is work
 
         started, ray, store = time.perf_counter(), ray_module(), target.store
-        context = ray.data.DataContext.get_current()
-        context.enable_progress_bars = False
-        for name in ("ray", "ray.data"):  # Ray's plan and progress lines would bury clipdex's own
-            logging.getLogger(name).setLevel(logging.ERROR)
         chosen = replace(self.config, model=target.name, pretrained=target.pretrained)
         work = _Work(chosen, target.first_new_id, store.tables.images_uri, store.tables.images.schema,
                      store.manifest.content_hash, store.manifest.weights_sha256)
-        table, size, actors = _job_table(jobs), self.config.ray.batch_size, _actors(ray, self.config.ray, len(jobs))
+        table, size = _job_table(jobs), self.config.ray.batch_size
         blocks = [table.slice(start, size) for start in range(0, table.num_rows, size)]  # one block per actor call
-        dataset = ray.data.from_arrow(blocks).map_batches(
-            _Embedder, fn_constructor_args=(work,), batch_size=size, batch_format="pyarrow",
-            compute=ray.data.ActorPoolStrategy(size=actors),
-            num_cpus=self.config.ray.cpus_per_worker, num_gpus=self.config.ray.gpus_per_worker or None)
+        self._grow(ray, work, _actors(ray, self.config.ray, len(jobs)))
 
         failures, reports = [], []
         with Committer(store.tables, target.first_new_id, self.config.commit_every) as committer:
-            for result in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
+            for result in _on_pool(ray, self.actors, blocks, work):
                 for row in result.to_pylist():
                     failed = [(position, ImageError(path, reason, detail))
                               for position, path, reason, detail in json.loads(row["failures"])]
@@ -175,7 +180,40 @@ class RaySession:
                     committer.add_fragments(fragments, row["new"])
                     progress(row["new"] + row["old"] + len(failed))
         return Embedding(committer.written, failures,
-                         StageReport.combined(reports, time.perf_counter() - started, actors))
+                         StageReport.combined(reports, time.perf_counter() - started, len(self.actors)))
+
+    def _grow(self, ray, work: "_Work", wanted: int) -> None:
+        """At least *wanted* actors, each with the model loaded (a later chunk with more work than
+        the first gets more)."""
+        if len(self.actors) >= wanted:
+            return
+        ray_config = self.config.ray
+        actor = ray.remote(num_cpus=ray_config.cpus_per_worker, num_gpus=ray_config.gpus_per_worker or None)(_Embedder)
+        self.actors += [actor.remote(work) for _ in range(wanted - len(self.actors))]
+
+
+IN_FLIGHT = 2  # calls queued on each actor: the next block is there when one finishes
+
+
+def _on_pool(ray, actors: list, blocks: list[pa.Table], work: "_Work") -> Iterator[pa.Table]:
+    """Each block through some actor (IN_FLIGHT at a time on each), results as they come."""
+    queue = iter(blocks)
+    pending: dict = {}
+
+    def submit(actor) -> None:
+        block = next(queue, None)
+        if block is not None:
+            pending[actor.embed.remote(block, work)] = actor
+
+    for actor in actors:
+        for _ in range(IN_FLIGHT):
+            submit(actor)
+    while pending:
+        ready, _ = ray.wait(list(pending), num_returns=1)
+        actor = pending.pop(ready[0])
+        result = ray.get(ready[0])
+        submit(actor)
+        yield result
 
 
 def _actors(ray, config: RayConfig, jobs: int) -> int:
@@ -205,14 +243,15 @@ class _Embedder:
         import torch
 
         torch.set_num_threads(work.threads)
-        self.work, config = work, work.config
+        config = work.config
         self.model = load_model(config.model, config.pretrained, device=config.device,
                                 weights_sha256=work.weights_sha256, precision=config.precision)
 
-    def __call__(self, jobs: pa.Table) -> pa.Table:
+    def embed(self, jobs: pa.Table, work: _Work) -> pa.Table:
+        """*jobs* into rows: new ones written as fragments, the rest sent back; *work*: the chunk's
+        (its first new id, the table's schema now)."""
         from lance.fragment import write_fragments  # in the actor's process only
 
-        work = self.work
         files = {name: jobs.column(name).to_pylist() for name in jobs.column_names if name != "position"}
         files["path"] = [os.fsdecode(path) for path in files["path"]]
         files["shard"] = [None if shard is None else os.fsdecode(shard) for shard in files["shard"]]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import itertools
 import logging
 import os
 import sys
@@ -16,7 +17,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Collection, Sequence
+from typing import Callable, Collection, Iterator, Sequence
 
 import pyarrow as pa
 
@@ -24,16 +25,16 @@ from encoder import DEFAULT_MODEL, MODELS, ClipModel, ModelPool, pretrained_labe
 from encoder.exported import keep_text_tower, key_for
 from encoder.prompts import text_queries
 from indexer.config import IndexConfig, RayConfig
-from indexer.engine import Session, Target, decode_threads
+from indexer.engine import Embedding, Session, Target, decode_threads
 from indexer.engines import ENGINES as ENGINE_REGISTRY
 from indexer.engines import engine_for
 from indexer.photos import fill_photo_columns
-from indexer.pipeline import stage_line
-from indexer.plan import Plan, make_plan, read_captions, sidecar_caption
+from indexer.pipeline import StageReport, stage_line
+from indexer.plan import Plan, Planner, read_captions, sidecar_caption
 from indexer.rows import file_columns, indexed_rows
-from indexer.scanner import Failure, Scan, scan, sidecar_path
+from indexer.scanner import Failure, FoundFile, Scan, Walk, is_shard_path, sidecar_path
 from indexer.shards import list_shards
-from indexer.stored import StoredRows
+from indexer.stored import StoredIndex, StoredRows
 from store.commit import Committer
 from store.errors import InputError
 from store.files import prune_thumbnails
@@ -103,20 +104,22 @@ def index_paths(paths: Sequence[str | os.PathLike], store_dir: str | Path,
     clock = _Clock()
     engine = engine_for(config)  # before anything is scanned: an option it cannot honour is one line at once
     store_dir = expand(store_dir)
-    found = scan(paths, exclude=[store_dir], cross_mounts=config.cross_mounts, storage=config.storage_options)
-    clock.lap("scan")
-    LOG.info("scanned %d files in %.2fs", len(found.files), clock.elapsed())
+    walk = Walk(paths, exclude=[store_dir], cross_mounts=config.cross_mounts, storage=config.storage_options)
+    found = iter(walk)
+    first = next(found, None)  # a folder with nothing to index is one line before a model loads
     if not Store.exists(store_dir):
         Store.refuse_lost_manifest(store_dir)  # before a model loads for what would be a new store
-        if found.missing:
-            raise InputError(f"no such file or folder: {found.missing[0]}")
-        if not found.files and not found.failures and not found.shards:
+        if walk.missing:
+            raise InputError(f"no such file or folder: {walk.missing[0]}")
+        if first is None and not walk.failures:
             raise InputError(f"no image files found under {', '.join(map(str, paths))}")
+    found = itertools.chain([first] if first is not None else [], found)
+    clock.lap("scan")  # the roots, and the walk to its first file: the rest of it goes with the plan
     # The engine's session first: an unreachable cluster stops the run before the store is touched.
     with engine.session(config) as session, writer_lock(store_dir, wait=config.wait):
-        run = _open(found, store_dir, config, models, clock)
+        run = _open(walk, store_dir, config, models, clock)
         with _long_lived_frozen():
-            return _update(run, session)
+            return _update(run, found, session)
 
 
 @dataclass
@@ -136,7 +139,7 @@ class _Clock:
 @dataclass(frozen=True)
 class _Run:
     """One run, once the store is open and its model loaded."""
-    found: Scan
+    walk: Walk  # being walked: what it could not list, and its captions, grow as the run goes
     store: Store
     model: ClipModel
     name: str
@@ -145,7 +148,7 @@ class _Run:
     clock: _Clock
 
 
-def _open(found: Scan, store_dir: Path, config: IndexConfig, models: ModelPool, clock: _Clock) -> _Run:
+def _open(walk: Walk, store_dir: Path, config: IndexConfig, models: ModelPool, clock: _Clock) -> _Run:
     """The store (created if new) and its model, checked against each other before any row is written."""
     existing = Store.open(store_dir, writable=True) if Store.exists(store_dir) else None
     name, pretrained = choose_model(existing, config)
@@ -164,7 +167,7 @@ def _open(found: Scan, store_dir: Path, config: IndexConfig, models: ModelPool, 
     store = existing or Store.create(store_dir, model.name, model.pretrained, model.embed_dim,
                                      preprocess=model.preprocess_cfg, weights_sha256=weights)
     clock.lap("load")  # start-up, whatever the number of files: the model, and the store with its libraries' imports
-    return _Run(found, store, model, name, pretrained, config, clock)
+    return _Run(walk, store, model, name, pretrained, config, clock)
 
 
 @contextlib.contextmanager
@@ -182,59 +185,56 @@ def _long_lived_frozen():
         gc.unfreeze()
 
 
-def _update(run: _Run, session: Session) -> IndexSummary:
-    """Plan, embed (on the session's engine) and finish (index, manifest) the run's store."""
-    store, config, clock = run.store, run.config, run.clock
-    captions = _caption_lookup(config.captions, run.found.sidecars, config.storage_options)
-    rows = StoredRows(store.tables.file_rows())
-    with _bar(config, len(run.found.shards), "listing shards", unit="shard") as bar:
-        found = list_shards(run.found, rows, store.tables.failure_paths() if run.found.shards else (), bar.update,
-                            session.workers)
-    store.tables.add_metadata_columns(found.metadata_fields)  # KEY.json's fields, before any row carries them
-    with _bar(config, len(found.files), "checking") as bar:
-        plan = make_plan(found, rows, store.next_free_id(), captions,
-                         session.workers or max(4, decode_threads(config)), bar.update, prune=config.prune,
-                         hashing=store.manifest.content_hash)
-    del rows
-    unknown = [root for root in found.missing if root not in plan.unavailable]
-    if unknown:
+def _update(run: _Run, found: Iterator[FoundFile], session: Session) -> IndexSummary:
+    """Plan, embed (on the session's engine) and finish (index, manifest) the run's store, a
+    chunk of the walk at a time: what a chunk needs is planned, embedded and committed before the
+    next is walked, so the run holds one chunk of files, never the library (see Planner)."""
+    store, config, clock, walk = run.store, run.config, run.clock, run.walk
+    unknown = [root for root in walk.missing if not store.tables.holds_under(root)]
+    if unknown:  # before anything is written
         raise InputError(f"no such file or folder: {unknown[0]} (and the store holds nothing from there)")
-    store.reserve_ids(plan.new_ids, first=plan.first_new_id)
-    clock.lap("plan")
-    LOG.info("planned at %.2fs: %d to embed, %d moves, %d copies, %d removed", clock.elapsed(),
-             len(plan.embed), len(plan.moves), len(plan.copies), len(plan.removed_ids))
-
-    _write_moves(run, plan)
-    _write_copies(run, plan)
-    with _bar(config, len(plan.embed), "embedding") as bar:
-        embedding = session.embed(Target(store, run.model, run.name, run.pretrained, plan.first_new_id),
-                                  plan.embed, bar.update)
-    clock.lap("embed")
-    LOG.info("embedded %d at %.2fs", embedding.written, clock.elapsed())
-    if embedding.written and run.model.precision not in store.manifest.precisions:
+    captions = _caption_lookup(config.captions, walk.sidecars, config.storage_options)
+    stored = StoredIndex(store.tables)
+    clock.lap("rows")  # the stored rows' paths read (StoredIndex): seconds at 100M rows
+    planner = Planner(stored, store.next_free_id(), captions, session.workers or max(4, decode_threads(config)),
+                      prune=config.prune, hashing=(store.manifest.content_hash, config.storage_options),
+                      waiting=config.chunk_files)
+    done = _Done(first_new_id=planner.first_new_id)
+    photo_paths: set[str] | None = set() if store.manifest.photo_version < PHOTO_VERSION else None
+    with _bar(config, None, "indexing") as bar:
+        for files, rows in _chunks(found, run, stored, session, done):
+            done.found += len(files)
+            if photo_paths is not None:
+                photo_paths.update(f.path for f in files)
+            done.write(run, session, planner.chunk(files, rows), bar.update)
+        done.write(run, session, planner.finish(walk.summary(), walk.empty_roots()), bar.update)
+    clock.lap("plan")  # the walk, the plan and the embedding, chunk after chunk: told apart here
+    clock.stages["plan"] -= done.embed_seconds
+    clock.stages["embed"] = done.embed_seconds
+    LOG.info("indexed at %.2fs: %d embedded, %d moves, %d copies, %d removed", clock.elapsed(), done.embedded,
+             done.moves, done.copies, len(done.removed))
+    if done.precision_used and run.model.precision not in store.manifest.precisions:
         store.update_manifest(precisions=(*store.manifest.precisions, run.model.precision))
-    failed_modified = [plan.embed[pos].id for pos, _ in embedding.failures if plan.embed[pos].id < plan.first_new_id]
-    store.tables.delete_ids(plan.removed_ids + failed_modified)
+    store.tables.delete_ids(done.removed + done.failed_modified)
+    summary = walk.summary()
+    failures = list(summary.failures) + done.failures
+    store.tables.replace_failures(_failure_rows(failures), forget=summary.covers)
 
-    failures = list(found.failures) + plan.failures + [Failure(e.path, e.reason, e.detail)
-                                                       for _, e in embedding.failures]
-    store.tables.replace_failures(_failure_rows(failures), forget=found.covers)
-
-    if store.manifest.photo_version < PHOTO_VERSION:  # a store from before the photo columns: read, not embedded
-        with _bar(config, len(found.files), "photo metadata") as bar:
-            photos = fill_photo_columns(store, {f.path for f in found.files}, max(1, config.readers or 4), bar.update)
+    if photo_paths is not None:  # a store from before the photo columns: read, not embedded
+        with _bar(config, len(photo_paths), "photo metadata") as bar:
+            photos = fill_photo_columns(store, photo_paths, max(1, config.readers or 4), bar.update)
     else:
         photos = 0
-    changed = (embedding.written or plan.moves or plan.copies or plan.recaption or plan.removed_ids or failed_modified
-               or photos)
+    changed = done.changed or done.removed or done.failed_modified or photos
     if changed:
         store.tables.compact()
-    if plan.removed_ids or failed_modified or any(job.id < plan.first_new_id for job in plan.embed):
-        prune_thumbnails(store.directory, set(store.tables.file_rows().column("hash").to_pylist()))
+    if done.removed or done.failed_modified or done.replaced_content:
+        prune_thumbnails(store.directory, lambda hashes: store.tables.rows_by_hash(hashes, ["hash"])
+                         .column("hash").to_pylist())
         LOG.info("compacted at %.2fs", clock.elapsed())
-    roots = set(store.manifest.roots) | set(found.roots)
+    roots = set(store.manifest.roots) | set(summary.roots)
     if config.prune:
-        roots -= set(plan.unavailable)
+        roots -= set(done.unavailable)
     if roots != set(store.manifest.roots):
         store.update_manifest(roots=tuple(sorted(roots)))
     info = store.manifest.index
@@ -242,19 +242,114 @@ def _update(run: _Run, session: Session) -> IndexSummary:
         info = store.update_index(config.ann, session.workers, _missing_text_queries(run))
     else:
         store.update_manifest(count=store.tables.count(), failures=store.tables.failure_count())
-    if embedding.written:
+    if done.embedded:
         keep_text_tower(run.model, key_for(store.manifest.model, store.manifest.pretrained,
                                            store.manifest.weights_sha256))
     clock.lap("finish")
     return IndexSummary(
-        scanned=len(found.files) + len(found.failures), embedded=embedding.written, reused=plan.reused,
-        removed=len(plan.removed_ids) + len(failed_modified), failed=len(failures), unchanged=plan.unchanged,
+        scanned=done.found + len(summary.failures), embedded=done.embedded, reused=done.copies + done.moved,
+        removed=len(done.removed) + len(done.failed_modified), failed=len(failures), unchanged=done.unchanged,
         seconds=round(clock.elapsed(), 3), count=store.manifest.count, index=info.type,
         recall_at_10=info.recall_at_10, recall=dict(info.recall), target_met=info.target_met,
-        moved=plan.moved,
-        unavailable={} if config.prune else dict(plan.unavailable),
+        moved=done.moved,
+        unavailable={} if config.prune else dict(done.unavailable),
         stages={stage: round(seconds, 3) for stage, seconds in clock.stages.items()},
-        feed=embedding.report.to_dict() if embedding.report else None, skipped_mounts=found.skipped_mounts)
+        feed=done.report().to_dict() if done.reports else None, skipped_mounts=summary.skipped_mounts)
+
+
+CHUNK_SHARD_BYTES = 64 << 10  # shard bytes a chunk's file stands for: a group of shards is listed at a time
+
+
+def _chunks(found: Iterator[FoundFile], run: _Run, stored: StoredIndex, session: Session,
+            done: "_Done") -> Iterator[tuple[list[FoundFile], StoredRows | None]]:
+    """The walk as chunks of up to ``config.chunk_files`` files (their rows fetched by the
+    planner), and groups of shards listed together, as their members with their rows."""
+    size = max(1, run.config.chunk_files)
+    files: list[FoundFile] = []
+    shards: list[FoundFile] = []
+    failed: list[str] | None = None
+    for item in found:
+        if not is_shard_path(item.path):
+            files.append(item)
+            if len(files) >= size:
+                yield files, None
+                files = []
+            continue
+        shards.append(item)
+        if sum(shard.bytes for shard in shards) >= size * CHUNK_SHARD_BYTES:
+            failed = run.store.tables.failure_paths() if failed is None else failed
+            yield _listed(shards, run, stored, session, failed, done)
+            shards = []
+    if files:
+        yield files, None
+    if shards:
+        failed = run.store.tables.failure_paths() if failed is None else failed
+        yield _listed(shards, run, stored, session, failed, done)
+
+
+def _listed(shards: list[FoundFile], run: _Run, stored: StoredIndex, session: Session, failed: list[str],
+            done: "_Done") -> tuple[list[FoundFile], StoredRows]:
+    """The members of a group of shards (indexer.shards.list_shards), with the rows of those shards;
+    their KEY.json fields become columns before any row carries them."""
+    rows = stored.rows_in_shards(split_path(shard.path)[0] for shard in shards)
+    group = Scan((), (), (), shards=tuple(shards), storage=run.config.storage_options)
+    listed = list_shards(group, rows, failed, None, session.workers)
+    run.store.tables.add_metadata_columns(listed.metadata_fields)
+    done.failures += listed.failures
+    done.found += len(listed.failures)
+    return list(listed.files), rows
+
+
+@dataclass
+class _Done:
+    """What a run has written so far, chunk by chunk."""
+    first_new_id: int  # the run's: ids below it were rows before the run
+    found: int = 0
+    unchanged: int = 0
+    embedded: int = 0
+    moves: int = 0
+    moved: int = 0
+    copies: int = 0
+    changed: bool = False
+    replaced_content: bool = False  # a row's content embedded again: its thumbnail may be stale
+    precision_used: bool = False
+    removed: list[int] = field(default_factory=list)
+    failed_modified: list[int] = field(default_factory=list)  # stored rows whose new content failed: removed
+    failures: list[Failure] = field(default_factory=list)
+    unavailable: dict[str, int] = field(default_factory=dict)
+    reports: list = field(default_factory=list)
+    embed_seconds: float = 0.0
+
+    def write(self, run: _Run, session: Session, plan: Plan, progress: Callable[[int], None]) -> None:
+        """Reserve a plan's new ids, write its moves and copies, embed the rest."""
+        store = run.store
+        if plan.new_ids:
+            store.reserve_ids(plan.new_ids, first=plan.first_new_id)
+        _write_moves(run, plan)
+        _write_copies(run, plan)
+        progress(plan.unchanged + len(plan.moves) + len(plan.copies) + len(plan.failures))
+        started = time.perf_counter()
+        embedding = session.embed(Target(store, run.model, run.name, run.pretrained, plan.first_new_id),
+                                  plan.embed, progress) if plan.embed else Embedding(0)
+        self.embed_seconds += time.perf_counter() - started
+        if embedding.report:
+            self.reports.append(embedding.report)
+        self.unchanged += plan.unchanged
+        self.embedded += embedding.written
+        self.moves += len(plan.moves)
+        self.moved += plan.moved
+        self.copies += len(plan.copies)
+        self.precision_used |= embedding.written > 0
+        self.changed |= bool(embedding.written or plan.moves or plan.copies or plan.recaption)
+        self.replaced_content |= any(job.id < self.first_new_id for job in plan.embed)
+        self.removed += plan.removed_ids
+        self.failed_modified += [plan.embed[position].id for position, _ in embedding.failures
+                                 if plan.embed[position].id < self.first_new_id]
+        self.failures += plan.failures + [Failure(e.path, e.reason, e.detail) for _, e in embedding.failures]
+        self.unavailable.update(plan.unavailable)
+
+    def report(self) -> StageReport:
+        return StageReport.combined(self.reports, self.embed_seconds, 1)
 
 
 def _missing_text_queries(run: _Run) -> dict:
@@ -273,7 +368,7 @@ def _caption_lookup(sources: Sequence[str], sidecars: Collection[str], storage: 
     return caption
 
 
-def _bar(config: IndexConfig, total: int, desc: str, unit: str = "img"):
+def _bar(config: IndexConfig, total: int | None, desc: str, unit: str = "img"):
     from tqdm import tqdm
 
     return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, disable=not config.progress or None,

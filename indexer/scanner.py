@@ -10,8 +10,8 @@ from __future__ import annotations
 import os
 import re
 import stat
-from dataclasses import dataclass
-from typing import Iterable
+from dataclasses import dataclass, replace
+from typing import Iterable, Iterator
 
 from encoder.images import is_image_path
 from store.errors import InputError, first_line
@@ -111,93 +111,205 @@ def expand_patterns(paths: Iterable[str | os.PathLike]) -> list[str]:
 
 def scan(paths: Iterable[str | os.PathLike], exclude: Iterable[str | os.PathLike] = (),
          cross_mounts: bool = False, storage: StorageOptions = ()) -> Scan:
-    """Recursively list image files (by extension, any case) and webdataset shards (``.tar``)
-    under *paths*, sorted; brace patterns are expanded (:func:`expand_patterns`).
+    """Every image file and webdataset shard under *paths* at once, sorted: :class:`Walk`, held
+    whole (a run streams the walk instead; this is for what needs the whole list)."""
+    walk = Walk(paths, exclude, cross_mounts, storage)
+    files: dict[str, FoundFile] = {}
+    shards: dict[str, FoundFile] = {}
+    for found in walk:
+        (shards if is_shard_path(found.path) else files)[found.path] = found
+    return replace(walk.summary(), files=tuple(files[p] for p in sorted(files)),
+                   shards=tuple(shards[p] for p in sorted(shards)))
+
+
+class Walk:
+    """The scan as a stream: iterating yields image files and webdataset shards (``.tar``) under
+    *paths* one at a time, in path order within each root, and stats each as it is reached, so a
+    library of 100M files is never held whole. Brace patterns are expanded
+    (:func:`expand_patterns`); the roots are resolved on construction, so what is missing is known
+    before any file is found. A root inside another root given is walked once, as part of it.
 
     Non-image files are skipped silently; dangling symlinks and unreadable folders become failures.
     Folder symlinks are not followed, so a link loop cannot hang a run. Folders in *exclude* (the
     store itself) are never entered. Nor are pseudo file systems (/proc, /sys, /dev...), nor,
     unless *cross_mounts*, other file systems mounted below a root (``clipdex index /`` indexes
     the root file system); what they hold is left as it is in the store. ``s3://`` and ``gs://``
-    URLs are listed through fsspec with the *storage* options (store.remote).
+    URLs are listed through fsspec with the *storage* options (store.remote) on construction.
+
+    ``failures``, ``unlisted``, ``skipped`` and ``sidecars`` grow as the walk goes (``sidecars``:
+    the ``.txt`` files seen, complete for a folder before its first file is yielded);
+    :meth:`summary` is the whole walk's, once iterated, without the files.
     """
-    excluded = {resolve_root(p) for p in exclude}
-    roots, missing, unlisted, files, failures, sidecars, skipped = [], [], [], {}, [], set(), []
-    shards: dict[str, FoundFile] = {}
-    for given in expand_patterns(paths):
-        if is_url(given):
-            _scan_remote(given, storage, (roots, missing), (files, shards, sidecars))
-            continue
-        root = resolve_root(given)
-        if not os.path.lexists(root):
-            missing.append(root)
-            continue
-        roots.append(root)
+
+    def __init__(self, paths: Iterable[str | os.PathLike], exclude: Iterable[str | os.PathLike] = (),
+                 cross_mounts: bool = False, storage: StorageOptions = ()) -> None:
+        self.excluded = {resolve_root(p) for p in exclude}
+        self.cross_mounts, self.storage = cross_mounts, storage
+        self.roots: list[str] = []
+        self.missing: list[str] = []
+        self.unlisted: list[str] = []
+        self.failures: list[Failure] = []
+        self.sidecars: set[str] = set()
+        self.skipped: list[str] = []
+        self.found_under: dict[str, int] = {}  # root -> images and shards found under it so far
+        self._remote: dict[str, tuple] = {}  # root URL -> (file system, path, kind: "file" or "directory")
+        for given in expand_patterns(paths):
+            if is_url(given):
+                root, found = _remote_root(given, storage)
+                if found is None:
+                    self.missing.append(root)
+                elif root not in self.roots:
+                    self.roots.append(root)
+                    self._remote[root] = found
+                continue
+            root = resolve_root(given)
+            if not os.path.lexists(root):
+                self.missing.append(root)
+            elif root not in self.roots:
+                self.roots.append(root)
+
+    def __iter__(self) -> Iterator[FoundFile]:
+        folders = [root for root in self.roots
+                   if (self._remote[root][2] == "directory" if root in self._remote else os.path.isdir(root))]
+        for root in self.roots:
+            # inside another root given: its files come with that root's (a folder may be listed
+            # by one walk only, or a file is found twice)
+            if any(other != root and is_under(root, other) for other in folders):
+                continue
+            self.found_under.setdefault(root, 0)
+            for found in self._walk_root(root):
+                self.found_under[root] += 1
+                yield found
+
+    def summary(self) -> Scan:
+        return Scan(tuple(self.roots), (), tuple(self.failures), tuple(self.missing), tuple(self.unlisted),
+                    frozenset(self.sidecars), tuple(self.skipped), storage=self.storage)
+
+    def empty_roots(self) -> list[str]:
+        """The roots walked that held no image and no shard (after the walk)."""
+        walked = dict(self.found_under)
+        for root in self.roots:  # a root inside another: what the other found under it
+            if root not in walked:
+                walked[root] = 0 if not any(is_under(root, r) for r in walked) else None
+        return [root for root, count in walked.items() if count == 0]
+
+    def _walk_root(self, root: str) -> Iterator[FoundFile]:
+        if root in self._remote:
+            yield from self._walk_remote(*self._remote[root])
+            return
         if mount_type(root) in PSEUDO_FILE_SYSTEMS:
-            skipped.append(root)
-            continue
+            self.skipped.append(root)
+            return
         if os.path.isdir(root):
-            walk_errors: list[OSError] = []
-            root_device = os.stat(root).st_dev
-            for folder, dirs, names in os.walk(root, onerror=walk_errors.append):
-                dirs[:] = sorted(d for d in dirs if os.path.join(folder, d) not in excluded)
-                mounts = [d for d in dirs if _device(os.path.join(folder, d)) not in (root_device, None)]
-                for d in mounts:
-                    mount = os.path.join(folder, d)
-                    if not cross_mounts or mount_type(mount) in PSEUDO_FILE_SYSTEMS:
-                        skipped.append(mount)
-                        dirs.remove(d)
-                for name in names:
-                    if is_image_path(name):
-                        _stat(os.path.join(folder, name), files, failures)
-                    elif is_shard_path(name):
-                        _stat(os.path.join(folder, name), shards, failures)
-                    elif name.endswith(".txt"):  # listed anyway: the planner need not try to open one per image
-                        sidecars.add(os.path.join(folder, name))
-            for error in walk_errors:
-                folder = error.filename or root
-                unlisted.append(os.fsdecode(folder))
-                failures.append(Failure(os.fsdecode(folder), "unreadable", error.strerror or str(error)))
-        elif is_image_path(root):
-            _stat(root, files, failures)
-            if os.path.isfile(sidecar_path(root)):
-                sidecars.add(sidecar_path(root))
-        elif is_shard_path(root):
-            _stat(root, shards, failures)
-    return Scan(tuple(roots), tuple(files[p] for p in sorted(files)), tuple(failures), tuple(missing), tuple(unlisted),
-                frozenset(sidecars), tuple(skipped), tuple(shards[p] for p in sorted(shards)), storage=storage)
+            yield from self._walk_folder(root)
+        elif is_image_path(root) or is_shard_path(root):
+            if is_image_path(root) and os.path.isfile(sidecar_path(root)):
+                self.sidecars.add(sidecar_path(root))
+            yield from _stat(root, self.failures)
+
+    def _walk_remote(self, fs, path: str, kind: str) -> Iterator[FoundFile]:
+        """The objects under a prefix, a "folder" listing at a time (a bucket of 100M objects is
+        never listed whole), in the order of their URLs; each listing dropped from fsspec's cache
+        once walked."""
+        stack = [iter(self._remote_entries(fs, path, [fs.info(path)] if kind == "file" else None))]
+        while stack:
+            entry = next(stack[-1], None)
+            if entry is None:
+                stack.pop()
+            elif isinstance(entry, str):
+                stack.append(iter(self._remote_entries(fs, entry, None)))
+            else:
+                yield entry
+
+    def _remote_entries(self, fs, folder: str, listed: list | None) -> list:
+        """A prefix's images and shards (FoundFile) and sub-prefixes (their paths), sorted as
+        their URLs; its captions noted."""
+        if listed is None:
+            try:
+                listed = fs.ls(folder, detail=True)
+            except FileNotFoundError:
+                listed = []
+            except Exception as error:  # botocore's and aiohttp's errors are not OSErrors
+                raise InputError(f"cannot list {object_url(fs, folder)}: {first_line(error)}") from error
+            fs.invalidate_cache(folder)  # s3fs keeps every listing: a walk of a bucket would keep the bucket
+        found: list[tuple[str, object]] = []
+        for info in listed:
+            name = info["name"].rstrip("/")
+            if info.get("type", "file") != "file":
+                if name != folder.rstrip("/"):
+                    found.append((name + "/", name))
+            elif is_image_path(name) or is_shard_path(name):
+                size, mtime, etag = object_stat(info)
+                found.append((name, FoundFile(object_url(fs, name), size, mtime, etag=etag)))
+            elif name.endswith(".txt"):
+                self.sidecars.add(object_url(fs, name))
+        found.sort(key=lambda item: item[0])
+        return [entry for _, entry in found]
+
+    def _walk_folder(self, root: str) -> Iterator[FoundFile]:
+        """Depth first, each folder's entries in name order with a folder's name read as ``name/``:
+        exactly the order of the paths sorted (``a.jpg`` < ``a/`` < ``a0.jpg``)."""
+        root_device = os.stat(root).st_dev
+        stack = [iter(self._entries(root, root_device))]
+        while stack:
+            entry = next(stack[-1], None)
+            if entry is None:
+                stack.pop()
+            elif entry[0]:
+                stack.append(iter(self._entries(entry[1], root_device)))
+            else:
+                yield from _stat(entry[1], self.failures)
+
+    def _entries(self, folder: str, root_device: int) -> list[tuple[bool, str]]:
+        """(is a folder to enter, path) of *folder*'s images, shards and sub-folders, sorted; its
+        captions noted; mounts below and unreadable folders noted instead of entered."""
+        try:
+            with os.scandir(folder) as listing:
+                entries = list(listing)
+        except OSError as error:
+            self.unlisted.append(os.fsdecode(folder))
+            self.failures.append(Failure(os.fsdecode(folder), "unreadable", error.strerror or str(error)))
+            return []
+        found: list[tuple[str, bool, str]] = []
+        for entry in entries:
+            if _is_folder(entry):
+                if entry.is_symlink() or entry.path in self.excluded:  # never followed (a loop could hang the run)
+                    continue
+                if _device(entry.path) not in (root_device, None):
+                    if not self.cross_mounts or mount_type(entry.path) in PSEUDO_FILE_SYSTEMS:
+                        self.skipped.append(entry.path)
+                        continue
+                found.append((entry.name + "/", True, entry.path))
+            elif is_image_path(entry.name) or is_shard_path(entry.name):
+                found.append((entry.name, False, entry.path))
+            elif entry.name.endswith(".txt"):  # listed anyway: the planner need not try to open one per image
+                self.sidecars.add(entry.path)
+        found.sort()
+        return [(is_folder, path) for _, is_folder, path in found]
 
 
-def _scan_remote(url: str, storage: StorageOptions, found_roots: tuple[list, list], found: tuple[dict, dict, set]) -> None:
-    """The objects under a ``s3://`` or ``gs://`` prefix (or the one object it names): images,
-    shards and captions. A prefix that lists nothing is missing: object storage cannot tell an
-    empty folder from none."""
-    roots, missing = found_roots
-    files, shards, sidecars = found
-    fs, path = filesystem(url, storage)
-    root = object_url(fs, path.rstrip("/"))
+def _is_folder(entry: os.DirEntry) -> bool:
     try:
-        fs.invalidate_cache(path.rstrip("/"))  # a listing cached by an earlier run in this process is stale
-        listed = fs.find(path.rstrip("/"), detail=True)
+        return entry.is_dir()
+    except OSError:
+        return False
+
+
+def _remote_root(url: str, storage: StorageOptions) -> tuple[str, tuple | None]:
+    """The root URL of a ``s3://`` or ``gs://`` prefix or object, and (file system, path, "file" or
+    "directory"), or None where nothing lies there: a prefix that holds no object is missing, as
+    object storage cannot tell an empty folder from none."""
+    fs, path = filesystem(url, storage)
+    path = path.rstrip("/")
+    root = object_url(fs, path)
+    try:
+        fs.invalidate_cache(path)  # a listing cached by an earlier run in this process is stale
+        info = fs.info(path)
     except FileNotFoundError:
-        listed = {}
+        return root, None
     except Exception as error:  # botocore's and aiohttp's errors are not OSErrors
         raise InputError(f"cannot list {root}: {first_line(error)}") from error
-    if not listed:
-        missing.append(root)
-        return
-    roots.append(root)
-    for name, info in listed.items():
-        if info.get("type", "file") != "file":
-            continue
-        found_url = object_url(fs, name)
-        size, mtime, etag = object_stat(info)
-        if is_image_path(name):
-            files[found_url] = FoundFile(found_url, size, mtime, etag=etag)
-        elif is_shard_path(name):
-            shards[found_url] = FoundFile(found_url, size, mtime, etag=etag)
-        elif name.endswith(".txt"):
-            sidecars.add(found_url)
+    return root, (fs, path, "file" if info.get("type") == "file" else "directory")
 
 
 # Kernel interfaces that look like folders: never photos, and some files block or never end.
@@ -245,7 +357,8 @@ def _device(path: str) -> int | None:
         return None
 
 
-def _stat(path: str, files: dict[str, FoundFile], failures: list[Failure]) -> None:
+def _stat(path: str, failures: list[Failure]) -> Iterator[FoundFile]:
+    """The file at *path* as found (none for a dangling link, which is a failure, or no regular file)."""
     try:
         info = os.stat(path)
     except FileNotFoundError:
@@ -257,4 +370,4 @@ def _stat(path: str, files: dict[str, FoundFile], failures: list[Failure]) -> No
     if not stat.S_ISREG(info.st_mode):
         return
     target = os.path.realpath(path) if os.path.islink(path) else None
-    files[path] = FoundFile(path, info.st_size, info.st_mtime, target, file_identity(info))
+    yield FoundFile(path, info.st_size, info.st_mtime, target, file_identity(info))

@@ -12,7 +12,7 @@ import sys
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Iterator
+from typing import Any, BinaryIO, Callable, Collection, Iterator
 
 import blake3
 import numpy as np
@@ -127,19 +127,23 @@ def thumbnail_file(store_dir: str | os.PathLike, content_hash: str, size: int) -
     return Path(store_dir) / THUMBNAIL_DIR / content_hash[:2] / f"{content_hash}-{size}.jpg"
 
 
-def prune_thumbnails(store_dir: str | os.PathLike, keep: set[str]) -> int:
-    """Delete the thumbnails of content no row has any more; returns how many went."""
-    removed = 0
+def prune_thumbnails(store_dir: str | os.PathLike, held: Callable[[list[str]], Collection[str]]) -> int:
+    """Delete the thumbnails of content no row has any more (*held*: those of some content hashes
+    that a row still has, asked of the thumbnails kept, never of every row); returns how many went."""
     top = Path(store_dir) / THUMBNAIL_DIR
     if top.is_symlink():  # planted: what it points at is not the store's to delete
         return 0
-    for folder in top.glob("??"):
-        if folder.is_symlink() or not folder.is_dir():
-            continue
-        for thumb in folder.glob("*.jpg"):  # unlink removes a planted link itself, never its target
-            if thumb.name.rsplit("-", 1)[0] not in keep:
-                thumb.unlink(missing_ok=True)
-                removed += 1
+    thumbs = [thumb for folder in top.glob("??") if not folder.is_symlink() and folder.is_dir()
+              for thumb in folder.glob("*.jpg")]
+    kept: set[str] = set()
+    names = sorted({thumb.name.rsplit("-", 1)[0] for thumb in thumbs})
+    for start in range(0, len(names), 2_000):
+        kept.update(held(names[start:start + 2_000]))
+    removed = 0
+    for thumb in thumbs:  # unlink removes a planted link itself, never its target
+        if thumb.name.rsplit("-", 1)[0] not in kept:
+            thumb.unlink(missing_ok=True)
+            removed += 1
     return removed
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -355,6 +355,27 @@ class Tables:
     def file_rows(self, columns: Sequence[str] = FILE_COLUMNS, path_prefix: str | None = None) -> pa.Table:
         """*columns* of every row, or of the rows whose path starts with *path_prefix*."""
         return self._select(columns, where=None if path_prefix is None else f"starts_with(path, {_quote(path_prefix)})")
+
+    def file_batches(self, columns: Sequence[str], batch_rows: int = 65_536) -> Iterator[pa.Table]:
+        """*columns* of every row, a batch at a time (a run over 100M rows never holds them whole)."""
+        if not self.exists(IMAGES):
+            return
+        schema = image_schema(self.dim)
+        for batch in self.images.to_lance().to_batches(columns=self._present(columns), batch_size=batch_rows):
+            yield _with_columns(pa.Table.from_batches([batch]), columns, schema)
+
+    def holds_under(self, folder: str) -> bool:
+        """Whether a row's path is *folder* or lies inside it."""
+        if not self.exists(IMAGES):
+            return False
+        inside = folder.rstrip("/") + "/"
+        return self.count_where(f"path = {_quote(folder)} OR starts_with(path, {_quote(inside)})") > 0
+
+    def rows_by_hash(self, hashes: Sequence[str], columns: Sequence[str]) -> pa.Table:
+        """*columns* of the rows whose content hash is one of *hashes*."""
+        if not len(hashes):
+            return _with_columns(pa.table({}), columns, image_schema(self.dim))
+        return self.rows_where(f"hash IN ({','.join(map(_quote, hashes))})", columns)
 
     def vector_source(self, batch_bytes: int = 32 << 20) -> "LanceVectorSource":
         """The stored vectors as an index build reads them: batches of about *batch_bytes* of

@@ -270,3 +270,31 @@ def test_a_missing_client_library_is_one_line(tmp_path, capsys, monkeypatch):
     monkeypatch.delitem(sys.modules["fsspec.registry"]._registry, "gs", raising=False)  # not imported before
     code, _, err = run(capsys, "index", "gs://bucket/photos", "--store", tmp_path / "s", *MODEL)
     assert code != 0 and "gcsfs" in err and "clipdex[cloud]" in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_bucket_is_walked_a_prefix_at_a_time_and_its_listings_let_go(bucket, monkeypatch):
+    """A bucket of 100M objects is never listed whole: one listing per "folder", in the order of
+    the URLs, and none kept in fsspec's cache once walked (s3fs keeps every listing otherwise)."""
+    from indexer.scanner import Walk, scan
+    from store.remote import filesystem
+
+    root, _, fs = bucket
+    (root / "deep").mkdir(exist_ok=True)
+    for name in ("x/y/c.jpg", "x/b.jpg", "x-a.jpg"):
+        fs.put_file(str(sorted((root / "library").rglob("*.jpg"))[0]), f"photos/nested/{name}")
+    listings = []
+    walked_fs = filesystem("s3://photos/nested", ())[0]  # fsspec's instance for these options: the walk's
+    real_ls = walked_fs.ls
+
+    def counting_ls(path, *args, **kwargs):
+        listings.append(path)
+        return real_ls(path, *args, **kwargs)
+
+    monkeypatch.setattr(walked_fs, "ls", counting_ls)
+    walk = Walk(["s3://photos/nested"])
+    found = [f.path for f in walk]
+    assert found == ["s3://photos/nested/x-a.jpg", "s3://photos/nested/x/b.jpg", "s3://photos/nested/x/y/c.jpg"]
+    assert sorted(listings) == ["photos/nested", "photos/nested/x", "photos/nested/x/y"]
+    assert walk._remote["s3://photos/nested"][0] is walked_fs
+    assert not any(key.startswith("photos/nested") for key in walked_fs.dircache)
+    assert [f.path for f in scan(["s3://photos/nested"]).files] == found

@@ -92,6 +92,33 @@ def test_incremental_reruns_behave_as_the_local_engine(cluster, tmp_path):
     assert_same_store(tmp_path / "local", tmp_path / "a", tmp_path / "ray", tmp_path / "b")
 
 
+def test_the_actors_load_the_model_once_for_every_chunk(cluster, tmp_path, monkeypatch):
+    """A run in chunks embeds each on the same actors: a model loaded per chunk cost ~10 s a chunk."""
+    from indexer import ray_engine
+
+    write_library(tmp_path / "lib", 20, 23)
+    started, calls = [], []
+    grow, embed = ray_engine.RaySession._grow, ray_engine.RaySession.embed
+
+    def recording_grow(self, ray_module, work, wanted):
+        before = len(self.actors)
+        grow(self, ray_module, work, wanted)
+        started.append(len(self.actors) - before)
+
+    def recording_embed(self, target, jobs, progress):
+        calls.append(len(jobs))
+        return embed(self, target, jobs, progress)
+
+    monkeypatch.setattr(ray_engine.RaySession, "_grow", recording_grow)
+    monkeypatch.setattr(ray_engine.RaySession, "embed", recording_embed)
+    chunked = index_paths([tmp_path / "lib"], tmp_path / "ray", replace(RAY, chunk_files=6))
+    assert chunked.embedded == 20 and calls == [6, 6, 6, 2]
+    assert started[0] >= 1 and sum(started[1:]) == 0  # started once, on the first chunk
+    local = index_paths([tmp_path / "lib"], tmp_path / "local", LOCAL)
+    assert local.embedded == 20
+    assert_same_store(tmp_path / "local", tmp_path / "lib", tmp_path / "ray", tmp_path / "lib")
+
+
 def test_a_driver_killed_mid_run_and_rerun_leaves_every_image_once(tmp_path):
     write_library(tmp_path / "lib", 120, 23)
     store = tmp_path / "store"

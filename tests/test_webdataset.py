@@ -320,11 +320,12 @@ def test_shards_to_list_and_files_to_hash_go_to_the_cluster(dataset, tmp_path):
     index_paths([tmp_path / "first"], tmp_path / "s", CONFIG)
     rows = Store.open(tmp_path / "s").tables.file_rows()
 
-    # Copied while the shards are still where they were indexed: not moves (their rows stay theirs).
+    # Copied while the shards are still where they were indexed: not moves (their rows stay
+    # theirs) but copies, new rows with the vectors of the rows whose files are still there.
     shutil.copytree(tmp_path / "first", tmp_path / "copied")
     copied = make_plan(shards_module.list_shards(scan([tmp_path / "copied"]), rows, ()), rows, 100,
                        lambda path: None, hashing=DEFAULT_CONTENT_HASH)
-    assert not copied.moves and len(copied.embed) == 12
+    assert not copied.moves and not copied.embed and len(copied.copies) == 12
 
     (tmp_path / "first").rename(tmp_path / "renamed")
     listed = shards_module.list_shards(scan([tmp_path / "renamed"]), rows, (), workers=workers)
