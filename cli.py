@@ -58,6 +58,8 @@ from store.errors import DamagedStoreError, first_line, os_error_line
 from store.export import FORMATS as EXPORT_FORMATS
 from store.export import ExportConfig, export_store
 from store.export import format_for as export_format_for
+from store.export_faiss import INDEX_TYPES as FAISS_INDEX_TYPES
+from store.export_faiss import export_faiss, faiss_summary_line
 from store.health import DAMAGE, check_store
 from store.importer import IMPORTED, ImportConfig
 from store.queries import has_query_set
@@ -646,7 +648,9 @@ def import_command(features, store_dir, metadata, model_name, pretrained, ann, e
 @click.option("--format", "kind", type=click.Choice(list(EXPORT_FORMATS)),
               help="Default: from the extension of --out (csv for -). clip-retrieval writes img_emb/img_emb_N.npy "
                    "(float32), metadata/metadata_N.parquet (image_path, caption, ...) and text_emb/ when every "
-                   "row has a caption embedding.")
+                   "row has a caption embedding. faiss (or an .index --out) writes a FAISS index that "
+                   "ImageBind-LLM's released code loads as its knn.index (row numbers 0..n-1, reconstruct(i) = row "
+                   "i's feature) and NAME.rows.parquet beside it (row -> id, path, caption, metadata).")
 @click.option("--columns", help="Comma-separated columns to write (default: all but clipdex's own path_bytes, "
                                 "link_target, file_dev, file_ino, file_ctime_ns, etag and the shard offsets; CSV "
                                 "leaves the vectors out).")
@@ -657,8 +661,14 @@ def import_command(features, store_dir, metadata, model_name, pretrained, ann, e
               help="Replace --out if it is a regular file (for clip-retrieval: a folder of a previous export).")
 @click.option("--storage-option", "storage_options", multiple=True, metavar="KEY=VALUE",
               help="An option for an s3:// or gs:// --out, passed to s3fs or gcsfs (repeatable), as for index.")
+@click.option("--index-type", type=click.Choice(list(FAISS_INDEX_TYPES)), default="flat", show_default=True,
+              help="--format faiss: flat (IndexFlatIP, exact, written as it streams: any size), hnsw (HNSW32,Flat) "
+                   "or ivf (IVF-Flat with a direct map); hnsw and ivf are built in memory.")
+@click.option("--index-memory", default="auto", show_default=True,
+              help="--format faiss: the most an hnsw or ivf build may hold (512M, 16G; auto: a third of memory).")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
-def export_command(store_dir, out, kind, columns, where, shard_rows, overwrite, storage_options, as_json) -> None:
+def export_command(store_dir, out, kind, columns, where, shard_rows, overwrite, storage_options, index_type,
+                   index_memory, as_json) -> None:
     """Write the store's rows out: id, path, metadata and embeddings (fixed-size float32 lists).
 
     \b
@@ -673,11 +683,19 @@ def export_command(store_dir, out, kind, columns, where, shard_rows, overwrite, 
       clipdex export --store cc3m.clipdex --out cc3m_embeddings --format clip-retrieval
       clipdex export --store pictures.clipdex --out - --columns id,path,caption | grep circle
       clipdex export --store cc3m.clipdex --out s3://bucket/cc3m.parquet
+      clipdex export --store cc3m.clipdex --out knn.index        # ImageBind-LLM's cache file
     """
     to_stdout = out == "-"
     store = Store.open(store_dir)
     condition = (parse_filter(where, store.tables.filter_columns(), store.tables.time_columns())
                  if where is not None else None)
+    if export_format_for(out, kind) == "faiss":
+        if to_stdout or is_url(out) or columns:
+            raise InputError("--format faiss writes a local file and its row map (--out knn.index), every column "
+                             "of the rows in the map: not standard output, object storage or --columns")
+        summary = export_faiss(store, Path(out), index_type, index_memory, condition, overwrite)
+        click.echo(json.dumps(asdict(summary)) if as_json else faiss_summary_line(summary))
+        return
     config = ExportConfig(out=out if is_url(out) else Path(out), format=export_format_for(out, kind),
                           columns=tuple(c.strip() for c in columns.split(",") if c.strip()) if columns else (),
                           where=condition, overwrite=overwrite, shard_rows=shard_rows,
@@ -865,11 +883,14 @@ def cache_group() -> None:
               help="Scale each blend back to its query's norm, as the authors' image generation path does; "
                    "--unit (the default) writes unit rows, as their LLM path (forward_visual) uses.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
+@click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True,
+              help="How the cache's values are held in memory: float16 halves the memory and moves a blend by "
+                   "about 1e-3; float32 gives the released code's numbers to 1e-5.")
 @click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False),
               help="Where to write the blended .npy.")
 @click.option("--neighbours-out", type=click.Path(dir_okay=False), help="Also write ids and scores as Parquet.")
-def cache_query_command(store_dir, queries_path, k, alpha, weighting, temperature, restore_norm, device, out_path,
-                        neighbours_out) -> None:
+def cache_query_command(store_dir, queries_path, k, alpha, weighting, temperature, restore_norm, device, dtype,
+                        out_path, neighbours_out) -> None:
     """Blend each query feature with its k nearest cache features; write the result as .npy."""
     for out in (out_path, neighbours_out):
         _check_output(out)
@@ -877,7 +898,7 @@ def cache_query_command(store_dir, queries_path, k, alpha, weighting, temperatur
         queries = np.load(os.path.expanduser(queries_path))
     except (OSError, ValueError) as error:
         raise InputError(f"cannot read {queries_path} as a .npy array: {error}") from error
-    retriever = CacheRetriever.open(store_dir, device=device)
+    retriever = CacheRetriever.open(store_dir, device=device, dtype=dtype)
     result = retriever.blend(queries, k=k, alpha=alpha, weighting=weighting, temperature=temperature,
                              restore_norm=restore_norm, return_neighbours=True)
     np.save(os.path.expanduser(out_path), result.features)

@@ -69,6 +69,8 @@ class CacheRetriever:
         device = resolve_device(device)
         index = None if device.startswith("cuda") else store.ann_index()
         mapped = store.stored_values()
+        if mapped is not None and mapped.values.dtype.itemsize < {"float32": 4, "float64": 8}.get(dtype, 2):
+            mapped = None  # the build keeps float16 values: float32 ones come from the table
         if mapped is not None and not device.startswith("cuda"):
             # neighbours are gathered from the file: no copy of every vector in memory
             cache = cls(mapped.ids, mapped.values, index, device)

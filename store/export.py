@@ -32,7 +32,7 @@ from store.remote import StorageOptions, is_url
 from store.store import Store
 from store.tables import INTERNAL_COLUMNS, VECTOR_COLUMNS
 
-FORMATS = ("parquet", "csv", "clip-retrieval")
+FORMATS = ("parquet", "csv", "clip-retrieval", "faiss")  # faiss: store/export_faiss.py
 VECTORS = VECTOR_COLUMNS
 # The exact bytes behind `path`, a link's target, the file's inode: for clipdex's server, not for readers.
 HIDDEN = INTERNAL_COLUMNS
@@ -73,7 +73,9 @@ def format_for(out: str | os.PathLike, given: str | None) -> str:
     suffix = Path(out).suffix.lower()
     if suffix in (".parquet", ".csv"):
         return suffix[1:]
-    raise InputError(f"cannot tell the format from {out}: name a .parquet or .csv file, or pass --format")
+    if suffix in (".index", ".faiss"):
+        return "faiss"
+    raise InputError(f"cannot tell the format from {out}: name a .parquet, .csv or .index file, or pass --format")
 
 
 def export_store(store: Store, config: ExportConfig, stream: BinaryIO | None = None) -> ExportSummary:
