@@ -18,7 +18,7 @@ import numpy as np
 from encoder import exported
 from encoder.checkpoints import check_sha256, open_clip_reads_weights_only
 from encoder.precision import DEFAULT_PRECISION, PRECISIONS, check_precision
-from encoder.registry import DEFAULT_MODEL, open_clip_module, pretrained_label, resolve_pretrained
+from encoder.registry import DEFAULT_MODEL, architecture_of, open_clip_module, pretrained_label, resolve_pretrained
 from encoder.registry import weights_sha256 as registry_sha256
 from encoder.user_cache import CacheRefused
 from store.errors import ClipdexError, InputError, ModelLoadError, first_line
@@ -196,13 +196,14 @@ def load_model(name: str = DEFAULT_MODEL, pretrained: str | None = None, device:
     numpy_weights = is_file and checkpoint.endswith((".npz", ".npy"))
     if numpy_weights and sha256:  # open_clip reads these with np.load, which unpickles nothing
         check_sha256(checkpoint, sha256, registry_sha256(checkpoint))
-    host = _weights_host(name, checkpoint) if is_tag else None
+    host = _weights_host(architecture_of(name), checkpoint) if is_tag else None
     offline = bool(host) and not _reachable(host)
     try:
         with _hub_offline(offline), _quiet_open_clip(), open_clip_reads_weights_only(name, sha256) as read:
             model, _, preprocess = open_clip.create_model_and_transforms(
-                name, pretrained=checkpoint or None, device=device, precision=PRECISIONS[precision].open_clip)
-            tokenizer = open_clip.get_tokenizer(name)
+                architecture_of(name), pretrained=checkpoint or None, device=device,
+                precision=PRECISIONS[precision].open_clip)
+            tokenizer = open_clip.get_tokenizer(architecture_of(name))
     except ClipdexError:
         raise  # refused by encoder.checkpoints, already one line naming the file
     except Exception as error:  # open_clip raises bare RuntimeError/FileNotFoundError/pickle errors

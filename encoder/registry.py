@@ -37,6 +37,32 @@ BUNDLED_MODELS: dict[str, BundledModel] = {
 
 
 @dataclass(frozen=True)
+class Preset:
+    """A name for an open_clip architecture with its weights, where another model's space is that one's."""
+    architecture: str
+    pretrained: str
+    description: str
+
+
+# ImageBind-Huge's image encoder is OpenCLIP ViT-H/14 (LAION-2B), initialised from it and frozen;
+# its code differs by LayerNorm eps (1e-6) and a Conv3d patch embedding over the image repeated
+# into 2 frames, and preprocesses as open_clip does. Measured, same weights: cosine 0.9999993
+# (BENCHMARKS.md, "The ImageBind image space from open_clip's ViT-H-14").
+PRESETS: dict[str, Preset] = {
+    "imagebind-huge-vision": Preset(
+        "ViT-H-14", "laion2b_s32b_b79k",
+        "ImageBind-Huge's image space: open_clip ViT-H-14 laion2b_s32b_b79k (ImageBind's frozen image "
+        "encoder; its embeddings agree to cosine 0.9999993), for ImageBind-LLM's cache"),
+}
+
+
+def architecture_of(name: str) -> str:
+    """The open_clip architecture *name* stands for (a preset's, else itself)."""
+    preset = PRESETS.get(name)
+    return preset.architecture if preset else name
+
+
+@dataclass(frozen=True)
 class ModelInfo:
     name: str
     tags: tuple[str, ...]
@@ -57,6 +83,7 @@ def list_models() -> list[ModelInfo]:
     """Bundled models first, then every open_clip architecture with its pretrained tags."""
     open_clip = open_clip_module()
     infos = [ModelInfo(name, (BUNDLED_TAG,), True, b.description) for name, b in BUNDLED_MODELS.items()]
+    infos += [ModelInfo(name, (preset.pretrained,), False, preset.description) for name, preset in PRESETS.items()]
     for name in open_clip.list_models():
         if name not in BUNDLED_MODELS:
             infos.append(ModelInfo(name, tuple(open_clip.list_pretrained_tags_by_model(name))))
@@ -66,6 +93,8 @@ def list_models() -> list[ModelInfo]:
 def resolve_pretrained(name: str, pretrained: str | None) -> str:
     """The checkpoint file or hub tag to load for *name*, or a ModelLoadError saying what to pass."""
     open_clip = open_clip_module()
+    if name in PRESETS:
+        name, pretrained = PRESETS[name].architecture, pretrained or PRESETS[name].pretrained
     schema = name.startswith(("hf-hub:", "local-dir:"))
     if not schema and name not in open_clip.list_models():
         raise ModelLoadError(f"unknown model '{name}': run `clipdex models` to list the models clipdex knows")

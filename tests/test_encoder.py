@@ -72,3 +72,33 @@ def test_unreachable_hub_fails_fast_with_advice(monkeypatch, tmp_path):
     message = str(caught.value)
     assert "unreachable" in message and "--pretrained" in message and "clipdex-shapes" in message
     assert isinstance(caught.value, ClipdexError) and isinstance(caught.value, RuntimeError)
+
+
+def test_the_imagebind_preset_is_open_clip_vit_h_14_with_laion2b(monkeypatch, tmp_path, capsys):
+    """--model imagebind-huge-vision: ImageBind-Huge's frozen image encoder as open_clip builds it
+    (BENCHMARKS: its embeddings agree with ImageBind's code to cosine 0.9999993)."""
+    import huggingface_hub.constants as hub
+    import open_clip
+
+    from tests.helpers import run
+
+    assert resolve_pretrained("imagebind-huge-vision", None) == "laion2b_s32b_b79k"
+    assert any(info.name == "imagebind-huge-vision" for info in list_models())
+    asked = []
+    real = open_clip.create_model_and_transforms
+
+    def recording(name, *args, **kwargs):
+        asked.append((name, kwargs.get("pretrained")))
+        return real("clipdex-shapes", pretrained=None, device="cpu")
+
+    monkeypatch.setattr(open_clip, "create_model_and_transforms", recording)
+    monkeypatch.setattr(models, "_reachable", lambda host, timeout=3.0: True)
+    model = load_model("imagebind-huge-vision", device="cpu")
+    assert asked == [("ViT-H-14", "laion2b_s32b_b79k")] and model.name == "imagebind-huge-vision"
+    monkeypatch.setattr(open_clip, "create_model_and_transforms", real)
+    monkeypatch.setattr(models, "_reachable", lambda host, timeout=3.0: False)
+    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path))
+    with pytest.raises(ModelLoadError, match="laion2b_s32b_b79k.*imagebind-huge-vision"):
+        load_model("imagebind-huge-vision", device="cpu")
+    code, out, _ = run(capsys, "models")
+    assert code == 0 and "imagebind-huge-vision" in out
