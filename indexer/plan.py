@@ -171,7 +171,7 @@ class Planner:
                 continue
             row = rows.get(file.path)
             digest = digests.get(file.path)
-            if row is None and digest is not None:  # a move or a copy, or new: known once the walk is done
+            if row is None and digest is not None:  # a move, a copy or new: settled with the other waiting files
                 self.waiting.append(Job(0, file, digest, self.caption_of(file, None)))
                 continue
             caption = self.caption_of(file, row)
@@ -183,7 +183,7 @@ class Planner:
             else:  # modified in place: keeps its id
                 plan.embed.append(Job(row["id"], file, digest, caption))
         if len(self.waiting) >= self.most_waiting:
-            self._settle(plan, self.hashing[1])
+            self._settle(plan)
         self.next_id = plan.next_id
         return _defer_copies_of_new_files(plan)
 
@@ -193,7 +193,7 @@ class Planner:
         not find removed, or kept where their root could not be seen. Reads those rows a batch
         at a time."""
         plan = Plan(first_new_id=self.next_id, next_id=self.next_id)
-        self._settle(plan, scan.storage)
+        self._settle(plan)
         self.next_id = plan.next_id
         blind = [*scan.missing, *(root for root in scan.roots if root in scan.unlisted or root in empty_roots)]
         under_blind = dict.fromkeys(blind, 0)
@@ -212,7 +212,7 @@ class Planner:
         plan.unavailable = {root: count for root, count in under_blind.items() if count}
         return _defer_copies_of_new_files(plan)
 
-    def _settle(self, plan: Plan, storage: StorageOptions) -> None:
+    def _settle(self, plan: Plan) -> None:
         """The waiting files into *plan*: each a move of a row of its content whose file no longer
         exists (under the roots or anywhere: a renamed library folder), else a copy of a row of its
         content, else new. Rows of their hashes read in one pass over the stored hashes."""
@@ -224,7 +224,7 @@ class Planner:
         sources: dict[str, int] = {}
         for job in self.waiting:
             rows = by_hash.get(job.hash, ())
-            row = self._take_moved(rows, storage)
+            row = self._take_moved(rows)
             if row is not None:
                 caption = job.caption if job.caption is not None else row["caption"]
                 plan.moves.append(Job(row["id"], job.file, job.hash, caption, source_id=row["id"]))
@@ -238,12 +238,12 @@ class Planner:
             plan.next_id += 1
         self.waiting = []
 
-    def _take_moved(self, rows: Iterable[dict], storage: StorageOptions) -> dict | None:
+    def _take_moved(self, rows: Iterable[dict]) -> dict | None:
         """A row with this content whose old path no longer exists, under the roots or anywhere else
         (found by the walk now or not: it cannot be, where nothing lies)."""
         for row in rows:
             if row["id"] not in self.moved and not _still_there(file_path(row["path"], row["path_bytes"]), row,
-                                                                  storage):
+                                                                  self.hashing[1]):
                 self.moved.add(row["id"])
                 self.stored.mark_seen([row["id"]])  # not gone: moved
                 return row

@@ -207,16 +207,16 @@ def _update(run: _Run, found: Iterator[FoundFile], session: Session) -> IndexSum
             if photo_paths is not None:
                 photo_paths.update(f.path for f in files)
             done.write(run, session, planner.chunk(files, rows), bar.update)
-        done.write(run, session, planner.finish(walk.summary(), walk.empty_roots()), bar.update)
+        summary = walk.summary()
+        done.write(run, session, planner.finish(summary, walk.empty_roots()), bar.update)
     clock.lap("plan")  # the walk, the plan and the embedding, chunk after chunk: told apart here
     clock.stages["plan"] -= done.embed_seconds
     clock.stages["embed"] = done.embed_seconds
     LOG.info("indexed at %.2fs: %d embedded, %d moves, %d copies, %d removed", clock.elapsed(), done.embedded,
              done.moves, done.copies, len(done.removed))
-    if done.precision_used and run.model.precision not in store.manifest.precisions:
+    if done.embedded and run.model.precision not in store.manifest.precisions:
         store.update_manifest(precisions=(*store.manifest.precisions, run.model.precision))
     store.tables.delete_ids(done.removed + done.failed_modified)
-    summary = walk.summary()
     failures = list(summary.failures) + done.failures
     store.tables.replace_failures(_failure_rows(failures), forget=summary.covers)
 
@@ -267,7 +267,13 @@ def _chunks(found: Iterator[FoundFile], run: _Run, stored: StoredIndex, session:
     size = max(1, run.config.chunk_files)
     files: list[FoundFile] = []
     shards: list[FoundFile] = []
-    failed: list[str] | None = None
+    failed: list[list[str]] = []  # the store's failure paths, read once, when the first shard comes
+
+    def group() -> tuple[list[FoundFile], StoredRows]:
+        if not failed:
+            failed.append(run.store.tables.failure_paths())
+        return _listed(shards, run, stored, session, failed[0], done)
+
     for item in found:
         if not is_shard_path(item.path):
             files.append(item)
@@ -277,14 +283,12 @@ def _chunks(found: Iterator[FoundFile], run: _Run, stored: StoredIndex, session:
             continue
         shards.append(item)
         if sum(shard.bytes for shard in shards) >= size * CHUNK_SHARD_BYTES:
-            failed = run.store.tables.failure_paths() if failed is None else failed
-            yield _listed(shards, run, stored, session, failed, done)
+            yield group()
             shards = []
     if files:
         yield files, None
     if shards:
-        failed = run.store.tables.failure_paths() if failed is None else failed
-        yield _listed(shards, run, stored, session, failed, done)
+        yield group()
 
 
 def _listed(shards: list[FoundFile], run: _Run, stored: StoredIndex, session: Session, failed: list[str],
@@ -312,7 +316,6 @@ class _Done:
     copies: int = 0
     changed: bool = False
     replaced_content: bool = False  # a row's content embedded again: its thumbnail may be stale
-    precision_used: bool = False
     removed: list[int] = field(default_factory=list)
     failed_modified: list[int] = field(default_factory=list)  # stored rows whose new content failed: removed
     failures: list[Failure] = field(default_factory=list)
@@ -339,7 +342,6 @@ class _Done:
         self.moves += len(plan.moves)
         self.moved += plan.moved
         self.copies += len(plan.copies)
-        self.precision_used |= embedding.written > 0
         self.changed |= bool(embedding.written or plan.moves or plan.copies or plan.recaption)
         self.replaced_content |= any(job.id < self.first_new_id for job in plan.embed)
         self.removed += plan.removed_ids

@@ -151,7 +151,7 @@ class Walk:
         self.failures: list[Failure] = []
         self.sidecars: set[str] = set()
         self.skipped: list[str] = []
-        self.found_under: dict[str, int] = {}  # root -> images and shards found under it so far
+        self.found_under: dict[str, int] = {}  # root -> images and shards found under it so far (a nested root's too)
         self._remote: dict[str, tuple] = {}  # root URL -> (file system, path, kind: "file" or "directory")
         for given in expand_patterns(paths):
             if is_url(given):
@@ -171,14 +171,17 @@ class Walk:
     def __iter__(self) -> Iterator[FoundFile]:
         folders = [root for root in self.roots
                    if (self._remote[root][2] == "directory" if root in self._remote else os.path.isdir(root))]
+        # A root inside another root given is not walked itself: its files come with that root's
+        # (a folder may be listed by one walk only, or a file is found twice); they count for both.
+        nested = [root for root in self.roots if any(other != root and is_under(root, other) for other in folders)]
+        self.found_under = dict.fromkeys(self.roots, 0)
         for root in self.roots:
-            # inside another root given: its files come with that root's (a folder may be listed
-            # by one walk only, or a file is found twice)
-            if any(other != root and is_under(root, other) for other in folders):
+            if root in nested:
                 continue
-            self.found_under.setdefault(root, 0)
             for found in self._walk_root(root):
                 self.found_under[root] += 1
+                for inner in nested:
+                    self.found_under[inner] += is_under(found.path, inner)
                 yield found
 
     def summary(self) -> Scan:
@@ -186,12 +189,8 @@ class Walk:
                     frozenset(self.sidecars), tuple(self.skipped), storage=self.storage)
 
     def empty_roots(self) -> list[str]:
-        """The roots walked that held no image and no shard (after the walk)."""
-        walked = dict(self.found_under)
-        for root in self.roots:  # a root inside another: what the other found under it
-            if root not in walked:
-                walked[root] = 0 if not any(is_under(root, r) for r in walked) else None
-        return [root for root, count in walked.items() if count == 0]
+        """The roots that held no image and no shard (after the walk)."""
+        return [root for root, count in self.found_under.items() if count == 0]
 
     def _walk_root(self, root: str) -> Iterator[FoundFile]:
         if root in self._remote:

@@ -148,12 +148,22 @@ def test_files_that_may_be_moves_wait_a_chunk_at_most(library, tmp_path, monkeyp
     batches = []
     settle = run_module.Planner._settle
 
-    def recording(self, plan, storage):
+    def recording(self, plan):
         batches.append(len(self.waiting))
-        return settle(self, plan, storage)
+        return settle(self, plan)
 
     monkeypatch.setattr(run_module.Planner, "_settle", recording)
     summary = index_paths([tmp_path / "renamed"], tmp_path / "store", CHUNKS)
     assert (summary.embedded, summary.moved, summary.removed, summary.count) == (0, 9, 0, 9)
     assert max(batches) == 2 and sum(batches) == 9
     assert_same(relative(rows(tmp_path / "store"), tmp_path / "renamed"), before)
+
+
+def test_a_root_given_inside_another_that_lists_nothing_is_unavailable(library, tmp_path):
+    """`index lib lib/c` with lib/c emptied (an unmounted drive looks so): its rows are kept, as
+    when lib/c alone is given, though lib's walk is what lists it."""
+    index_paths([library, library / "c"], tmp_path / "store", CHUNKS)
+    for path in (library / "c").glob("*.jpg"):
+        path.unlink()
+    summary = index_paths([library, library / "c"], tmp_path / "store", CHUNKS)
+    assert summary.unavailable == {str(library / "c"): 2} and summary.count == 9
